@@ -1,0 +1,94 @@
+"""Checkpoints: orbax CheckpointManager around a train state, the data iterator's position and metadata.
+
+What a stage needs to continue lives in one checkpoint step directory: the train state (params, optimizer state,
+step, rng), the data iterator state (JSON), and metadata (the model config, so an incompatible checkpoint is
+refused with a clear message, plus stage-specific extras such as PPO's KL controller). Orbax writes each step
+into a temporary directory and renames it when complete, so a half-written checkpoint is never restored; saves
+are asynchronous and every process takes part (multi-host safe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Periodic, asynchronous, bounded (max_to_keep) checkpoints of one stage."""
+
+  def __init__(self, directory: str, *, save_every: int, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.save_every = int(save_every)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.save_every > 0 and step % self.save_every == 0
+
+  def save(self, step: int, state: Any, *, data_state: Any = None, meta: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts an (async) save of `step` if it is due, or if forced. Returns whether a save started."""
+    if not force and not self.should_save(step):
+      return False
+    if step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+        meta=ocp.args.JsonSave(meta or {}),
+    )
+    return self._manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs), whatever mesh wrote it."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+    )
+    restored = self._manager.restore(step, args=args)
+    return restored["state"], restored["data"], dict(restored["meta"] or {})
+
+  def read_meta(self, step: int) -> dict:
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def check_compatible(meta: dict, expected: dict, *, directory: str) -> None:
+  """Refuses a checkpoint whose recorded model config differs from the one being run."""
+  saved = meta.get("model")
+  if saved is None:
+    return
+  diffs = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+  if diffs:
+    detail = ", ".join(f"{k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in sorted(diffs.items()))
+    raise ValueError(f"checkpoint in {directory} was written with an incompatible model config ({detail}); "
+                     "use a fresh --workdir or the matching config")
+
+
+def abstract_tree(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Write JSON through a temporary file and a rename, so readers never see half a file."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)

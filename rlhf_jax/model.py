@@ -1,0 +1,378 @@
+"""A pure-function decoder-only Transformer: init, forward, KV cache, scalar heads.
+
+The parameters are a plain pytree of arrays; every function here is a pure function of them and of a frozen
+`ModelConfig`, which is static under `jax.jit`. One backbone serves pretraining, SFT, the reward model (a scalar
+head read at the last real token) and PPO (policy logits plus a value head).
+
+Shapes are named by their axes: b batch, t query time, s key time, d model width, h query heads, k key/value
+heads, g query heads per kv head, e head width, f MLP width, v vocabulary, l layers.
+
+Layers are stacked along a leading `layers` axis and applied with `lax.scan`, which keeps compile time flat in
+depth. Every parameter carries logical axis names (`param_axes`), mapped to mesh axes by one rules table
+(`rlhf_jax.sharding`).
+
+Left padding: positions are counted over real tokens only (`cumsum(mask) - 1`), and padded keys are masked,
+so a left-padded prompt produces the same logits on its real tokens as the unpadded prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import sharding
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+# A finite "minus infinity": a fully masked attention row (a left-pad query) then gives a uniform average
+# instead of NaN, and its output is never used.
+_MASK_VALUE = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and choices of the Transformer. Frozen and hashable: static under jit."""
+
+  vocab_size: int = 264
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 4  # < n_heads gives grouped-query attention
+  d_ff: int = 256
+  max_len: int = 128
+  pos_embedding: str = "rope"  # "rope" or "learned"
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dropout_rate: float = 0.0  # no dropout unless asked (RL needs a first ratio of exactly 1)
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  remat: bool = False  # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
+    if self.pos_embedding not in ("rope", "learned"):
+      raise ValueError(f"model.pos_embedding must be 'rope' or 'learned', got {self.pos_embedding!r}")
+    if self.pos_embedding == "rope" and self.d_head % 2:
+      raise ValueError(f"RoPE needs an even head width, got d_model/n_heads={self.d_head}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+    for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+  @property
+  def d_head(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    return sum(math.prod(s) for s, _, _ in _param_specs(self).values())
+
+
+# Named sizes. vocab_size is set from the tokenizer by the experiment.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, max_len=128),
+    "small": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512, max_len=256),
+    # GPT-2 small: 12 layers, width 768, 12 heads, context 1024 (~85M non-embedding parameters).
+    "base": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=3072, max_len=1024),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model size {name!r}; expected one of {sorted(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters: one table of (shape, logical axes, initialiser) drives init, sharding and the parameter count.
+
+
+def _normal(std):
+  return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _ones(key, shape):
+  del key
+  return jnp.ones(shape, jnp.float32)
+
+
+def _zeros(key, shape):
+  del key
+  return jnp.zeros(shape, jnp.float32)
+
+
+def _param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...], Any]]:
+  d, l, h, k, e, f, v = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_ff, cfg.vocab_size
+  std = 0.02
+  out_std = std / math.sqrt(2 * l)  # GPT-2: residual projections scaled by depth
+  specs = {
+      "embed": ((v, d), ("vocab", "embed"), _normal(std)),
+      "layers/attn_norm": ((l, d), ("layers", "norm"), _ones),
+      "layers/wq": ((l, d, h, e), ("layers", "embed", "heads", "head_dim"), _normal(std)),
+      "layers/wk": ((l, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), _normal(std)),
+      "layers/wv": ((l, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), _normal(std)),
+      "layers/wo": ((l, h, e, d), ("layers", "heads", "head_dim", "embed"), _normal(out_std)),
+      "layers/mlp_norm": ((l, d), ("layers", "norm"), _ones),
+      "layers/w_in": ((l, d, f), ("layers", "embed", "mlp"), _normal(std)),
+      "layers/w_out": ((l, f, d), ("layers", "mlp", "embed"), _normal(out_std)),
+      "final_norm": ((d,), ("norm",), _ones),
+  }
+  if cfg.pos_embedding == "learned":
+    specs["pos_embed"] = ((cfg.max_len, d), ("length", "embed"), _normal(std))
+  if not cfg.tie_embeddings:
+    specs["unembed"] = ((d, v), ("embed", "vocab"), _normal(std))
+  return specs
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def init(rng: jax.Array, cfg: ModelConfig) -> Params:
+  """Fresh parameters. Wrap in `jax.jit(..., out_shardings=...)` to create them already sharded."""
+  specs = _param_specs(cfg)
+  keys = jax.random.split(rng, len(specs))
+  return _unflatten({name: fn(key, shape) for key, (name, (shape, _, fn)) in zip(keys, sorted(specs.items()))})
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+  """The logical axis names of every parameter, as a pytree shaped like `init`'s output."""
+  return _unflatten({name: axes for name, (_, axes, _) in _param_specs(cfg).items()})
+
+
+# Scalar heads (reward, value): extra parameters plus a function, so one backbone serves every stage.
+
+
+def init_scalar_head(rng: jax.Array, cfg: ModelConfig, *, zero: bool = False) -> Params:
+  """A linear map d_model -> 1. Reward heads: std 1/sqrt(d+1) (Ziegler et al.); value heads: zero, so the
+  first value estimates are exactly 0."""
+  if zero:
+    w = jnp.zeros((cfg.d_model,), jnp.float32)
+  else:
+    w = jax.random.normal(rng, (cfg.d_model,), jnp.float32) / math.sqrt(cfg.d_model + 1)
+  return {"w": w, "b": jnp.zeros((), jnp.float32)}
+
+
+def scalar_head_axes() -> Params:
+  return {"w": ("embed",), "b": ()}
+
+
+def scalar_head(head: Params, h_btd: jax.Array) -> jax.Array:
+  """Per-position scalar, float32: [b, t, d] -> [b, t]."""
+  return jnp.einsum("btd,d->bt", h_btd.astype(jnp.float32), head["w"]) + head["b"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward pass.
+
+
+def _rms_norm(x_btd, scale_d, eps):
+  x32 = x_btd.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale_d).astype(x_btd.dtype)
+
+
+def _rope(x_bthe, positions_bt, theta):
+  e = x_bthe.shape[-1]
+  freq_e = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  angle_bte = positions_bt[..., None].astype(jnp.float32) * freq_e  # [b, t, e/2]
+  sin, cos = jnp.sin(angle_bte)[:, :, None, :], jnp.cos(angle_bte)[:, :, None, :]
+  x1, x2 = jnp.split(x_bthe.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_bthe.dtype)
+
+
+def _dropout(x, rate, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _constrain(x, axes):
+  # A no-op unless a mesh and logical rules are active (see rlhf_jax.sharding.activate).
+  return sharding.constrain(x, axes)
+
+
+def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, k_cache_bske, v_cache_bske, write_at, rng):
+  """One pre-norm Transformer block. With a cache, the new keys/values are written at `write_at` and the
+  attention runs over the whole cache; without, over the block's own keys."""
+  dt = cfg.compute_dtype
+  b, t, _ = x_btd.shape
+  g = cfg.n_heads // cfg.n_kv_heads
+  rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+
+  h_btd = _rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
+  q_bthe = jnp.einsum("btd,dhe->bthe", h_btd, layer["wq"].astype(dt))
+  k_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wk"].astype(dt))
+  v_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wv"].astype(dt))
+  if cfg.pos_embedding == "rope":
+    q_bthe = _rope(q_bthe, positions_bt, cfg.rope_theta)
+    k_btke = _rope(k_btke, positions_bt, cfg.rope_theta)
+  q_bthe = _constrain(q_bthe, ("batch", "length", "heads", "head_dim"))
+
+  if k_cache_bske is not None:
+    k_cache_bske = jax.lax.dynamic_update_slice_in_dim(k_cache_bske, k_btke.astype(k_cache_bske.dtype), write_at, 1)
+    v_cache_bske = jax.lax.dynamic_update_slice_in_dim(v_cache_bske, v_btke.astype(v_cache_bske.dtype), write_at, 1)
+    keys_bske, values_bske = k_cache_bske.astype(dt), v_cache_bske.astype(dt)
+  else:
+    keys_bske, values_bske = k_btke, v_btke
+
+  q_btkge = q_bthe.reshape(b, t, cfg.n_kv_heads, g, cfg.d_head)
+  scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, keys_bske).astype(jnp.float32)
+  scores_bkgts = scores_bkgts / math.sqrt(cfg.d_head)
+  scores_bkgts = jnp.where(allowed_bts[:, None, None, :, :], scores_bkgts, _MASK_VALUE)
+  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
+  probs_bkgts = _dropout(probs_bkgts, cfg.dropout_rate, rngs[0])
+  attn_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, values_bske)
+  attn_bthe = attn_btkge.reshape(b, t, cfg.n_heads, cfg.d_head)
+  x_btd = x_btd + jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt))
+  x_btd = _constrain(x_btd, ("batch", "length", "embed"))
+
+  h_btd = _rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
+  h_btf = jax.nn.gelu(jnp.einsum("btd,df->btf", h_btd, layer["w_in"].astype(dt)))
+  h_btf = _constrain(h_btf, ("batch", "length", "mlp"))
+  h_btd = jnp.einsum("btf,fd->btd", h_btf, layer["w_out"].astype(dt))
+  x_btd = x_btd + _dropout(h_btd, cfg.dropout_rate, rngs[1])
+  x_btd = _constrain(x_btd, ("batch", "length", "embed"))
+  return x_btd, k_cache_bske, v_cache_bske
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+  """An empty KV cache for `length` positions (prompt plus new tokens).
+
+  k, v:    [l, b, s, k, e] keys and values written so far.
+  mask:    [b, s] which cache slots hold a real (non-pad) token.
+  index:   [] the next slot to write (the same for every row: prompts are left-padded).
+  lengths: [b] how many real tokens each row has seen, so the next position is known.
+  """
+  if length > cfg.max_len:
+    raise ValueError(f"a KV cache of {length} positions exceeds model.max_len={cfg.max_len}")
+  dtype = dtype or cfg.compute_dtype
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.d_head)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "mask": jnp.zeros((batch, length), jnp.bool_),
+      "index": jnp.zeros((), jnp.int32),
+      "lengths": jnp.zeros((batch,), jnp.int32),
+  }
+
+
+def backbone(
+    params: Params,
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    *,
+    mask_bt: jax.Array | None = None,
+    cache: Cache | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, Cache | None]:
+  """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache.
+
+  mask_bt marks real tokens (1) against padding (0); it defaults to all ones. With a cache, the tokens are
+  appended after what the cache holds and attend to it.
+  """
+  b, t = tokens_bt.shape
+  mask_bt = jnp.ones((b, t), jnp.bool_) if mask_bt is None else mask_bt.astype(jnp.bool_)
+  seen_b = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
+  positions_bt = seen_b[:, None] + jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1
+  positions_bt = jnp.maximum(positions_bt, 0)
+
+  if cache is None:
+    if t > cfg.max_len:
+      raise ValueError(f"sequence length {t} exceeds model.max_len={cfg.max_len}")
+    causal_ts = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    allowed_bts = causal_ts[None] & mask_bt[:, None, :]
+    write_at = None
+  else:
+    s = cache["mask"].shape[1]
+    write_at = cache["index"]
+    key_mask_bs = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask_bt, write_at, 1)
+    # Query i (cache slot write_at + i) may see slots <= write_at + i that hold real tokens.
+    causal_ts = jnp.arange(s)[None, :] <= (write_at + jnp.arange(t))[:, None]
+    allowed_bts = causal_ts[None] & key_mask_bs[:, None, :]
+
+  x_btd = params["embed"].astype(cfg.compute_dtype)[tokens_bt]
+  if cfg.pos_embedding == "learned":
+    x_btd = x_btd + params["pos_embed"].astype(cfg.compute_dtype)[positions_bt]
+  x_btd = _constrain(x_btd, ("batch", "length", "embed"))
+
+  layer_rngs = (None if dropout_rng is None or cfg.dropout_rate == 0.0
+                else jax.random.split(dropout_rng, cfg.n_layers))
+
+  def step(x, xs):
+    layer, k_c, v_c, rng = xs
+    x, k_c, v_c = _block(cfg, x, layer, positions_bt, allowed_bts, k_c, v_c, write_at, rng)
+    return x, (k_c, v_c)
+
+  if cfg.remat:
+    step = jax.checkpoint(step, prevent_cse=False)
+  kv_in = (None, None) if cache is None else (cache["k"], cache["v"])
+  x_btd, (k_out, v_out) = jax.lax.scan(step, x_btd, (params["layers"], kv_in[0], kv_in[1], layer_rngs))
+  h_btd = _rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
+
+  new_cache = None
+  if cache is not None:
+    new_cache = {
+        "k": k_out,
+        "v": v_out,
+        "mask": key_mask_bs,
+        "index": cache["index"] + t,
+        "lengths": cache["lengths"] + mask_bt.sum(axis=1, dtype=jnp.int32),
+    }
+  return h_btd, new_cache
+
+
+def unembed(params: Params, h_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Logits [b, t, v] in float32."""
+  w_dv = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+  logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv.astype(cfg.compute_dtype))
+  return _constrain(logits_btv.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def forward(
+    params: Params,
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    *,
+    mask_bt: jax.Array | None = None,
+    cache: Cache | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, Cache | None]:
+  """Next-token logits [b, t, v] (float32) and the updated cache (None without one)."""
+  h_btd, cache = backbone(params, tokens_bt, cfg, mask_bt=mask_bt, cache=cache, dropout_rng=dropout_rng)
+  return unembed(params, h_btd, cfg), cache
+
+
+def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """log p(target) under softmax(logits / temperature), float32 [b, t]."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+
+
+def last_token_index(mask_bt: jax.Array) -> jax.Array:
+  """Index of the last real token of each row [b] (right- or left-padded)."""
+  t = mask_bt.shape[1]
+  idx_bt = jnp.where(mask_bt.astype(bool), jnp.arange(t)[None, :], -1)
+  return jnp.max(idx_bt, axis=1)

@@ -1,0 +1,131 @@
+"""Optimizers and sharded train states shared by every stage.
+
+A train state is a plain dict pytree: `{"params", "opt_state", "step", "rng"}`. It is created already sharded
+(`jax.jit(init, out_shardings=...)` over `jax.eval_shape`), and its optimizer state is sharded like the
+parameters it tracks (`optax.tree_map_params`), so no device ever holds a full copy of a sharded parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding
+
+State = dict[str, Any]
+
+
+def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to `lr * final_lr_fraction` at `total_steps`."""
+  warmup = int(opt_cfg.warmup_steps)
+  schedule = str(opt_cfg.get("schedule", "cosine"))
+  if schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt_cfg.lr, max(warmup, 1)), optax.constant_schedule(opt_cfg.lr)], [warmup])
+  if schedule != "cosine":
+    raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {schedule!r}")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt_cfg.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=opt_cfg.lr * opt_cfg.get("final_lr_fraction", 0.1))
+
+
+def make_optimizer(opt_cfg, total_steps: int, decay_mask: Any = None) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine decay and global-norm gradient clipping.
+
+  `optimizer.eps_convention` makes Adam's epsilon placement an explicit choice (RLHF_NOTES, PPO detail 10):
+  "pytorch" (optax's default): update = m_hat / (sqrt(v_hat) + eps);
+  "tensorflow": TF1's Adam adds eps to sqrt of the *uncorrected* v, i.e. eps_t = eps / sqrt(1 - b2^t) in the
+  bias-corrected form, which lm-human-preferences used.
+  """
+  lr = learning_rate_schedule(opt_cfg, total_steps)
+  convention = str(opt_cfg.get("eps_convention", "pytorch"))
+  if convention == "pytorch":
+    adam = optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+  elif convention == "tensorflow":
+    adam = _scale_by_adam_tf(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+  else:
+    raise ValueError(f"optimizer.eps_convention must be 'pytorch' or 'tensorflow', got {convention!r}")
+  parts = []
+  if opt_cfg.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+  parts.append(adam)
+  if opt_cfg.get("weight_decay", 0.0):
+    parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(lr))
+  return optax.chain(*parts)
+
+
+def _scale_by_adam_tf(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """Adam with TensorFlow's epsilon placement: m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))."""
+  inner = optax.scale_by_adam(b1=b1, b2=b2, eps=0.0)
+
+  def init_fn(params):
+    return inner.init(params)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    eps_t = eps / jnp.sqrt(1.0 - b2 ** count.astype(jnp.float32))
+    new = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps_t), mu_hat, nu_hat)
+    return new, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decay_mask_from_axes(axes_tree) -> Any:
+  """Weight decay on matrices only: not on norms, biases or scalar heads' offsets."""
+  return jax.tree.map(lambda axes: "norm" not in axes and len([a for a in axes if a != "layers"]) >= 2,
+                      axes_tree, is_leaf=sharding._is_axes)
+
+
+def state_shardings(abstract_state: State, params_axes, mesh: Mesh, rules: sharding.Rules,
+                    optimizer: optax.GradientTransformation) -> State:
+  """Shardings for a whole train state: params by their logical axes, optimizer state like its params."""
+  params_sh = sharding.tree_shardings(params_axes, abstract_state["params"], mesh, rules)
+  rep = sharding.replicated(mesh)
+  # Parameter-shaped leaves of the optimizer state (Adam's mu and nu) take their parameter's sharding;
+  # everything else (step counts) is replicated.
+  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"], params_sh,
+                                 transform_non_params=lambda _: rep)
+  out = {k: rep for k in abstract_state if k not in ("params", "opt_state")}
+  out["params"] = params_sh
+  out["opt_state"] = opt_sh
+  return out
+
+
+def create_state(
+    init_params: Callable[[jax.Array], Any],
+    params_axes,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh,
+    rules: sharding.Rules,
+) -> tuple[State, State]:
+  """A fresh train state created directly in its sharded layout; returns (state, state_shardings)."""
+
+  def init_state(key):
+    init_key, state_key = jax.random.split(key)
+    params = init_params(init_key)
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": state_key}
+
+  abstract = jax.eval_shape(init_state, rng)
+  shardings = state_shardings(abstract, params_axes, mesh, rules, optimizer)
+  with sharding.activate(mesh, rules):
+    state = jax.jit(init_state, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs carrying target shardings: the restore target for a checkpoint onto any mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+

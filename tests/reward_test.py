@@ -1,0 +1,105 @@
+"""Reward-model data arrangement and loss: grouped (InstructGPT) vs shuffled pairs, normalisation, metrics."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import losses, model, reward, tokenizers
+
+CFG = model.preset("tiny", vocab_size=264, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, n_layers=1, max_len=64)
+TOK = tokenizers.ByteTokenizer()
+
+
+def _records():
+  rng = np.random.default_rng(0)
+  recs = []
+  for i, k in enumerate([4, 6, 9, 2, 5]):
+    ranks = rng.integers(0, k, size=k).tolist()  # ties allowed
+    if len(set(ranks)) == 1:
+      ranks[0] = ranks[0] + 1
+    recs.append({"prompt_turns": [{"role": "user", "content": f"question {i}?"}],
+                 "responses": [f"answer {i}.{j}" + "!" * j for j in range(k)], "ranks": ranks,
+                 "gold_scores": rng.normal(size=k).tolist()})
+  return recs
+
+
+def test_grouped_and_pairs_give_the_same_loss_when_weighted_alike():
+  comps, _ = reward.tokenize_comparisons(_records(), TOK, seq_len=48, too_long="error", source="test")
+  params = reward.init_rm_params(jax.random.PRNGKey(0), CFG)
+  k = max(len(c.ranks) for c in comps)
+
+  grouped = reward.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+  gb = reward.group_batch(comps, grouped, k=k, seq_len=48, pad_id=TOK.pad_id)
+  r_grouped = reward.group_rewards(params, gb, CFG)
+  loss_grouped, _ = losses.ranking_loss(r_grouped, gb["ranks"], gb["valid"], weights_b=gb["weight"])
+
+  pairs = reward.make_groups(comps, grouping="pairs", pair_weighting="per_prompt")
+  perm = np.random.default_rng(1).permutation(len(pairs))  # shuffled, as the ablation trains
+  pb = reward.group_batch(comps, [pairs[i] for i in perm], k=2, seq_len=48, pad_id=TOK.pad_id)
+  r_pairs = reward.group_rewards(params, pb, CFG)
+  loss_pairs, _ = losses.ranking_loss(r_pairs, pb["ranks"], pb["valid"], weights_b=pb["weight"])
+  np.testing.assert_allclose(float(loss_grouped), float(loss_pairs), rtol=1e-5)
+
+  # Independent reference: per prompt, the mean over strict pairs of -log sigmoid(r_w - r_l), then the mean.
+  per_prompt = []
+  for row, c in enumerate(comps):
+    r = np.asarray(r_grouped[row])
+    terms = [np.log1p(np.exp(-(r[a] - r[b]) if c.ranks[a] < c.ranks[b] else -(r[b] - r[a])))
+             for a, b in itertools.combinations(range(len(c.ranks)), 2) if c.ranks[a] != c.ranks[b]]
+    per_prompt.append(np.mean(terms))
+  np.testing.assert_allclose(float(loss_grouped), np.mean(per_prompt), rtol=1e-5)
+
+  # Uniform pair weights (the InstructGPT baseline) are a different objective on ragged K.
+  pu = reward.group_batch(comps, reward.make_groups(comps, grouping="pairs", pair_weighting="uniform"), k=2,
+                          seq_len=48, pad_id=TOK.pad_id)
+  loss_uniform, _ = losses.ranking_loss(reward.group_rewards(params, pu, CFG), pu["ranks"], pu["valid"],
+                                        weights_b=pu["weight"])
+  assert abs(float(loss_uniform) - float(loss_grouped)) > 1e-6
+
+
+def test_reward_is_read_at_the_last_real_token():
+  params = reward.init_rm_params(jax.random.PRNGKey(0), CFG)
+  toks = jnp.array([[1, 10, 11, 12, 0, 0], [1, 10, 11, 12, 13, 2]], jnp.int32)
+  mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  r = reward.raw_scores(params, toks, mask, CFG)
+  h, _ = model.backbone(params["backbone"], toks, CFG, mask_bt=mask)
+  expect = [float(model.scalar_head(params["head"], h)[0, 3]), float(model.scalar_head(params["head"], h)[1, 5])]
+  np.testing.assert_allclose(np.asarray(r), expect, rtol=1e-5)
+  # Reward head initialised with std 1/sqrt(d+1) (Ziegler et al.): check the scale on a bigger head.
+  w = model.init_scalar_head(jax.random.PRNGKey(3), model.preset("small", vocab_size=264))["w"]
+  assert abs(float(jnp.std(w)) * np.sqrt(128 + 1) - 1.0) < 0.2
+
+
+def test_pair_metrics_against_hand_counts():
+  comps = [reward.Comparison([1], [[5, 2], [6, 2], [7, 2]], [0, 1, 2], gold=[1.0, 0.0, 0.9])]
+  rewards = [np.array([0.5, 0.7, -1.0])]
+  m = reward.pair_metrics(comps, rewards, clear_gold_margin=0.5)
+  # labeler pairs: (0>1) wrong, (0>2) right, (1>2) right
+  assert m["val_accuracy"] == pytest.approx(2 / 3)
+  # clear gold pairs (|diff| > 0.5): (0,1) gold 0>1, rm says 1>0 -> wrong; (1,2) gold 2>1, rm 1>2 -> wrong
+  assert m["val_gold_accuracy_clear"] == pytest.approx(0.0)
+  # gold vs labeler on labeler pairs: (0>1) yes, (0>2) yes, (1>2) no
+  assert m["gold_ceiling_accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"responses": ["only one"], "ranks": [0]}, "at least 2 responses"),
+    ({"responses": ["a", "b"], "ranks": [0]}, "one rank each"),
+    ({"responses": ["a", "  "], "ranks": [0, 1]}, r"'responses\[1\]' is empty"),
+])
+def test_bad_comparisons_name_record_and_field(bad, match):
+  rec = {"prompt_turns": [{"role": "user", "content": "q?"}], **bad}
+  with pytest.raises(ValueError, match=match):
+    reward.tokenize_comparisons([rec], TOK, seq_len=48, too_long="error", source="file.jsonl")
+
+
+def test_too_long_truncates_prompt_or_raises():
+  rec = {"prompt_turns": [{"role": "user", "content": "x" * 60}], "responses": ["ok", "no"], "ranks": [0, 1]}
+  with pytest.raises(ValueError, match="longer than rm.seq_len=32"):
+    reward.tokenize_comparisons([rec], TOK, seq_len=32, too_long="error", source="f")
+  comps, n = reward.tokenize_comparisons([rec], TOK, seq_len=32, too_long="truncate", source="f")
+  assert n == 1 and len(comps[0].prompt_ids) + len(comps[0].response_ids[0]) <= 32
+  assert comps[0].prompt_ids[0] == TOK.bos_id and comps[0].prompt_ids[-1] == TOK.assistant_id

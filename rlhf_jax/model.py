@@ -307,6 +307,9 @@ def backbone(
     write_at = None
   else:
     s = cache["mask"].shape[1]
+    if t > s:
+      raise ValueError(f"{t} new tokens do not fit a KV cache of {s} positions")
+    # The caller keeps index + t <= s (generate sizes its cache so); a traced index cannot be checked here.
     write_at = cache["index"]
     key_mask_bs = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask_bt, write_at, 1)
     # Query i (cache slot write_at + i) may see slots <= write_at + i that hold real tokens.

@@ -1,0 +1,312 @@
+"""Jitted autoregressive sampling from the policy, and the matching full-pass log-probs.
+
+`generate` prefills a left-padded prompt batch into a KV cache and runs a `lax.while_loop` over the new tokens
+(no Python loop per token), stopping early once every row has emitted EOS. Each row stops on its own: the EOS
+token belongs to the response (mask 1), every later slot holds `pad_id` with mask 0.
+
+Log-probs. `SampleOutput.logprobs_bn` is log softmax(logits / temperature) of the sampled token over the FULL
+vocabulary, before top-k / top-p truncation. That is exactly what the PPO training forward pass recomputes
+(`sequence_logprobs`, RLHF_NOTES PPO item 5), so the first PPO ratio is 1 even with truncated sampling. Greedy
+decoding (temperature 0) reports log-probs at temperature 1, the model's own distribution.
+
+Shapes: b batch, p prompt length, n new tokens (`max_new_tokens`), v vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import model
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample. Frozen and hashable: static under jit.
+
+  Filters apply in the usual order: logits / temperature, then top-k, then top-p.
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0  # 0.0 means greedy (argmax); top_k / top_p are then irrelevant
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1.0 = off
+  use_cache: bool = True  # False recomputes a full forward pass per token (benchmarks only)
+
+  def __post_init__(self):
+    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+      raise ValueError(f"sampling.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+    if not math.isfinite(self.temperature) or self.temperature < 0.0:
+      raise ValueError(f"sampling.temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f"sampling.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"sampling.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+    if not isinstance(self.use_cache, bool):
+      raise ValueError(f"sampling.use_cache must be a bool, got {self.use_cache!r}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+  @property
+  def logprob_temperature(self) -> float:
+    """The temperature of the reported log-probs: the sampling one, or 1 for greedy decoding."""
+    return 1.0 if self.greedy else self.temperature
+
+
+class SampleOutput(NamedTuple):
+  """What `generate` returns; a pytree.
+
+  tokens_bn:   int32 [b, n] sampled tokens; `pad_id` after a row's EOS.
+  logprobs_bn: float32 [b, n] log-prob of each token under the full softmax(logits / T); 0 where mask is 0.
+  mask_bn:     bool [b, n] response mask: True on generated tokens up to and including EOS.
+  ended_b:     bool [b] the row emitted EOS within max_new_tokens (rows that never stop get a PPO penalty).
+  lengths_b:   int32 [b] response length, EOS included (= mask_bn.sum(1)).
+  """
+
+  tokens_bn: jax.Array
+  logprobs_bn: jax.Array
+  mask_bn: jax.Array
+  ended_b: jax.Array
+  lengths_b: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Filters. Removed logits become the dtype's most negative finite value: it stays finite through the
+# subtraction of the max inside softmax (no NaN from -inf - -inf) and its probability underflows to exactly 0.
+
+
+def _removed_value(dtype) -> float:
+  return float(jnp.finfo(dtype).min)
+
+
+def _scatter_keep(logits_bv: jax.Array, idx_bk: jax.Array, keep_bk: jax.Array | bool) -> jax.Array:
+  """Keeps the logits at `idx_bk` where `keep_bk`, removes every other one."""
+  rows_b1 = jnp.arange(logits_bv.shape[0])[:, None]
+  keep_bv = jnp.zeros(logits_bv.shape, jnp.bool_).at[rows_b1, idx_bk].set(keep_bk)
+  return jnp.where(keep_bv, logits_bv, _removed_value(logits_bv.dtype))
+
+
+def apply_top_k(logits_bv: jax.Array, k: int) -> jax.Array:
+  """Keeps exactly the k largest logits of each row (ties broken by lowest index); k = 0 or k >= v is a no-op."""
+  if k < 0:
+    raise ValueError(f"top_k must be >= 0, got {k}")
+  if k == 0 or k >= logits_bv.shape[-1]:
+    return logits_bv
+  _, idx_bk = jax.lax.top_k(logits_bv, k)
+  return _scatter_keep(logits_bv, idx_bk, True)
+
+
+def apply_top_p(logits_bv: jax.Array, p: float) -> jax.Array:
+  """Nucleus filter: keeps the smallest set of most probable tokens whose total probability is >= p.
+
+  A token is kept when the probability of all tokens ranked strictly above it is < p, so the top-1 token is
+  always kept. p = 1 is a no-op.
+  """
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {p}")
+  if p >= 1.0:
+    return logits_bv
+  idx_bv = jnp.argsort(-logits_bv, axis=-1, stable=True)  # most probable first
+  sorted_bv = jnp.take_along_axis(logits_bv, idx_bv, axis=-1)
+  probs_bv = jax.nn.softmax(sorted_bv.astype(jnp.float32), axis=-1)
+  mass_above_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+  return _scatter_keep(logits_bv, idx_bv, mass_above_bv < p)
+
+
+def sample_token(logits_bv: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """One token per row, int32 [b]: argmax when greedy, else a draw from the filtered, tempered softmax."""
+  if cfg.greedy:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  scaled_bv = logits_bv.astype(jnp.float32) / cfg.temperature
+  scaled_bv = apply_top_p(apply_top_k(scaled_bv, cfg.top_k), cfg.top_p)
+  return jax.random.categorical(rng, scaled_bv, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoding loop. The model state is either a KV cache (use_cache=True) or a full token buffer
+# (use_cache=False); `_feed` appends one token per row to it and returns the next-token logits.
+
+
+class _LoopState(NamedTuple):
+  step: jax.Array  # [] index of the token sampled next
+  logits_bv: jax.Array  # next-token logits
+  model_state: Any  # cache dict, or (tokens_bs, mask_bs) buffers
+  tokens_bn: jax.Array
+  logprobs_bn: jax.Array
+  mask_bn: jax.Array
+  done_b: jax.Array  # the row has emitted EOS
+
+
+def _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id):
+  """Runs the prompt; returns the logits after its last column and the initial model state."""
+  b, p = prompt_bp.shape
+  total = p + sampling_cfg.max_new_tokens
+  if sampling_cfg.use_cache:
+    cache = model.init_cache(model_cfg, b, total)
+    logits_bpv, cache = model.forward(params, prompt_bp, model_cfg, mask_bt=prompt_mask_bp, cache=cache)
+    return logits_bpv[:, -1], cache
+  tokens_bs = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(prompt_bp)
+  mask_bs = jnp.zeros((b, total), jnp.bool_).at[:, :p].set(prompt_mask_bp)
+  # Slots after the prompt are masked and causally in the future, so they do not change these logits.
+  logits_bsv, _ = model.forward(params, tokens_bs, model_cfg, mask_bt=mask_bs)
+  return logits_bsv[:, p - 1], (tokens_bs, mask_bs)
+
+
+def _feed(params, model_state, token_b, step, prompt_len, model_cfg, sampling_cfg):
+  """Appends token_b (the token sampled at `step`) and returns (next logits [b, v], new model state)."""
+  if sampling_cfg.use_cache:
+    logits_b1v, cache = model.forward(params, token_b[:, None], model_cfg, cache=model_state)
+    return logits_b1v[:, 0], cache
+  tokens_bs, mask_bs = model_state
+  slot = prompt_len + step
+  tokens_bs = jax.lax.dynamic_update_slice_in_dim(tokens_bs, token_b[:, None], slot, 1)
+  mask_bs = jax.lax.dynamic_update_slice_in_dim(mask_bs, jnp.ones_like(token_b, jnp.bool_)[:, None], slot, 1)
+  # The whole buffer again, on purpose: this path measures what the KV cache saves.
+  logits_bsv, _ = model.forward(params, tokens_bs, model_cfg, mask_bt=mask_bs)
+  logits_bv = jax.lax.dynamic_index_in_dim(logits_bsv, slot, axis=1, keepdims=False)
+  return logits_bv, (tokens_bs, mask_bs)
+
+
+def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg, eos_id, pad_id):
+  b, p = prompt_bp.shape
+  n = sampling_cfg.max_new_tokens
+  logits_bv, model_state = _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id)
+
+  def cond(state: _LoopState):
+    return (state.step < n) & ~jnp.all(state.done_b)
+
+  def body(state: _LoopState) -> _LoopState:
+    # fold_in(step) rather than splitting a carried key: the cached and uncached paths draw the same numbers.
+    sampled_b = sample_token(state.logits_bv, jax.random.fold_in(rng, state.step), sampling_cfg)
+    logprob_b = model.token_logprobs(state.logits_bv[:, None], sampled_b[:, None],
+                                     sampling_cfg.logprob_temperature)[:, 0]
+    live_b = ~state.done_b
+    token_b = jnp.where(live_b, sampled_b, pad_id)
+    put = lambda buf_bn, col_b: jax.lax.dynamic_update_slice_in_dim(buf_bn, col_b[:, None], state.step, 1)
+    tokens_bn = put(state.tokens_bn, token_b)
+    logprobs_bn = put(state.logprobs_bn, jnp.where(live_b, logprob_b, 0.0))
+    mask_bn = put(state.mask_bn, live_b)
+    done_b = state.done_b | (live_b & (sampled_b == eos_id))
+    # Skip the forward pass whose logits nobody would read (last step, or every row finished).
+    need_more = (state.step + 1 < n) & ~jnp.all(done_b)
+    logits_bv, model_state = jax.lax.cond(
+        need_more,
+        lambda: _feed(params, state.model_state, token_b, state.step, p, model_cfg, sampling_cfg),
+        lambda: (state.logits_bv, state.model_state),
+    )
+    return _LoopState(state.step + 1, logits_bv, model_state, tokens_bn, logprobs_bn, mask_bn, done_b)
+
+  init = _LoopState(
+      step=jnp.zeros((), jnp.int32),
+      logits_bv=logits_bv,
+      model_state=model_state,
+      tokens_bn=jnp.full((b, n), pad_id, jnp.int32),
+      logprobs_bn=jnp.zeros((b, n), jnp.float32),
+      mask_bn=jnp.zeros((b, n), jnp.bool_),
+      done_b=jnp.zeros((b,), jnp.bool_),
+  )
+  final = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(
+      tokens_bn=final.tokens_bn,
+      logprobs_bn=final.logprobs_bn,
+      mask_bn=final.mask_bn,
+      ended_b=final.done_b,
+      lengths_b=final.mask_bn.sum(axis=1, dtype=jnp.int32),
+  )
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("model_cfg", "sampling_cfg", "eos_id", "pad_id"))
+
+
+def _check_prompt(prompt_bt, prompt_mask_bt, model_cfg: model.ModelConfig, new_tokens: int, what: str):
+  if prompt_bt.ndim != 2 or prompt_bt.shape[1] < 1:
+    raise ValueError(f"{what}: prompt_bt must be [batch, length>=1], got shape {prompt_bt.shape}")
+  if prompt_mask_bt.shape != prompt_bt.shape:
+    raise ValueError(f"{what}: prompt_mask_bt shape {prompt_mask_bt.shape} != prompt_bt shape {prompt_bt.shape}")
+  total = prompt_bt.shape[1] + new_tokens
+  if total > model_cfg.max_len:
+    raise ValueError(f"{what}: prompt length {prompt_bt.shape[1]} + {new_tokens} new tokens = {total} exceeds "
+                     f"model.max_len={model_cfg.max_len}; shorten the prompts or sampling.max_new_tokens")
+
+
+def generate(
+    params: Params,
+    prompt_bt: jax.Array,
+    prompt_mask_bt: jax.Array,
+    rng: jax.Array,
+    model_cfg: model.ModelConfig,
+    sampling_cfg: SamplingConfig,
+    *,
+    eos_id: int,
+    pad_id: int,
+) -> SampleOutput:
+  """Samples `sampling_cfg.max_new_tokens` tokens after LEFT-padded prompts (prompt_mask_bt False on padding).
+
+  Every row needs at least one real prompt token. Shapes and ids are checked here, before any tracing; the
+  work runs in one jitted function (compiled once per shape and config), so `generate` may also be called
+  inside another jit.
+  """
+  prompt_bt, prompt_mask_bt = jnp.asarray(prompt_bt), jnp.asarray(prompt_mask_bt)
+  _check_prompt(prompt_bt, prompt_mask_bt, model_cfg, sampling_cfg.max_new_tokens, "generate")
+  for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+    if not 0 <= value < model_cfg.vocab_size:
+      raise ValueError(f"generate: {name}={value} is outside the vocabulary [0, {model_cfg.vocab_size})")
+  if eos_id == pad_id:
+    raise ValueError(f"generate: eos_id and pad_id must differ (both {eos_id}); PAD is not a stop token")
+  return _generate_jit(params, prompt_bt.astype(jnp.int32), prompt_mask_bt.astype(jnp.bool_), rng,
+                       model_cfg=model_cfg, sampling_cfg=sampling_cfg, eos_id=int(eos_id), pad_id=int(pad_id))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probs of given responses with one full forward pass (PPO's old / reference log-probs).
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg",))
+def _sequence_logprobs(params, prompt_bp, prompt_mask_bp, response_bn, response_mask_bn, temperature, *,
+                       model_cfg):
+  p, n = prompt_bp.shape[1], response_bn.shape[1]
+  tokens_bs = jnp.concatenate([prompt_bp, response_bn], axis=1)
+  mask_bs = jnp.concatenate([prompt_mask_bp, response_mask_bn], axis=1)
+  h_bsd, _ = model.backbone(params, tokens_bs, model_cfg, mask_bt=mask_bs)
+  # Position p - 1 + i predicts response token i; unembed only those n positions.
+  logits_bnv = model.unembed(params, h_bsd[:, p - 1:p - 1 + n], model_cfg)
+  logprobs_bn = model.token_logprobs(logits_bnv, response_bn, temperature)
+  return jnp.where(response_mask_bn, logprobs_bn, 0.0)
+
+
+def sequence_logprobs(
+    params: Params,
+    prompt_bt: jax.Array,
+    prompt_mask_bt: jax.Array,
+    response_bn: jax.Array,
+    response_mask_bn: jax.Array,
+    model_cfg: model.ModelConfig,
+    *,
+    temperature: float | jax.Array,
+) -> jax.Array:
+  """float32 [b, n]: log softmax(logits / temperature) of each response token, 0 where response_mask is 0.
+
+  One full forward pass (no cache) over the left-padded prompt followed by the response. Pass the sampling
+  temperature (1.0 for greedy samples) so the result matches `generate`'s `logprobs_bn` (RLHF_NOTES PPO 4, 5).
+  `temperature` is traced, so changing it does not recompile.
+  """
+  prompt_bt, prompt_mask_bt = jnp.asarray(prompt_bt), jnp.asarray(prompt_mask_bt)
+  response_bn, response_mask_bn = jnp.asarray(response_bn), jnp.asarray(response_mask_bn)
+  _check_prompt(prompt_bt, prompt_mask_bt, model_cfg, response_bn.shape[-1], "sequence_logprobs")
+  if response_bn.shape != response_mask_bn.shape or response_bn.shape[0] != prompt_bt.shape[0]:
+    raise ValueError(f"sequence_logprobs: response_bn {response_bn.shape} and response_mask_bn "
+                     f"{response_mask_bn.shape} must both be [{prompt_bt.shape[0]}, n]")
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(f"sequence_logprobs: temperature must be > 0 (use 1.0 for greedy samples), got {temperature}")
+  return _sequence_logprobs(params, prompt_bt.astype(jnp.int32), prompt_mask_bt.astype(jnp.bool_),
+                            response_bn.astype(jnp.int32), response_mask_bn.astype(jnp.bool_),
+                            jnp.asarray(temperature, jnp.float32), model_cfg=model_cfg)

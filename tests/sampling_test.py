@@ -1,0 +1,325 @@
+"""Tests for rlhf_jax/sampling.py against step-by-step full forward passes and NumPy references.
+
+The model is tiny (vocab 16) with parameters redrawn at scale 1/sqrt(fan_in), so next-token distributions are
+far from uniform and temperature or filtering mistakes move the sampled frequencies by many standard errors.
+Distribution tests draw the first token of 4096 copies of one prompt in a single batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import model
+from rlhf_jax import sampling
+
+VOCAB = 16
+PAD = 0
+PROMPT_LEN = 6
+NEW = 8
+CFG = model.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=16)
+REMOVED = float(np.finfo(np.float32).min)
+
+
+def _spread_params(cfg: model.ModelConfig, seed: int = 0) -> model.Params:
+  """`init`'s pytree with weights at std 1/sqrt(fan_in) (embeddings std 1), so logits are O(1)."""
+  params = model.init(jax.random.key(seed), cfg)
+  d, f = cfg.d_model, cfg.d_ff
+  fan_in = {"wq": d, "wk": d, "wv": d, "wo": d, "w_in": d, "w_out": f}
+  layers = {name: (w / 0.02 / math.sqrt(fan_in[name]) if name in fan_in else w)
+            for name, w in params["layers"].items()}
+  layers["wo"] = layers["wo"] * math.sqrt(2 * cfg.n_layers)  # undo the depth scaling of the init
+  layers["w_out"] = layers["w_out"] * math.sqrt(2 * cfg.n_layers)
+  return {**params, "layers": layers, "embed": params["embed"] / 0.02,
+          "unembed": params["unembed"] / 0.02 / math.sqrt(d)}
+
+
+PARAMS = _spread_params(CFG)
+
+
+def _prompts(seed: int = 0, lengths=(6, 4, 3, 1)) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded prompts of different lengths (PAD never appears as a real token)."""
+  rng = np.random.default_rng(seed)
+  tokens_bp = rng.integers(1, VOCAB, size=(len(lengths), PROMPT_LEN)).astype(np.int32)
+  mask_bp = np.arange(PROMPT_LEN)[None, :] >= PROMPT_LEN - np.asarray(lengths)[:, None]
+  return np.where(mask_bp, tokens_bp, PAD).astype(np.int32), mask_bp
+
+
+PROMPTS_BP, PROMPT_MASK_BP = _prompts()
+_forward = jax.jit(model.forward, static_argnames=("cfg",))
+
+
+def _reference_greedy(prompt_bp, mask_bp, steps):
+  """Greedy decoding with one full forward pass per token (no cache), driven from NumPy.
+
+  The buffer has a fixed width so `forward` compiles once; slots to the right of the current token are masked
+  and causally in the future, so they do not affect the logits read.
+  """
+  b, p = prompt_bp.shape
+  tokens_bs = np.full((b, p + steps), PAD, np.int32)
+  mask_bs = np.zeros((b, p + steps), bool)
+  tokens_bs[:, :p], mask_bs[:, :p] = prompt_bp, mask_bp
+  logprobs_bn = np.zeros((b, steps))
+  for i in range(steps):
+    logits_bsv, _ = _forward(PARAMS, tokens_bs, cfg=CFG, mask_bt=mask_bs)
+    logits_bv = np.asarray(logits_bsv, np.float64)[:, p + i - 1]
+    token_b = logits_bv.argmax(-1)
+    logp_bv = logits_bv - logits_bv.max(-1, keepdims=True)
+    logp_bv -= np.log(np.exp(logp_bv).sum(-1, keepdims=True))
+    logprobs_bn[:, i] = logp_bv[np.arange(b), token_b]
+    tokens_bs[:, p + i], mask_bs[:, p + i] = token_b, True
+  return tokens_bs[:, p:], logprobs_bn
+
+
+REF_TOKENS_BN, REF_LOGPROBS_BN = _reference_greedy(PROMPTS_BP, PROMPT_MASK_BP, NEW)
+GREEDY = sampling.SamplingConfig(max_new_tokens=NEW, temperature=0.0)
+
+
+def _generate(sampling_cfg, eos_id, prompt_bp=PROMPTS_BP, mask_bp=PROMPT_MASK_BP, seed=0):
+  out = sampling.generate(PARAMS, prompt_bp, mask_bp, jax.random.key(seed), CFG, sampling_cfg,
+                          eos_id=eos_id, pad_id=PAD)
+  return jax.tree.map(np.asarray, out)
+
+
+def _expected_after_eos(ref_tokens_bn, eos_id):
+  """What per-row stopping must turn a non-stopping greedy output into."""
+  b, n = ref_tokens_bn.shape
+  tokens_bn, mask_bn, ended_b = ref_tokens_bn.copy(), np.ones((b, n), bool), np.zeros(b, bool)
+  for row in range(b):
+    hits = np.flatnonzero(ref_tokens_bn[row] == eos_id)
+    if hits.size:
+      stop = hits[0]
+      tokens_bn[row, stop + 1:], mask_bn[row, stop + 1:], ended_b[row] = PAD, False, True
+  return tokens_bn, mask_bn, ended_b
+
+
+def _check_against_reference(out, eos_id, ref_tokens_bn=REF_TOKENS_BN, ref_logprobs_bn=REF_LOGPROBS_BN):
+  tokens_bn, mask_bn, ended_b = _expected_after_eos(ref_tokens_bn, eos_id)
+  np.testing.assert_array_equal(out.tokens_bn, tokens_bn)
+  np.testing.assert_array_equal(out.mask_bn, mask_bn)
+  np.testing.assert_array_equal(out.ended_b, ended_b)
+  np.testing.assert_array_equal(out.lengths_b, mask_bn.sum(1))
+  np.testing.assert_allclose(out.logprobs_bn, np.where(mask_bn, ref_logprobs_bn, 0.0), atol=1e-5)
+  assert out.tokens_bn.dtype == np.int32 and out.logprobs_bn.dtype == np.float32
+
+
+def _unused_token():
+  unused = sorted(set(range(1, VOCAB)) - set(REF_TOKENS_BN.ravel().tolist()))
+  assert unused, "every token appears in the greedy reference; pick another seed"
+  return unused[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy decoding and EOS handling.
+
+
+def test_greedy_matches_stepwise_argmax():
+  out = _generate(GREEDY, eos_id=_unused_token())
+  assert not out.ended_b.any()
+  _check_against_reference(out, eos_id=_unused_token())
+
+
+def test_eos_stops_each_row_separately():
+  # The EOS id whose first greedy occurrence gives the most varied stop points (a row may never stop).
+  def stops(eos):
+    return tuple(int(np.flatnonzero(r == eos)[0]) if (r == eos).any() else None for r in REF_TOKENS_BN)
+
+  eos_id = max(range(1, VOCAB), key=lambda e: len(set(stops(e))))
+  stop_points = stops(eos_id)
+  assert len({s for s in stop_points if s is not None}) >= 2, stop_points  # the test needs different stops
+  out = _generate(GREEDY, eos_id=eos_id)
+  _check_against_reference(out, eos_id)
+  for row, stop in enumerate(stop_points):
+    if stop is not None:
+      assert out.tokens_bn[row, stop] == eos_id and out.mask_bn[row, stop]  # EOS is part of the response
+      assert (out.tokens_bn[row, stop + 1:] == PAD).all() and not out.mask_bn[row, stop + 1:].any()
+
+
+def test_all_rows_stop_early():
+  # Four copies of one prompt stop at the same step: the loop exits early and the rest stays PAD.
+  same_bp, same_mask_bp = np.repeat(PROMPTS_BP[:1], 4, 0), np.repeat(PROMPT_MASK_BP[:1], 4, 0)
+  ref_bn, ref_lp_bn = np.repeat(REF_TOKENS_BN[:1], 4, 0), np.repeat(REF_LOGPROBS_BN[:1], 4, 0)
+  eos_id = int(ref_bn[0, 2])
+  out = _generate(GREEDY, eos_id=eos_id, prompt_bp=same_bp, mask_bp=same_mask_bp)
+  assert out.ended_b.all() and (out.lengths_b <= 3).all()
+  _check_against_reference(out, eos_id, ref_bn, ref_lp_bn)
+
+
+def test_top_k_1_is_greedy():
+  # Sampling at temperature 1 from the top-1 token is argmax, and its log-probs are the T=1 ones greedy reports.
+  out = _generate(sampling.SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_k=1), eos_id=_unused_token())
+  _check_against_reference(out, eos_id=_unused_token())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Filters.
+
+
+def _np_softmax(logits_v):
+  z = np.exp(logits_v - logits_v.max())
+  return z / z.sum()
+
+
+def _np_nucleus(logits_v, p):
+  """Indices of the smallest highest-probability set with total probability >= p."""
+  order = np.argsort(-logits_v, kind="stable")
+  cum = np.cumsum(_np_softmax(logits_v.astype(np.float64))[order])
+  return set(order[: int(np.searchsorted(cum, p)) + 1].tolist())
+
+
+def test_apply_top_k():
+  rng = np.random.default_rng(1)
+  logits_bv = rng.normal(size=(8, 50)).astype(np.float32) * 3
+  logits_bv[0, [3, 7, 9]] = 10.0  # ties at the top: still exactly k kept
+  for k in (1, 3, 10):
+    out_bv = np.asarray(sampling.apply_top_k(jnp.asarray(logits_bv), k))
+    kept_bv = out_bv > REMOVED
+    assert (kept_bv.sum(-1) == k).all()
+    np.testing.assert_array_equal(out_bv[kept_bv], logits_bv[kept_bv])  # kept logits are untouched
+    for row in range(1, 8):
+      assert set(np.flatnonzero(kept_bv[row])) == set(np.argsort(-logits_bv[row])[:k])
+    assert kept_bv[0, [3, 7, 9]][: min(k, 3)].all()
+  for k in (0, 50, 80):
+    np.testing.assert_array_equal(np.asarray(sampling.apply_top_k(jnp.asarray(logits_bv), k)), logits_bv)
+
+
+def test_apply_top_p():
+  rng = np.random.default_rng(2)
+  logits_bv = rng.normal(size=(16, 40)).astype(np.float32) * rng.uniform(0.3, 4.0, size=(16, 1))
+  logits_bv = logits_bv.astype(np.float32)
+  for p in (0.05, 0.3, 0.7, 0.95):
+    out_bv = np.asarray(sampling.apply_top_p(jnp.asarray(logits_bv), p))
+    kept_bv = out_bv > REMOVED
+    np.testing.assert_array_equal(out_bv[kept_bv], logits_bv[kept_bv])
+    for row in range(16):
+      assert set(np.flatnonzero(kept_bv[row]).tolist()) == _np_nucleus(logits_bv[row], p), (p, row)
+  sizes = [len(_np_nucleus(l, 0.7)) for l in logits_bv]
+  assert min(sizes) < max(sizes)  # the rows exercise nuclei of different sizes
+  np.testing.assert_array_equal(np.asarray(sampling.apply_top_p(jnp.asarray(logits_bv), 1.0)), logits_bv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Empirical distributions of the first sampled token over many copies of one prompt.
+
+MANY = 4096
+ROW = 1  # a prompt with left padding
+
+
+def _first_logits_v():
+  logits_bsv, _ = _forward(PARAMS, PROMPTS_BP, cfg=CFG, mask_bt=PROMPT_MASK_BP)
+  return np.asarray(logits_bsv, np.float64)[ROW, -1]
+
+
+def _first_token_counts(sampling_cfg):
+  prompt_bp = np.repeat(PROMPTS_BP[ROW:ROW + 1], MANY, 0)
+  mask_bp = np.repeat(PROMPT_MASK_BP[ROW:ROW + 1], MANY, 0)
+  out = _generate(sampling_cfg, eos_id=_unused_token(), prompt_bp=prompt_bp, mask_bp=mask_bp, seed=7)
+  assert out.tokens_bn.shape == (MANY, 1)
+  return np.bincount(out.tokens_bn[:, 0], minlength=VOCAB)
+
+
+def _max_z(counts_v, probs_v):
+  """Largest per-token deviation of counts from MANY * probs, in binomial standard errors (+1 count slack)."""
+  sd_v = np.sqrt(MANY * probs_v * (1 - probs_v))
+  return np.max(np.abs(counts_v - MANY * probs_v) / (sd_v + 1.0))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_distribution(temperature):
+  logits_v = _first_logits_v()
+  counts_v = _first_token_counts(sampling.SamplingConfig(max_new_tokens=1, temperature=temperature))
+  assert _max_z(counts_v, _np_softmax(logits_v / temperature)) < 4.5
+  # The test can tell temperatures apart: the T=1 distribution is rejected by far.
+  assert _max_z(counts_v, _np_softmax(logits_v)) > 10
+
+
+def test_top_k_distribution():
+  k = 3
+  logits_v = _first_logits_v()
+  counts_v = _first_token_counts(sampling.SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=k))
+  top_k = np.argsort(-logits_v)[:k]
+  assert set(np.flatnonzero(counts_v)) == set(top_k)  # never outside the top k; each of them drawn
+  probs_v = np.zeros(VOCAB)
+  probs_v[top_k] = _np_softmax(logits_v[top_k])
+  assert _max_z(counts_v, probs_v) < 4.5
+
+
+def test_top_p_distribution():
+  # Temperature 1.5 first, then the nucleus of the tempered distribution.
+  temperature, p = 1.5, 0.6
+  scaled_v = _first_logits_v() / temperature
+  nucleus = sorted(_np_nucleus(scaled_v, p))
+  assert 2 <= len(nucleus) < VOCAB - 2
+  counts_v = _first_token_counts(sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_p=p))
+  assert set(np.flatnonzero(counts_v)) <= set(nucleus)
+  probs_v = np.zeros(VOCAB)
+  probs_v[nucleus] = _np_softmax(scaled_v[nucleus])
+  assert _max_z(counts_v, probs_v) < 4.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probs and the uncached path.
+
+SAMPLED_EOS = 5  # at seed 3 and temperature 0.7 some rows emit it and some do not (asserted below)
+
+
+def test_logprobs_match_full_forward_and_uncached_path():
+  temperature = 0.7
+  prompts_bp, mask_bp = _prompts(seed=3, lengths=(6, 5, 4, 3, 2, 1))
+  cached = _generate(sampling.SamplingConfig(max_new_tokens=NEW, temperature=temperature), SAMPLED_EOS,
+                     prompt_bp=prompts_bp, mask_bp=mask_bp, seed=3)
+  assert cached.ended_b.any() and not cached.ended_b.all(), cached.ended_b  # rows stop at different points
+
+  full_bn = np.asarray(sampling.sequence_logprobs(PARAMS, prompts_bp, mask_bp, cached.tokens_bn, cached.mask_bn,
+                                                  CFG, temperature=temperature))
+  np.testing.assert_allclose(full_bn, cached.logprobs_bn, atol=1e-5)
+  assert (full_bn[~cached.mask_bn] == 0).all() and (full_bn[cached.mask_bn] < 0).all()
+  # It is the tempered distribution: at T=1 the same tokens score differently.
+  t1_bn = np.asarray(sampling.sequence_logprobs(PARAMS, prompts_bp, mask_bp, cached.tokens_bn, cached.mask_bn,
+                                                CFG, temperature=1.0))
+  assert np.abs(t1_bn - full_bn)[cached.mask_bn].max() > 1e-2
+
+  uncached = _generate(sampling.SamplingConfig(max_new_tokens=NEW, temperature=temperature, use_cache=False),
+                       SAMPLED_EOS, prompt_bp=prompts_bp, mask_bp=mask_bp, seed=3)
+  for name in ("tokens_bn", "mask_bn", "ended_b", "lengths_b"):
+    np.testing.assert_array_equal(getattr(uncached, name), getattr(cached, name), err_msg=name)
+  np.testing.assert_allclose(uncached.logprobs_bn, cached.logprobs_bn, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors, raised before any tracing: params=None would fail inside jit, so reaching the ValueError proves it.
+
+
+def test_too_long_raises_before_compute():
+  with pytest.raises(ValueError, match="max_len=16"):
+    sampling.generate(None, PROMPTS_BP, PROMPT_MASK_BP, None, CFG,
+                      sampling.SamplingConfig(max_new_tokens=CFG.max_len - PROMPT_LEN + 1), eos_id=1, pad_id=PAD)
+  too_long_bn = np.zeros((PROMPTS_BP.shape[0], CFG.max_len - PROMPT_LEN + 1), np.int32)
+  with pytest.raises(ValueError, match="max_len=16"):
+    sampling.sequence_logprobs(None, PROMPTS_BP, PROMPT_MASK_BP, too_long_bn, too_long_bn > 0, CFG, temperature=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=4, temperature=-0.5), "temperature"),
+        (dict(max_new_tokens=4, top_k=-1), "top_k"),
+        (dict(max_new_tokens=4, top_p=0.0), "top_p"),
+        (dict(max_new_tokens=4, top_p=1.5), "top_p"),
+    ],
+)
+def test_sampling_config_validation(kwargs, field):
+  with pytest.raises(ValueError, match=rf"sampling\.{field}"):
+    sampling.SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("eos_id, pad_id, match", [(3, 3, "must differ"), (VOCAB, PAD, "eos_id"),
+                                                   (1, -1, "pad_id")])
+def test_bad_ids_raise(eos_id, pad_id, match):
+  with pytest.raises(ValueError, match=match):
+    sampling.generate(None, PROMPTS_BP, PROMPT_MASK_BP, None, CFG, GREEDY, eos_id=eos_id, pad_id=pad_id)

@@ -54,6 +54,16 @@ def main(argv):
     print(pipeline.format_summary(summary), flush=True)
 
 
+class _QuietLibraries:
+  """Keeps library chatter (orbax, grain, jax, tfds) out of the console below WARNING; our progress lines stay."""
+
+  _NOISY = ("/orbax/", "/grain/", "/jax/", "/jaxlib/", "/tensorflow_datasets/", "/etils/", "/absl/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self._NOISY)  # 30: std WARNING
+
+
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   sys.exit(app.run(main))

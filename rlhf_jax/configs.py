@@ -53,3 +53,94 @@ def guard_config() -> ml_collections.ConfigDict:
   """Non-finite guard: 'stop' raises naming the step and metric, 'skip' drops that update.
   inject_nan_at_step >= 0 plants a NaN in the loss at that step (to test the guard)."""
   return ml_collections.ConfigDict(dict(on_nonfinite="stop", inject_nan_at_step=-1))
+
+
+def train_config(steps: int, batch_size: int, seq_len: int, *, log_every: int = 10, eval_every: int = 100,
+                 eval_batches: int = 8) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, seq_len=seq_len, log_every=log_every,
+                                        eval_every=eval_every, eval_batches=eval_batches))
+
+
+# Task-suite sizes per preset; every other knob keeps rlhf_jax.tasks.suite.DataConfig's default.
+DATA_PRESETS = {
+    # A laptop-sized world: 64 animals x 4 facts, sums to 20, products to 10, 48 game words.
+    "small": dict(
+        n_entities=64, n_unknown_entities=32, n_words=48, max_number=20, max_factor=10,
+        n_pretrain_docs=5000, n_pretrain_val_docs=250, n_benchmark_arithmetic=100,
+        n_sft=1000, n_sft_val=100, n_prompts=800, n_prompts_val=100, n_comparisons=600, n_comparisons_val=100,
+        max_prompts_per_user=20, n_heavy_users=3, heavy_user_prompts=50,
+    ),
+    # For smoke tests: everything in about a second.
+    "tiny": dict(
+        n_entities=24, n_unknown_entities=12, n_words=24, max_number=10, max_factor=5,
+        n_pretrain_docs=600, n_pretrain_val_docs=50, n_benchmark_arithmetic=30,
+        n_sft=200, n_sft_val=40, n_prompts=160, n_prompts_val=40, n_comparisons=120, n_comparisons_val=40,
+        max_prompts_per_user=8, n_heavy_users=2, heavy_user_prompts=14,
+    ),
+}
+
+
+def data_config(preset: str) -> ml_collections.ConfigDict:
+  """The task suite's knobs (rlhf_jax/tasks/suite.py DataConfig) for a preset, plus data_dir ("" = WORKDIR/data)
+  and overwrite (replace a suite generated from another config in the same folder)."""
+  from rlhf_jax.tasks import suite  # pylint: disable=g-import-not-at-top
+  if preset not in DATA_PRESETS:
+    raise ValueError(f"unknown data preset {preset!r}; expected one of {sorted(DATA_PRESETS)}")
+  fields = suite.DataConfig(**DATA_PRESETS[preset]).to_json()
+  fields["family_weights"] = ml_collections.ConfigDict(fields["family_weights"])
+  fields["data_dir"] = ""
+  fields["overwrite"] = False
+  return ml_collections.ConfigDict(fields)
+
+
+def eval_config(n_prompts: int = 100, batch_size: int = 50) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(n_prompts=n_prompts, batch_size=batch_size, temperature=1.0,
+                                        n_benchmark=100, n_samples_table=24, best_of_n=[4, 16]))
+
+
+def base_config(preset: str = "small") -> ml_collections.ConfigDict:
+  """Every field of every stage, with `preset` sizes; experiment files start here and adjust.
+
+  The whole pipeline lives in one config so a pipeline experiment and a single-stage experiment accept the
+  same overrides (`--experiment.ppo.kl.target=3`), and the lock rejects anything else.
+  """
+  from rlhf_jax import ppo, reward  # pylint: disable=g-import-not-at-top
+  if preset not in ("tiny", "small", "base"):
+    raise ValueError(f"unknown preset {preset!r}; expected tiny, small or base")
+  c = ml_collections.ConfigDict()
+  c.stage = "pipeline"
+  c.stages = ["data", "pretrain", "sft", "rm", "ppo"]
+  c.seed = 0
+  c.data = data_config("tiny" if preset == "tiny" else "small")
+  c.tokenizer = tokenizer_config()
+  c.model = model_config(preset)
+  c.mesh = mesh_config()
+  c.checkpoint = checkpoint_config()
+  c.guard = guard_config()
+  c.sharding_rules = ()  # empty = rlhf_jax.sharding.DEFAULT_RULES
+  c.pretrain = ml_collections.ConfigDict()
+  c.sft = ml_collections.ConfigDict()
+  c.rm = reward.rm_config()
+  c.ppo = ppo.ppo_config()
+  c.eval = eval_config()
+  if preset == "tiny":
+    c.pretrain.train = train_config(steps=300, batch_size=16, seq_len=127, log_every=25, eval_every=100,
+                                    eval_batches=4)
+    c.pretrain.optimizer = optimizer_config(lr=3e-3, warmup_steps=30)
+    c.sft.train = train_config(steps=60, batch_size=16, seq_len=127, log_every=20, eval_every=60, eval_batches=2)
+    c.rm.n_prompts, c.rm.n_val_prompts, c.rm.k_max, c.rm.train.batch_size = 32, 16, 4, 8
+    c.rm.train.eval_every = 0
+    c.ppo.iterations, c.ppo.batch_size, c.ppo.n_minibatches, c.ppo.epochs = 2, 16, 2, 2
+    c.ppo.max_new_tokens, c.ppo.log_every = 16, 1
+    c.eval.n_prompts, c.eval.batch_size, c.eval.n_benchmark, c.eval.best_of_n = 16, 16, 16, [2]
+    c.checkpoint.save_every = 100
+  else:
+    c.pretrain.train = train_config(steps=1500, batch_size=32, seq_len=255, log_every=50, eval_every=250)
+    c.pretrain.optimizer = optimizer_config(lr=2e-3, warmup_steps=100)
+    c.sft.train = train_config(steps=300, batch_size=32, seq_len=127, log_every=25, eval_every=100,
+                               eval_batches=4)
+    c.checkpoint.save_every = 250
+  c.sft.optimizer = optimizer_config(lr=5e-4, warmup_steps=10)
+  c.sft.pretrain_mix = 0.0
+  c.sft.too_long = "truncate"
+  return c

@@ -129,3 +129,23 @@ def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs carrying target shardings: the restore target for a checkpoint onto any mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
+
+
+def state_from_params(
+    params,
+    params_axes,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh,
+    rules: sharding.Rules,
+) -> tuple[State, State]:
+  """A train state starting from given parameters (e.g. the previous stage's), laid out on this mesh."""
+
+  def init_state(p, key):
+    return {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32), "rng": key}
+
+  abstract = jax.eval_shape(init_state, params, rng)
+  shardings = state_shardings(abstract, params_axes, mesh, rules, optimizer)
+  with sharding.activate(mesh, rules):
+    state = jax.jit(init_state, out_shardings=shardings)(params, rng)
+  return state, shardings

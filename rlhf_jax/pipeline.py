@@ -1,6 +1,6 @@
 """Runs one stage or a pipeline of stages, composed by config.
 
-`config.stage` names one stage ("data", "pretrain", "sft", "rm", "ppo", "eval") or "pipeline", in which case
+`config.stage` names one stage ("data", "pretrain", "sft", "rm", "ppo", "report") or "pipeline", in which case
 `config.stages` lists them in order. Every stage is `run(config, workdir) -> summary dict` and keeps its files in
 `WORKDIR/<stage>/`; a stage whose `summary.json` exists is complete and is skipped, so a re-run of a pipeline
 resumes in the first unfinished stage (and that stage resumes from its own latest checkpoint).
@@ -26,11 +26,15 @@ STAGES = {
     "sft": "rlhf_jax.sft:run",
     "rm": "rlhf_jax.reward:run",
     "ppo": "rlhf_jax.ppo:run",
-    "eval": "rlhf_jax.evaluation:run",
+    "report": "rlhf_jax.report:run",
 }
 
-# Where each stage keeps its files (and its summary.json).
-STAGE_DIRS = {"data": "data", "pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "eval": "eval"}
+
+def stage_dir_name(config, stage: str) -> str:
+  """Where a stage keeps its files (and its summary.json); PPO variants use their own (ppo.stage_dir)."""
+  if stage == "ppo":
+    return config.ppo.stage_dir
+  return stage
 
 
 def _stage_fn(name: str):
@@ -51,12 +55,13 @@ def check_workdir(workdir: str) -> None:
     raise ValueError(f"--workdir={workdir} cannot be written: {e}") from e
 
 
-def stage_summary_path(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, STAGE_DIRS[stage], "summary.json")
+def stage_summary_path(config, workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage_dir_name(config, stage), "summary.json")
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, skip_done: bool = True) -> dict:
-  path = stage_summary_path(workdir, stage) if stage != "data" else None
+  # The data stage has its own cache (a fingerprint of config.data); the report is always rewritten.
+  path = stage_summary_path(config, workdir, stage) if stage not in ("data", "report") else None
   if skip_done and path and os.path.exists(path):
     logging.info("stage %s is complete (%s); skipping", stage, path)
     with open(path) as f:
@@ -68,13 +73,23 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   check_workdir(workdir)
   if config.stage != "pipeline":
-    return {f"{config.stage}.{k}": v for k, v in run_stage(config, workdir, config.stage, skip_done=False).items()}
+    summary = run_stage(config, workdir, config.stage, skip_done=False)
+    return {f"{stage_dir_name(config, config.stage)}.{k}": v for k, v in summary.items()}
   flat: dict[str, Any] = {}
   for stage in config.stages:
+    if stage == "report":
+      continue  # last, after summary.json is written
     summary = run_stage(config, workdir, stage)
-    flat.update({f"{stage}.{k}": v for k, v in summary.items()})
+    flat.update({f"{stage_dir_name(config, stage)}.{k}": v for k, v in summary.items()
+                 if not isinstance(v, (dict, list))})
   if jax.process_index() == 0:
-    checkpoint.write_json_atomic(os.path.join(workdir, "summary.json"), flat)
+    path = os.path.join(workdir, "summary.json")
+    if os.path.exists(path):  # keep the keys of other variants run in the same workdir (ppo_ptx, ppo_kl0)
+      with open(path) as f:
+        flat = {**json.load(f), **flat}
+    checkpoint.write_json_atomic(path, flat)
+    if "report" in config.stages:
+      run_stage(config, workdir, "report")
   return flat
 
 

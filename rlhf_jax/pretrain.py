@@ -93,30 +93,39 @@ class NonFiniteError(FloatingPointError):
 
 def train_lm(
     config: ml_collections.ConfigDict,
+    stage_cfg: ml_collections.ConfigDict,
     stage_dir: str,
     *,
     stage: str,
     model_cfg: model.ModelConfig,
     train_iter_fn: Callable[[int, int], Any],
     eval_iter_fn: Callable[[], Iterator[Batch]],
-    init_params_fn: Callable[[jax.Array], Any] | None = None,
+    init_params: Any = None,
     extra_summary: dict[str, Any] | None = None,
+    write_summary: bool = True,
 ) -> dict[str, Any]:
   """The next-token training loop shared by pretraining and SFT.
 
+  config holds what every stage shares (seed, mesh, checkpoint, guard); stage_cfg (config.pretrain or
+  config.sft) holds this stage's `train` and `optimizer` settings.
+
   train_iter_fn(shard_index, shard_count) returns an iterator with get_state()/set_state();
   eval_iter_fn() returns a fresh finite iterator over held-out batches;
-  init_params_fn(rng) gives the starting parameters (default: a fresh model.init).
+  init_params: starting parameters (e.g. the pretrained ones for SFT); default a fresh `model.init`.
+  write_summary=False leaves summary.json (the stage's "complete" mark) to the caller, which has more to do.
   """
   t0 = time.time()
-  tc = config.train
+  tc = stage_cfg.train
   mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config)
   sharding.check_batch(tc.batch_size, mesh, rules, field="train.batch_size")
   axes = model.param_axes(model_cfg)
-  optimizer = optim.make_optimizer(config.optimizer, tc.steps, optim.decay_mask_from_axes(axes))
-  init_fn = init_params_fn or (lambda key: model.init(key, model_cfg))
-  state, state_sh = optim.create_state(init_fn, axes, optimizer, jax.random.PRNGKey(config.seed), mesh, rules)
+  optimizer = optim.make_optimizer(stage_cfg.optimizer, tc.steps, optim.decay_mask_from_axes(axes))
+  rng = jax.random.PRNGKey(config.seed)
+  if init_params is None:
+    state, state_sh = optim.create_state(lambda k: model.init(k, model_cfg), axes, optimizer, rng, mesh, rules)
+  else:
+    state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
 
   ckpt = make_checkpointer(config, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": stage}
@@ -155,7 +164,7 @@ def train_lm(
         logging.warning("%s: update skipped", msg)
       if done % tc.log_every == 0 or done == tc.steps:
         row = {"loss": m["loss"], "grad_norm": m["grad_norm"],
-               "lr": optim.learning_rate_schedule(config.optimizer, tc.steps)(done)}
+               "lr": optim.learning_rate_schedule(stage_cfg.optimizer, tc.steps)(done)}
         if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
           row.update(evaluate(eval_step, state["params"], eval_iter_fn(), mesh, rules, tc.eval_batches))
         last = writer.log(done, row)
@@ -164,10 +173,14 @@ def train_lm(
 
   final_eval = evaluate(eval_step, state["params"], eval_iter_fn(), mesh, rules, tc.eval_batches)
   export_params(stage_dir, state["params"])
+  if not last and os.path.exists(writer.jsonl_path):  # resumed after the last step: report the logged loss
+    rows = metrics.read_jsonl(writer.jsonl_path)
+    last = rows[-1] if rows else {}
   summary = {"step": tc.steps, "train_loss": last.get("loss"), **final_eval, "wall_s": time.time() - t0,
              "num_params": model_cfg.num_params(), "tokens_per_step": tokens_per_step,
              "devices": jax.device_count(), **(extra_summary or {})}
-  summary = writer.summary(summary)
+  if write_summary:
+    summary = writer.summary(summary)
   writer.close()
   ckpt.close()
   return summary
@@ -199,6 +212,25 @@ def load_params(stage_dir: str, abstract_params, shardings) -> Any:
   return checkpoint.ocp.StandardCheckpointer().restore(path, target)
 
 
+def check_seq_len(seq_len: int, model_cfg: model.ModelConfig, field: str) -> None:
+  if seq_len + 1 > model_cfg.max_len:
+    raise ValueError(f"{field}={seq_len} (+1 for the shifted target) exceeds model.max_len={model_cfg.max_len}")
+
+
+def load_stage_params(config, workdir: str, stage: str, model_cfg: model.ModelConfig) -> Any:
+  """The exported parameters of an earlier stage, laid out on this run's mesh."""
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config)
+  abstract = jax.eval_shape(lambda k: model.init(k, model_cfg), jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(model.param_axes(model_cfg), abstract, mesh, rules)
+  return load_params(os.path.join(workdir, stage), abstract, shardings)
+
+
+def rewrite_summary(stage_dir: str, summary: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    checkpoint.write_json_atomic(os.path.join(stage_dir, "summary.json"), summary)
+
+
 def unigram_entropy(token_batches: Iterator[Batch], max_batches: int = 20) -> float:
   """Entropy (nats) of the token frequencies over loss-masked targets: the loss of the best
   context-free model, a yardstick for the held-out loss."""
@@ -222,9 +254,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stage_dir = os.path.join(workdir, "pretrain")
   tok = data_sources.tokenizer(config, workdir)
   model_cfg = configs.to_model_config(config.model, tok.vocab_size)
-  if config.train.seq_len + 1 > model_cfg.max_len:
-    raise ValueError(f"train.seq_len={config.train.seq_len} (+1 target) exceeds model.max_len={model_cfg.max_len}")
+  check_seq_len(config.pretrain.train.seq_len, model_cfg, "pretrain.train.seq_len")
   train_iter_fn, eval_iter_fn = data_sources.pretrain_iters(config, workdir, tok)
   entropy = unigram_entropy(eval_iter_fn())
-  return train_lm(config, stage_dir, stage="pretrain", model_cfg=model_cfg, train_iter_fn=train_iter_fn,
+  return train_lm(config, config.pretrain, stage_dir, stage="pretrain", model_cfg=model_cfg, train_iter_fn=train_iter_fn,
                   eval_iter_fn=eval_iter_fn, extra_summary={"unigram_entropy": entropy})

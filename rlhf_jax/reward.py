@@ -113,10 +113,11 @@ class Comparison:
   labeler: int = -1
 
 
-def tokenize_comparisons(records: Sequence[dict], tok, *, seq_len: int, too_long: str, source: str) -> tuple[
-    list[Comparison], int]:
+def tokenize_comparisons(records: Sequence[dict], tok, *, seq_len: int, too_long: str, source: str,
+                         allow_empty: bool = False) -> tuple[list[Comparison], int]:
   """Tokenises records {prompt_turns, responses, ranks[, gold_scores, labeler_id]}; returns (comparisons,
-  number truncated). Over-long sequences lose prompt tokens from the left (`too_long="truncate"`) or raise."""
+  number truncated). Over-long sequences lose prompt tokens from the left (`too_long="truncate"`) or raise.
+  Empty responses are an error in labelled data; policy samples may be empty (just EOS): `allow_empty`."""
   from rlhf_jax import tokenizers  # pylint: disable=g-import-not-at-top
 
   out, truncated = [], 0
@@ -127,7 +128,7 @@ def tokenize_comparisons(records: Sequence[dict], tok, *, seq_len: int, too_long
       raise ValueError(f"{source}: record {i}: field 'ranks' must rank at least 2 responses, one rank each; got "
                        f"{len(responses)} responses and {len(ranks)} ranks")
     for j, text in enumerate(responses):
-      if not str(text).strip():
+      if not allow_empty and not str(text).strip():
         raise ValueError(f"{source}: record {i}: field 'responses[{j}]' is empty")
     prompt = tokenizers.encode_prompt(tok, r["prompt_turns"])
     resp = [tok.encode(str(text)) + [tok.eos_id] for text in responses]
@@ -313,9 +314,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   train_records, val_records = data_sources.comparison_records(config, workdir, tok)
   train, n_trunc = tokenize_comparisons(train_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,
-                                        source="rm train comparisons")
+                                        source="rm train comparisons", allow_empty=rc.source == "policy")
   val, n_trunc_val = tokenize_comparisons(val_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,
-                                          source="rm validation comparisons")
+                                          source="rm validation comparisons", allow_empty=rc.source == "policy")
   k = max(len(c.ranks) for c in train + val)
   groups = make_groups(train, grouping=rc.grouping, pair_weighting=rc.pair_weighting)
   group_k = k if rc.grouping == "prompt" else 2

@@ -1,0 +1,312 @@
+"""Where each stage's data comes from: the task suite's TFDS datasets, turned into batches.
+
+This is the one place that knows the suite's split names. Stages ask for iterators (`pretrain_iters`,
+`sft_iters`), records (`comparison_records`, `rl_prompts`, `benchmark`) or the simulated humans (`gold_scorer`,
+`labelers`); the suite is generated on first use into WORKDIR/data (or `data.data_dir`) and cached after.
+Every iterator has get_state()/set_state() so its position is part of a checkpoint. With several processes,
+each reads its own shard (`jax.process_index()`), and the global batch is assembled on the mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from rlhf_jax import tokenizers
+from rlhf_jax.data import pipeline, tfds_io
+
+
+def data_dir(config, workdir: str) -> str:
+  d = config.data.get("data_dir", "") if hasattr(config.data, "get") else ""
+  return d or os.path.join(workdir, "data")
+
+
+_ENSURED: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def ensure_suite(config, workdir: str) -> dict[str, Any]:
+  """Generates the suite's datasets if missing (cached by a fingerprint of config.data and the seed)."""
+  from rlhf_jax.tasks import stage  # pylint: disable=g-import-not-at-top
+  key = (workdir, config.data.to_json() + str(config.seed))
+  if key not in _ENSURED:
+    _ENSURED[key] = stage.run(config, workdir)
+  return _ENSURED[key]
+
+
+def split(config, workdir: str, name: str):
+  """A random-access source of one suite split (see rlhf_jax/tasks/suite.py for the record formats)."""
+  from rlhf_jax.tasks import stage  # pylint: disable=g-import-not-at-top
+  ensure_suite(config, workdir)
+  return stage.load_suite(data_dir(config, workdir))[name]
+
+
+def tokenizer(config, workdir: str) -> tokenizers.Tokenizer:
+  """Byte-level, or SentencePiece trained once on the pretraining corpus (tokenizer.path or
+  DATA_DIR/tokenizer-<vocab>.model)."""
+  tc = config.tokenizer
+  if tc.kind == "byte":
+    return tokenizers.ByteTokenizer()
+  path = tc.path or os.path.join(data_dir(config, workdir), f"tokenizer-{tc.vocab_size}.model")
+  corpus = None
+  if not os.path.exists(path):
+    src = split(config, workdir, "pretrain")
+    corpus = (src[i]["text"] for i in range(len(src)))
+  return tokenizers.make_tokenizer(tc.kind, path=path, vocab_size=tc.vocab_size, corpus=corpus)
+
+
+def _shard():
+  return jax.process_index(), jax.process_count()
+
+
+def _per_process(batch_size: int) -> int:
+  n = jax.process_count()
+  if batch_size % n:
+    raise ValueError(f"batch size {batch_size} does not divide over {n} processes")
+  return batch_size // n
+
+
+def pretrain_iters(config, workdir: str, tok, *, stage_cfg=None):
+  """(train_iter_fn(shard_index, shard_count), eval_iter_fn()) of packed next-token batches."""
+  tc = (stage_cfg or config.pretrain).train
+  train_src = split(config, workdir, "pretrain")
+  val_src = split(config, workdir, "pretrain_val")
+
+  def train_iter_fn(shard_index: int, shard_count: int):
+    return pipeline.lm_loader(train_src, tok, seq_len=tc.seq_len, batch_size=_per_process(tc.batch_size),
+                              seed=config.seed, shard_index=shard_index, shard_count=shard_count)
+
+  def eval_iter_fn():
+    i, n = _shard()
+    return pipeline.lm_loader(val_src, tok, seq_len=tc.seq_len, batch_size=_per_process(tc.batch_size),
+                              seed=0, shuffle=False, num_epochs=1, shard_index=i, shard_count=n)
+
+  return train_iter_fn, eval_iter_fn
+
+
+class MixIterator:
+  """Rows from two iterators in one batch (SFT with a fraction of pretraining text); checkpointable."""
+
+  def __init__(self, a, b, n_a: int):
+    self.a, self.b, self.n_a = a, b, n_a
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    x, y = next(self.a), next(self.b)
+    keys = ("tokens", "mask", "loss_mask")
+    return {k: np.concatenate([np.asarray(x[k])[:self.n_a], np.asarray(y[k])]) for k in keys}
+
+  def get_state(self):
+    return {"a": self.a.get_state(), "b": self.b.get_state()}
+
+  def set_state(self, state):
+    self.a.set_state(state["a"])
+    self.b.set_state(state["b"])
+
+
+def sft_iters(config, workdir: str, tok):
+  """Chat batches (loss on assistant tokens), optionally mixed with pretraining rows (sft.pretrain_mix)."""
+  tc = config.sft.train
+  train_src = split(config, workdir, "sft")
+  val_src = split(config, workdir, "sft_val")
+  mix = float(config.sft.pretrain_mix)
+  if not 0.0 <= mix < 1.0:
+    raise ValueError(f"sft.pretrain_mix={mix}: expected a fraction in [0, 1)")
+  per_proc = _per_process(tc.batch_size)
+  n_pt = int(round(per_proc * mix))
+
+  def train_iter_fn(shard_index: int, shard_count: int):
+    chat = pipeline.chat_loader(train_src, tok, seq_len=tc.seq_len, batch_size=per_proc, seed=config.seed,
+                                too_long=config.sft.too_long, shard_index=shard_index, shard_count=shard_count)
+    if not n_pt:
+      return chat
+    pt = pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=tc.seq_len, batch_size=n_pt,
+                            seed=config.seed + 1, shard_index=shard_index, shard_count=shard_count)
+    return MixIterator(chat, pt, per_proc - n_pt)
+
+  def eval_iter_fn():
+    i, n = _shard()
+    return pipeline.chat_loader(val_src, tok, seq_len=tc.seq_len, batch_size=per_proc, seed=0, shuffle=False,
+                                num_epochs=1, too_long="truncate", shard_index=i, shard_count=n)
+
+  return train_iter_fn, eval_iter_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts, the simulated humans, the benchmark.
+
+
+def gold_scorer(config, workdir: str):
+  from rlhf_jax.tasks import gold, suite  # pylint: disable=g-import-not-at-top
+  del workdir
+  return gold.GoldScorer(suite.make_world(config.seed, suite.DataConfig.from_config(config.data)))
+
+
+def labelers(config):
+  from rlhf_jax.tasks import suite  # pylint: disable=g-import-not-at-top
+  return suite.make_labelers(config.seed, suite.DataConfig.from_config(config.data))
+
+
+def rl_prompts(config, workdir: str, tok, *, split_name: str | None = None, split: str = "train") -> list[dict]:
+  """Prompt records with their token ids: {"ids", "turns", "prompt"} ("train" or "validation")."""
+  name = split_name or ("prompts" if split == "train" else "prompts_val")
+  src = split(config, workdir, name)
+  out = []
+  for i in range(len(src)):
+    r = src[i]
+    out.append({"ids": tokenizers.encode_prompt(tok, r["turns"]), "turns": r["turns"], "prompt": r["prompt"]})
+  return out
+
+
+def benchmark(config, workdir: str) -> list[dict]:
+  src = split(config, workdir, "benchmark")
+  return [src[i] for i in range(len(src))]
+
+
+class PromptIterator:
+  """Shuffled epochs of left-padded prompt batches for RL; checkpointable as {"epoch", "pos"}.
+
+  Prompts longer than `max_len` tokens keep their last `max_len` tokens behind BOS (the question is at the end).
+  """
+
+  def __init__(self, prompts: Sequence[dict], *, batch_size: int, pad_id: int, seed: int, max_len: int):
+    if len(prompts) < batch_size:
+      raise ValueError(f"ppo.batch_size={batch_size} is larger than the {len(prompts)} RL prompts")
+    self.prompts, self.batch_size, self.pad_id, self.seed, self.max_len = prompts, batch_size, pad_id, seed, max_len
+    self.epoch, self.pos = 0, 0
+    self.n_truncated = sum(len(p["ids"]) > max_len for p in prompts)
+    if self.n_truncated:
+      logging.warning("%d of %d RL prompts are longer than ppo.max_prompt_len=%d and are cut from the left",
+                      self.n_truncated, len(prompts), max_len)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    from rlhf_jax import evaluation  # pylint: disable=g-import-not-at-top
+    if self.pos + self.batch_size > len(self.prompts):
+      self.epoch, self.pos = self.epoch + 1, 0
+    order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+    idx = order[self.pos:self.pos + self.batch_size]
+    self.pos += self.batch_size
+    i, n = _shard()
+    idx = idx[i * (len(idx) // n):(i + 1) * (len(idx) // n)]
+    ids = [self._fit(self.prompts[j]["ids"]) for j in idx]
+    tokens, mask = evaluation.left_pad(ids, self.pad_id, self.max_len)
+    return tokens, mask, [self.prompts[j]["prompt"] for j in idx]
+
+  def _fit(self, ids):
+    return ids if len(ids) <= self.max_len else ids[:1] + ids[len(ids) - self.max_len + 1:]
+
+  def get_state(self):
+    return {"epoch": self.epoch, "pos": self.pos}
+
+  def set_state(self, state):
+    self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+def ptx_iter(config, workdir: str, tok):
+  """Pretraining batches for PPO-ptx: ppo.ptx.ratio rows per RL episode, split into the update's minibatches."""
+  pc = config.ppo
+  rows = pc.batch_size * pc.ptx.ratio
+  return pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=pc.ptx.seq_len,
+                            batch_size=_per_process(rows), seed=config.seed + 3,
+                            shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def ptx_minibatches(it, n_minibatches: int) -> dict[str, np.ndarray]:
+  """[n_minibatches, rows, t+1] arrays: minibatch i of every epoch sees the same pretraining rows."""
+  batch = next(it)
+  out = {}
+  for k in ("tokens", "mask", "loss_mask"):
+    x = np.asarray(batch[k])
+    out[k] = x.reshape(n_minibatches, x.shape[0] // n_minibatches, *x.shape[1:])
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparisons for the reward model.
+
+
+def comparison_records(config, workdir: str, tok) -> tuple[list[dict], list[dict]]:
+  """(train, validation) comparison records {prompt_turns, responses, ranks[, gold_scores, labeler_id]}."""
+  rc = config.rm
+  if rc.source == "offline":
+    tr, va = split(config, workdir, "comparisons"), split(config, workdir, "comparisons_val")
+    return [tr[i] for i in range(len(tr))][:rc.n_prompts or None], [va[i] for i in range(len(va))][
+        :rc.n_val_prompts or None]
+  if rc.source == "file":
+    if not rc.file or not os.path.isdir(rc.file):
+      raise ValueError(f"rm.file={rc.file!r}: expected a rankings dataset directory written by "
+                       "rlhf_jax.data.real.prepare_rankings / prepare_hh_pairs")
+    tr = tfds_io.load_split_dir(rc.file, "train")
+    try:
+      va = tfds_io.load_split_dir(rc.file, "validation")
+    except Exception:  # pylint: disable=broad-except
+      n_val = max(1, len(tr) // 10)  # no validation split: hold out the last 10%
+      records = [tr[i] for i in range(len(tr))]
+      return records[:-n_val], records[-n_val:]
+    return [tr[i] for i in range(len(tr))], [va[i] for i in range(len(va))]
+  if rc.source != "policy":
+    raise ValueError(f"rm.source must be 'policy', 'offline' or 'file', got {rc.source!r}")
+  return policy_comparisons(config, workdir, tok)
+
+
+def policy_comparisons(config, workdir: str, tok) -> tuple[list[dict], list[dict]]:
+  """K samples of the SFT policy per prompt, ranked by the simulated labelers (what InstructGPT did).
+  Written once as a TFDS dataset under WORKDIR/rm/comparisons, so a resumed RM stage reads the same data."""
+  from rlhf_jax import configs, evaluation, pretrain, sampling, sharding  # pylint: disable=g-import-not-at-top
+  rc = config.rm
+  out_dir = os.path.join(workdir, "rm", "comparisons")
+  name = "policy_comparisons"
+  fp = f"seed={config.seed};n={rc.n_prompts},{rc.n_val_prompts};k={rc.k_min}-{rc.k_max};" \
+       f"T={rc.sample_temperature};new={rc.max_new_tokens};from={rc.init_from}"
+  ds_dir = os.path.join(out_dir, name, "1.0.0")
+  if not os.path.isdir(ds_dir):
+    policy_cfg = configs.to_model_config(config.model, tok.vocab_size)
+    params = pretrain.load_stage_params(config, workdir, rc.init_from, policy_cfg)
+    mesh = sharding.mesh_from_config(config.mesh)
+    rules = sharding.rules_from_config(config)
+    gold = gold_scorer(config, workdir)
+    pool = labelers(config)
+    scfg = sampling.SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.sample_temperature)
+    splits = {}
+    for split_name, src_name, n in (("train", "comparisons", rc.n_prompts),
+                                    ("validation", "comparisons_val", rc.n_val_prompts)):
+      src = split(config, workdir, src_name)
+      recs = [src[i] for i in range(min(n, len(src)))]
+      prompt_ids = [tokenizers.encode_prompt(tok, r["prompt_turns"]) for r in recs]
+      rng = np.random.default_rng([config.seed, 17, len(splits)])
+      ks = rng.integers(rc.k_min, rc.k_max + 1, size=len(recs))
+      texts = []
+      with sharding.activate(mesh, rules):
+        for j in range(rc.k_max):
+          out = evaluation.sample(params, policy_cfg, prompt_ids, tok, scfg,
+                                  jax.random.fold_in(jax.random.PRNGKey(config.seed + 29), 1000 * len(splits) + j),
+                                  batch_size=config.eval.batch_size, mesh=mesh, rules=rules)
+          texts.append(evaluation.decode_responses(tok, out["response_bn"], out["response_mask_bn"]))
+      records = []
+      for i, r in enumerate(recs):
+        responses = [texts[j][i] for j in range(ks[i])]
+        g = gold.score_batch([r["prompt"]] * len(responses), responses)
+        labeler = int(rng.integers(pool.n_labelers))
+        ranks = pool.rank_responses(g, responses, labeler, rng)
+        records.append({"prompt_turns": r["prompt_turns"], "prompt": r["prompt"], "responses": responses,
+                        "ranks": [int(x) for x in ranks], "gold_scores": [float(x) for x in g],
+                        "labeler_id": labeler})
+      splits[split_name] = records
+    features = {"prompt_turns": "json", "prompt": "text", "responses": "text_seq", "ranks": "int32_seq",
+                "gold_scores": "float32_seq", "labeler_id": "int32"}
+    if jax.process_index() == 0:
+      tfds_io.prepare_dataset(name, out_dir, features, {k: (lambda v=v: iter(v)) for k, v in splits.items()},
+                              fingerprint=fp, description="SFT-policy samples ranked by simulated labelers")
+    logging.info("[rm] sampled %d + %d policy comparisons", len(splits["train"]), len(splits["validation"]))
+  tr = tfds_io.load_split_dir(ds_dir, "train")
+  va = tfds_io.load_split_dir(ds_dir, "validation")
+  return [tr[i] for i in range(len(tr))], [va[i] for i in range(len(va))]

@@ -1,0 +1,229 @@
+"""Evaluation of policies on held-out prompts: what InstructGPT reports, at our scale.
+
+For a policy (any parameters of the policy's shape), on the task suite's held-out prompts:
+  gold_score        mean gold score of sampled responses (the simulated humans' hidden preference);
+  rm_score          mean normalised reward-model score of the same responses;
+  win_rate_vs_sft   P(gold(policy) > gold(SFT)) on the same prompts, ties counting half;
+  kl_to_sft         mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on the policy's own samples, at the
+                    sampling temperature (nats per sequence, the unit of the KL target);
+  pretrain_val_loss held-out pretraining next-token loss, and benchmark_accuracy the world-knowledge benchmark
+                    (greedy exact match): together, the alignment tax.
+Best-of-n (sample n from SFT, keep the RM's favourite) is evaluated the same way; its KL to SFT is
+log n - (n - 1) / n analytically (`losses.best_of_n_kl`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses, model, pretrain, reward, sampling, sharding
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded [b, p] tokens and mask (prompts for generation)."""
+  length = length or max(len(s) for s in seqs)
+  tokens = np.full((len(seqs), length), pad_id, np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for i, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"prompt {i} has {len(s)} tokens, more than the {length} allowed")
+    if len(s):
+      tokens[i, length - len(s):] = s
+      mask[i, length - len(s):] = True
+  return tokens, mask
+
+
+def decode_responses(tok, response_bn: np.ndarray, mask_bn: np.ndarray) -> list[str]:
+  return [tok.decode([int(t) for t, m in zip(r, mk) if m]) for r, mk in zip(response_bn, mask_bn)]
+
+
+def _pad_rows(n: int, multiple: int) -> int:
+  return int(math.ceil(n / multiple) * multiple)
+
+
+def sample(params, cfg: model.ModelConfig, prompt_ids: Sequence[Sequence[int]], tok, scfg: sampling.SamplingConfig,
+           rng: jax.Array, *, batch_size: int, mesh, rules) -> dict[str, np.ndarray]:
+  """Samples one response per prompt in batches; returns host arrays (prompt, response, masks, ended)."""
+  n_dp = sharding.data_parallel_size(mesh, rules)
+  p_len = max(len(p) for p in prompt_ids)
+  outs = []
+  for s in range(0, len(prompt_ids), batch_size):
+    chunk = list(prompt_ids[s:s + batch_size])
+    n_real = len(chunk)
+    chunk += [chunk[-1]] * (_pad_rows(batch_size, n_dp) - n_real)
+    prompt_bp, mask_bp = left_pad(chunk, tok.pad_id, p_len)
+    placed = sharding.put_batch({"p": prompt_bp, "m": mask_bp}, mesh, rules)
+    out = sampling.generate(params, placed["p"], placed["m"], jax.random.fold_in(rng, s), cfg, scfg,
+                            eos_id=tok.eos_id, pad_id=tok.pad_id)
+    out = jax.device_get(out)
+    outs.append({"prompt_bp": prompt_bp[:n_real], "prompt_mask_bp": mask_bp[:n_real],
+                 "response_bn": out.tokens_bn[:n_real], "response_mask_bn": out.mask_bn[:n_real],
+                 "logprobs_bn": out.logprobs_bn[:n_real], "ended_b": out.ended_b[:n_real]})
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def _batched(fn, params, arrays: dict[str, np.ndarray], batch_size: int, mesh, rules) -> np.ndarray:
+  n = len(next(iter(arrays.values())))
+  n_dp = sharding.data_parallel_size(mesh, rules)
+  outs = []
+  for s in range(0, n, batch_size):
+    chunk = {k: v[s:s + batch_size] for k, v in arrays.items()}
+    n_real = len(next(iter(chunk.values())))
+    pad = _pad_rows(n_real, n_dp) - n_real
+    if pad:
+      chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in chunk.items()}
+    outs.append(np.asarray(fn(params, sharding.put_batch(chunk, mesh, rules)))[:n_real])
+  return np.concatenate(outs)
+
+
+def seq_logprob_sums(params, cfg, samples, temperature: float, *, batch_size: int, mesh, rules) -> np.ndarray:
+  """sum_t log pi(y_t | x, y_<t) [b] at `temperature`, one full forward pass per batch."""
+  fn = jax.jit(lambda p, b: sampling.sequence_logprobs(p, b["prompt_bp"], b["prompt_mask_bp"], b["response_bn"],
+                                                        b["response_mask_bn"], cfg, temperature=temperature
+                                                        ).sum(axis=1))
+  keys = ("prompt_bp", "prompt_mask_bp", "response_bn", "response_mask_bn")
+  return _batched(fn, params, {k: samples[k] for k in keys}, batch_size, mesh, rules)
+
+
+def rm_scores(rm_params, rm_cfg, samples, *, batch_size: int, mesh, rules, no_eos_penalty: float | None = None):
+  fn = jax.jit(lambda p, b: reward.scores(p, jnp.concatenate([b["prompt_bp"], b["response_bn"]], 1),
+                                          jnp.concatenate([b["prompt_mask_bp"], b["response_mask_bn"]], 1), rm_cfg))
+  keys = ("prompt_bp", "prompt_mask_bp", "response_bn", "response_mask_bn")
+  s = _batched(fn, rm_params, {k: samples[k] for k in keys}, batch_size, mesh, rules)
+  if no_eos_penalty is not None:
+    s = np.where(samples["ended_b"], s, no_eos_penalty)
+  return s
+
+
+def win_rate(a: np.ndarray, b: np.ndarray) -> float:
+  """P(a > b) with ties counting half."""
+  return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def benchmark_accuracy(params, cfg, tok, records: Sequence[dict], *, batch_size: int, mesh, rules) -> float:
+  """Greedy completion of the benchmark prompts (plain text after BOS) must start with the answer."""
+  if not records:
+    return float("nan")
+  prompts = [[tok.bos_id] + tok.encode(r["prompt"]) for r in records]
+  n_new = max(len(tok.encode(r["answer"])) for r in records) + 1
+  scfg = sampling.SamplingConfig(max_new_tokens=n_new, temperature=0.0)
+  out = sample(params, cfg, prompts, tok, scfg, jax.random.PRNGKey(0), batch_size=batch_size, mesh=mesh,
+               rules=rules)
+  texts = [tok.decode([int(t) for t in r]) for r in out["response_bn"]]
+  return float(np.mean([t.strip().startswith(r["answer"].strip()) for t, r in zip(texts, records)]))
+
+
+def pretrain_val_loss(config, workdir, tok, params, cfg, mesh, rules) -> float:
+  from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
+  _, eval_iter_fn = data_sources.pretrain_iters(config, workdir, tok)
+  eval_step = jax.jit(pretrain.make_eval_step(cfg))
+  return pretrain.evaluate(eval_step, params, eval_iter_fn(), mesh, rules,
+                           config.pretrain.train.eval_batches)["val_loss"]
+
+
+def gold_eval_stage(config, workdir: str, stage: str, cfg: model.ModelConfig, tok) -> dict[str, float]:
+  """Mean gold score of responses sampled by a finished stage's exported policy on held-out prompts."""
+  from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config)
+  params = pretrain.load_stage_params(config, workdir, stage, cfg)
+  prompts = data_sources.rl_prompts(config, workdir, tok, split="validation")[:config.eval.n_prompts]
+  gold = data_sources.gold_scorer(config, workdir)
+  scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=config.eval.temperature)
+  with sharding.activate(mesh, rules):
+    out = sample(params, cfg, [p["ids"] for p in prompts], tok, scfg, jax.random.PRNGKey(config.seed + 7),
+                 batch_size=config.eval.batch_size, mesh=mesh, rules=rules)
+  texts = decode_responses(tok, out["response_bn"], out["response_mask_bn"])
+  g = gold.score_batch([p["prompt"] for p in prompts], texts)
+  return {"gold_score": float(g.mean()), "gold_correct_frac": float(np.mean(
+      [gold.is_correct(p["prompt"], t) for p, t in zip(prompts, texts)])), "ended_frac": float(out["ended_b"].mean())}
+
+
+def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, rm_cfg, mesh, rules, *,
+                samples_path: str | None = None) -> dict[str, Any]:
+  """The metrics of the module docstring for one policy against the SFT policy."""
+  from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
+  ec = config.eval
+  prompts = data_sources.rl_prompts(config, workdir, tok, split="validation")[:ec.n_prompts]
+  gold = data_sources.gold_scorer(config, workdir)
+  temp = config.ppo.temperature
+  scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=temp)
+  ids = [p["ids"] for p in prompts]
+  texts_p = [p["prompt"] for p in prompts]
+  kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
+  with sharding.activate(mesh, rules):
+    rng = jax.random.PRNGKey(config.seed + 11)
+    pol = sample(params, cfg, ids, tok, scfg, rng, **kw)
+    sft = sample(sft_params, cfg, ids, tok, scfg, jax.random.fold_in(rng, 1), **kw)
+    lp_pol = seq_logprob_sums(params, cfg, pol, scfg.logprob_temperature, **kw)
+    lp_sft = seq_logprob_sums(sft_params, cfg, pol, scfg.logprob_temperature, **kw)
+    rm_pol = rm_scores(rm_params, rm_cfg, pol, **kw)
+    out_texts = decode_responses(tok, pol["response_bn"], pol["response_mask_bn"])
+    sft_texts = decode_responses(tok, sft["response_bn"], sft["response_mask_bn"])
+    g_pol = gold.score_batch(texts_p, out_texts)
+    g_sft = gold.score_batch(texts_p, sft_texts)
+    result = {
+        "gold_score": float(g_pol.mean()),
+        "sft_gold_score": float(g_sft.mean()),
+        "rm_score": float(rm_pol.mean()),
+        "win_rate_vs_sft": win_rate(g_pol, g_sft),
+        "kl_to_sft": float(np.mean(lp_pol - lp_sft)),
+        "ended_frac": float(pol["ended_b"].mean()),
+        "pretrain_val_loss": pretrain_val_loss(config, workdir, tok, params, cfg, mesh, rules),
+        "benchmark_accuracy": benchmark_accuracy(params, cfg, tok, data_sources.benchmark(config, workdir)[
+            :ec.n_benchmark], **kw),
+    }
+  if samples_path and jax.process_index() == 0:
+    with open(samples_path, "w") as f:
+      for p, a, b, ga, gb in list(zip(texts_p, out_texts, sft_texts, g_pol, g_sft))[:ec.n_samples_table]:
+        f.write(_json_line({"prompt": p, "policy": a, "sft": b, "gold_policy": ga, "gold_sft": gb}))
+  return result
+
+
+def best_of_n_eval(config, workdir, tok, cfg, sft_params, rm_params, rm_cfg, mesh, rules, n: int) -> dict:
+  """Best-of-n against the RM: n SFT samples per prompt, the highest RM score kept."""
+  from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
+  ec = config.eval
+  prompts = data_sources.rl_prompts(config, workdir, tok, split="validation")[:ec.n_prompts]
+  gold = data_sources.gold_scorer(config, workdir)
+  scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=config.ppo.temperature)
+  kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
+  texts_p = [p["prompt"] for p in prompts]
+  with sharding.activate(mesh, rules):
+    cands = [sample(sft_params, cfg, [p["ids"] for p in prompts], tok, scfg,
+                    jax.random.PRNGKey(config.seed + 100 + i), **kw) for i in range(n)]
+    rm = np.stack([rm_scores(rm_params, rm_cfg, c, no_eos_penalty=config.ppo.no_eos_penalty, **kw)
+                   for c in cands])
+  best = rm.argmax(axis=0)
+  texts = [decode_responses(tok, c["response_bn"], c["response_mask_bn"]) for c in cands]
+  chosen = [texts[best[i]][i] for i in range(len(prompts))]
+  baseline = texts[0]
+  g = gold.score_batch(texts_p, chosen)
+  g0 = gold.score_batch(texts_p, baseline)
+  return {"gold_score": float(g.mean()), "rm_score": float(rm.max(axis=0).mean()), "win_rate_vs_sft":
+          win_rate(g, g0), "kl_to_sft": losses.best_of_n_kl(n), "n": n}
+
+
+def _json_line(obj) -> str:
+  import json  # pylint: disable=g-import-not-at-top
+  return json.dumps({k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in obj.items()}) + "\n"
+
+
+def samples_markdown(path: str, limit: int = 12) -> str:
+  """A side-by-side table of prompts, policy and SFT responses with their gold scores."""
+  import json  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    return ""
+  rows = [json.loads(line) for line in open(path)][:limit]
+  esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+  lines = ["| prompt | policy | gold | SFT | gold |", "|---|---|---|---|---|"]
+  lines += [f"| {esc(r['prompt'])} | {esc(r['policy'])} | {r['gold_policy']:.2f} | {esc(r['sft'])} | "
+            f"{r['gold_sft']:.2f} |" for r in rows]
+  return "\n".join(lines)

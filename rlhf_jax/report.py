@@ -1,0 +1,124 @@
+"""The pipeline's report: WORKDIR/report.md with learning curves, reward and gold score against KL, and samples.
+
+Reads only what the stages wrote (summary.json, each stage's metrics.jsonl and PPO's samples.jsonl), so it can
+be regenerated at any time: `python run.py --experiment=experiments/instructgpt.py --experiment.stage=report`.
+Every PPO variant found in the workdir (ppo, ppo_ptx, ppo_kl0, ...) is drawn on the same axes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import jax
+
+from rlhf_jax import evaluation, metrics
+
+
+def _rows(workdir: str, stage_dir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, stage_dir, "metrics.jsonl")
+  return metrics.read_jsonl(path) if os.path.exists(path) else []
+
+
+def _ppo_dirs(workdir: str) -> list[str]:
+  found = [os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(workdir, "ppo*", "metrics.jsonl"))]
+  return sorted(found)
+
+
+def _series(rows, key):
+  pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def learning_curves(workdir: str, path: str) -> bool:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  panels = [("pretrain", ["loss", "val_loss"]), ("sft", ["loss", "val_loss"]), ("rm", ["loss", "val_accuracy"])]
+  panels += [(d, ["rm_score", "gold_score"]) for d in _ppo_dirs(workdir)]
+  panels = [(d, keys) for d, keys in panels if _rows(workdir, d)]
+  if not panels:
+    return False
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+  for ax, (d, keys) in zip(axes[0], panels):
+    rows = _rows(workdir, d)
+    for k in keys:
+      xs, ys = _series(rows, k)
+      if xs:
+        ax.plot(xs, ys, marker=".", label=k)
+    ax.set_title(d)
+    ax.set_xlabel("iteration" if d.startswith("ppo") else "step")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def reward_vs_kl(workdir: str, summary: dict[str, Any], path: str) -> bool:
+  """RM score (the proxy) and gold score (the truth) against KL to SFT, per PPO variant, plus best-of-n."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  dirs = _ppo_dirs(workdir)
+  if not dirs:
+    return False
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  for d in dirs:
+    rows = _rows(workdir, d)
+    kl = [r.get("kl_seq") for r in rows]
+    for ax, key in zip(axes, ("rm_score", "gold_score")):
+      pts = [(k, r.get(key)) for k, r in zip(kl, rows) if isinstance(k, (int, float)) and
+             isinstance(r.get(key), (int, float))]
+      if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=d)
+  for key, ax in zip(("rm_score", "gold_score"), axes):
+    bon = sorted((v, k) for k, v in summary.items() if k.startswith("ppo.bon") and k.endswith(".kl_to_sft"))
+    xs = [v for v, _ in bon]
+    ys = [summary.get(k.replace(".kl_to_sft", f".{key}")) for _, k in bon]
+    if xs and all(isinstance(y, (int, float)) for y in ys):
+      ax.plot(xs, ys, marker="s", linestyle="--", label="best-of-n (SFT)")
+    ax.set_xlabel("KL(policy || SFT), nats per response")
+    ax.set_ylabel(key)
+    ax.legend(fontsize=8)
+  axes[0].set_title("proxy: reward model")
+  axes[1].set_title("truth: gold scorer")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  del config
+  if jax.process_index() != 0:
+    return {}
+  summary_path = os.path.join(workdir, "summary.json")
+  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+  lines = ["# rlhf_jax report", "", f"Workdir: `{workdir}`", ""]
+  keys = ["pretrain.val_loss", "pretrain.unigram_entropy", "sft.val_loss", "sft.gold_score", "rm.val_accuracy",
+          "rm.gold_ceiling_accuracy", "rm.val_gold_accuracy_clear"]
+  for d in _ppo_dirs(workdir):
+    keys += [f"{d}.{k}" for k in ("gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "pretrain_val_loss",
+                                  "benchmark_accuracy", "final_beta")]
+  lines += ["| metric | value |", "|---|---|"]
+  lines += [f"| {k} | {summary[k]:.4g} |" if isinstance(summary[k], float) else f"| {k} | {summary[k]} |"
+            for k in keys if k in summary]
+  if learning_curves(workdir, os.path.join(workdir, "learning_curves.png")):
+    lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)"]
+  if reward_vs_kl(workdir, summary, os.path.join(workdir, "reward_vs_kl.png")):
+    lines += ["", "## Reward and gold score against KL", "",
+              "The reward model is a proxy trained on noisy labels; the gold scorer is the simulated humans' "
+              "hidden preference. Over-optimisation shows as the proxy rising while the gold score falls.", "",
+              "![reward vs KL](reward_vs_kl.png)"]
+  for d in _ppo_dirs(workdir):
+    table = evaluation.samples_markdown(os.path.join(workdir, d, "samples.jsonl"))
+    if table:
+      lines += ["", f"## Samples on held-out prompts: {d} against SFT", "", table]
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return {"report": os.path.join(workdir, "report.md")}

@@ -153,9 +153,11 @@ def labelers(config):
   return suite.make_labelers(config.seed, suite.DataConfig.from_config(config.data))
 
 
-def rl_prompts(config, workdir: str, tok, *, split_name: str | None = None, split: str = "train") -> list[dict]:
-  """Prompt records with their token ids: {"ids", "turns", "prompt"} ("train" or "validation")."""
-  name = split_name or ("prompts" if split == "train" else "prompts_val")
+def rl_prompts(config, workdir: str, tok, *, which: str = "train") -> list[dict]:
+  """Prompt records with their token ids: {"ids", "turns", "prompt"}; which = "train" or "validation"."""
+  if which not in ("train", "validation"):
+    raise ValueError(f"rl_prompts: which={which!r}, expected 'train' or 'validation'")
+  name = "prompts" if which == "train" else "prompts_val"
   src = split(config, workdir, name)
   out = []
   for i in range(len(src)):

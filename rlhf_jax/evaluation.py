@@ -134,7 +134,7 @@ def gold_eval_stage(config, workdir: str, stage: str, cfg: model.ModelConfig, to
   mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config)
   params = pretrain.load_stage_params(config, workdir, stage, cfg)
-  prompts = data_sources.rl_prompts(config, workdir, tok, split="validation")[:config.eval.n_prompts]
+  prompts = data_sources.rl_prompts(config, workdir, tok, which="validation")[:config.eval.n_prompts]
   gold = data_sources.gold_scorer(config, workdir)
   scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=config.eval.temperature)
   with sharding.activate(mesh, rules):
@@ -151,7 +151,7 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
   """The metrics of the module docstring for one policy against the SFT policy."""
   from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
   ec = config.eval
-  prompts = data_sources.rl_prompts(config, workdir, tok, split="validation")[:ec.n_prompts]
+  prompts = data_sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
   gold = data_sources.gold_scorer(config, workdir)
   temp = config.ppo.temperature
   scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=temp)
@@ -191,7 +191,7 @@ def best_of_n_eval(config, workdir, tok, cfg, sft_params, rm_params, rm_cfg, mes
   """Best-of-n against the RM: n SFT samples per prompt, the highest RM score kept."""
   from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
   ec = config.eval
-  prompts = data_sources.rl_prompts(config, workdir, tok, split="validation")[:ec.n_prompts]
+  prompts = data_sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
   gold = data_sources.gold_scorer(config, workdir)
   scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=config.ppo.temperature)
   kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)

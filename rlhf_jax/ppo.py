@@ -279,7 +279,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state["kl_beta"] = jnp.asarray(pc.kl.init_beta, jnp.float32)
   state_sh["kl_beta"] = sharding.replicated(mesh)
 
-  prompts = data_sources.rl_prompts(config, workdir, tok, split="train")
+  prompts = data_sources.rl_prompts(config, workdir, tok, which="train")
   prompt_it = data_sources.PromptIterator(prompts, batch_size=pc.batch_size, pad_id=tok.pad_id, seed=config.seed,
                                           max_len=pc.max_prompt_len)
   ptx_it = data_sources.ptx_iter(config, workdir, tok) if s.ptx_coef > 0 else None

@@ -80,7 +80,7 @@ def evaluate(eval_step, params, batches: Iterator[Batch], mesh, rules, max_batch
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    s, n = eval_step(params, sharding.put_batch(batch, mesh, rules))
+    s, n = eval_step(params, sharding.put_batch(_lm_fields(batch), mesh, rules))
     total += float(s)
     count += float(n)
   loss = total / max(count, 1.0)

@@ -1,0 +1,87 @@
+"""Tests of the data stage: TFDS ArrayRecord datasets, stats.json, caching and byte-identical output."""
+
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from rlhf_jax.data import tfds_io
+from rlhf_jax.tasks import stage
+from rlhf_jax.tasks import suite
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import data as data_experiment  # noqa: E402
+
+
+def _tiny_config(**overrides):
+  config = data_experiment.get_config("tiny")
+  config.data.update(overrides)
+  return config
+
+
+def _file_hashes(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def test_stage_writes_every_split_and_stats(tmp_path):
+  config = _tiny_config()
+  stats = stage.run(config, str(tmp_path / "w1"))
+  data_dir = tmp_path / "w1" / "data"
+  with open(data_dir / "stats.json") as f:
+    on_disk = json.load(f)
+  assert on_disk == stats
+  for key in ("generation_s", "curation_removed_prefix", "curation_removed_user_cap", "curation_removed_pii",
+              "labeler_agreement", "gold_ceiling_accuracy"):
+    assert key in stats, key
+  assert stats["curation_removed_pii"] == stats["curation_planted_pii"] > 0
+
+  splits, _ = suite.generate(config.seed, suite.DataConfig.from_config(config.data))
+  loaded = stage.load_suite(str(tmp_path / "w1"))
+  assert set(loaded) == set(suite.SPLITS)
+  for name, source in loaded.items():
+    assert len(source) == stats[f"n_{name}"] == len(splits[name]), name
+  assert loaded["pretrain"][3]["text"] == splits["pretrain"][3]["text"]
+  assert loaded["sft"][5]["turns"] == splits["sft"][5]["turns"]
+  assert loaded["prompts_val"][0]["prompt"] == splits["prompts_val"][0]["prompt"]
+  c, c_ref = loaded["comparisons"][7], splits["comparisons"][7]
+  assert c["responses"] == c_ref["responses"]
+  np.testing.assert_array_equal(c["ranks"], c_ref["ranks"])
+  np.testing.assert_allclose(c["gold_scores"], c_ref["gold_scores"], rtol=1e-6)  # stored as float32
+  assert loaded["benchmark"][0] == splits["benchmark"][0]
+
+  # The dataset info holds the statistics (without timings).
+  meta = tfds_io.read_metadata(str(data_dir / "suite_comparisons" / suite.SUITE_VERSION))
+  assert meta["labeler_agreement"] == stats["labeler_agreement"]
+  assert "generation_s" not in meta
+  world = stage.load_world(str(tmp_path / "w1"))
+  assert world.to_json() == suite.make_world(config.seed, suite.DataConfig.from_config(config.data)).to_json()
+
+  # A second run reuses the data; another config in the same folder is refused.
+  again = stage.run(config, str(tmp_path / "w1"))
+  assert again["cached"] and again["content_sha256"] == stats["content_sha256"]
+  with pytest.raises(ValueError, match="another seed/config.data"):
+    stage.run(_tiny_config(labeler_noise=0.3), str(tmp_path / "w1"))
+  replaced = stage.run(_tiny_config(labeler_noise=0.3, overwrite=True), str(tmp_path / "w1"))
+  assert replaced["labeler_agreement"] > stats["labeler_agreement"]
+
+
+def test_stage_output_is_byte_identical_across_runs(tmp_path):
+  config = _tiny_config(data_dir=str(tmp_path / "elsewhere"))
+  stage.run(config, str(tmp_path / "unused"))
+  first = _file_hashes(tmp_path / "elsewhere")
+  os.rename(tmp_path / "elsewhere", tmp_path / "first")
+  stage.run(config, str(tmp_path / "unused"))
+  second = _file_hashes(tmp_path / "elsewhere")
+  assert not (tmp_path / "unused").exists()
+  assert set(first) == set(second) and len(first) > 10
+  differing = sorted(f for f in first if first[f] != second[f])
+  assert differing == ["stats.json"]  # only its timings differ

@@ -129,6 +129,7 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     c.pretrain.optimizer = optimizer_config(lr=3e-3, warmup_steps=30)
     c.sft.train = train_config(steps=60, batch_size=16, seq_len=127, log_every=20, eval_every=60, eval_batches=2)
     c.rm.n_prompts, c.rm.n_val_prompts, c.rm.k_max, c.rm.train.batch_size = 32, 16, 4, 8
+    c.rm.max_new_tokens, c.ppo.max_prompt_len = 16, 96
     c.rm.train.eval_every = 0
     c.ppo.iterations, c.ppo.batch_size, c.ppo.n_minibatches, c.ppo.epochs = 2, 16, 2, 2
     c.ppo.max_new_tokens, c.ppo.log_every = 16, 1

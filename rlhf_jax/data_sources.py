@@ -199,12 +199,9 @@ class PromptIterator:
     self.pos += self.batch_size
     i, n = _shard()
     idx = idx[i * (len(idx) // n):(i + 1) * (len(idx) // n)]
-    ids = [self._fit(self.prompts[j]["ids"]) for j in idx]
+    ids = [evaluation.fit_prompt(self.prompts[j]["ids"], self.max_len) for j in idx]
     tokens, mask = evaluation.left_pad(ids, self.pad_id, self.max_len)
     return tokens, mask, [self.prompts[j]["prompt"] for j in idx]
-
-  def _fit(self, ids):
-    return ids if len(ids) <= self.max_len else ids[:1] + ids[len(ids) - self.max_len + 1:]
 
   def get_state(self):
     return {"epoch": self.epoch, "pos": self.pos}

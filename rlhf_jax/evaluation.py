@@ -40,6 +40,12 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = No
   return tokens, mask
 
 
+def fit_prompt(ids: Sequence[int], max_len: int) -> list[int]:
+  """Keeps BOS and the last max_len - 1 tokens of an over-long prompt (the question is at the end)."""
+  ids = list(ids)
+  return ids if len(ids) <= max_len else ids[:1] + ids[len(ids) - max_len + 1:]
+
+
 def decode_responses(tok, response_bn: np.ndarray, mask_bn: np.ndarray) -> list[str]:
   return [tok.decode([int(t) for t, m in zip(r, mk) if m]) for r, mk in zip(response_bn, mask_bn)]
 
@@ -52,6 +58,7 @@ def sample(params, cfg: model.ModelConfig, prompt_ids: Sequence[Sequence[int]], 
            rng: jax.Array, *, batch_size: int, mesh, rules) -> dict[str, np.ndarray]:
   """Samples one response per prompt in batches; returns host arrays (prompt, response, masks, ended)."""
   n_dp = sharding.data_parallel_size(mesh, rules)
+  prompt_ids = [fit_prompt(p, cfg.max_len - scfg.max_new_tokens) for p in prompt_ids]
   p_len = max(len(p) for p in prompt_ids)
   outs = []
   for s in range(0, len(prompt_ids), batch_size):

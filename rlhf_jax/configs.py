@@ -136,11 +136,15 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     c.eval.n_prompts, c.eval.batch_size, c.eval.n_benchmark, c.eval.best_of_n = 16, 16, 16, [2]
     c.checkpoint.save_every = 100
   else:
-    c.pretrain.train = train_config(steps=1500, batch_size=32, seq_len=255, log_every=50, eval_every=250)
-    c.pretrain.optimizer = optimizer_config(lr=2e-3, warmup_steps=100)
-    c.sft.train = train_config(steps=300, batch_size=32, seq_len=127, log_every=25, eval_every=100,
+    # Sized for a 2-core CPU: the whole pipeline in about 20 minutes.
+    c.pretrain.train = train_config(steps=600, batch_size=32, seq_len=127, log_every=50, eval_every=200)
+    c.pretrain.optimizer = optimizer_config(lr=3e-3, warmup_steps=50)
+    c.sft.train = train_config(steps=200, batch_size=32, seq_len=127, log_every=25, eval_every=100,
                                eval_batches=4)
-    c.checkpoint.save_every = 250
+    c.rm.n_prompts, c.rm.n_val_prompts, c.rm.train.epochs = 512, 64, 2.0
+    c.rm.seq_len = 112
+    c.ppo.iterations = 60
+    c.checkpoint.save_every = 200
   c.sft.optimizer = optimizer_config(lr=5e-4, warmup_steps=10)
   c.sft.pretrain_mix = 0.0
   c.sft.too_long = "truncate"

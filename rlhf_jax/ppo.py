@@ -188,7 +188,7 @@ def minibatch_step(carry, mb_and_ptx, *, optimizer, policy_cfg, s: PPOSettings):
   trainable, opt_state = carry
   mb, ptx_batch = mb_and_ptx
   (_, m), grads = jax.value_and_grad(ppo_loss, has_aux=True)(trainable, mb, ptx_batch, policy_cfg, s)
-  m["grad_norm"] = optax.global_norm(grads)
+  m["grad_norm"] = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   return (optax.apply_updates(trainable, updates), opt_state), m
 
@@ -336,7 +336,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pretrain.export_params(stage_dir, state["params"]["policy"])
   summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "wall_s": time.time() - t0}
   summary.update(evaluation.policy_eval(config, workdir, tok, policy_cfg, state["params"]["policy"],
-                                        sft_params, rm_params, rm_cfg, mesh, rules))
+                                        sft_params, rm_params, rm_cfg, mesh, rules,
+                                        samples_path=os.path.join(stage_dir, "samples.jsonl")))
+  for n in config.eval.best_of_n:  # the cheapest baseline, on the same prompts and RM
+    bon = evaluation.best_of_n_eval(config, workdir, tok, policy_cfg, sft_params, rm_params, rm_cfg, mesh, rules, n)
+    summary.update({f"bon{n}.{k}": v for k, v in bon.items() if k != "n"})
   summary = writer.summary(summary)
   writer.close()
   ckpt.close()

@@ -54,7 +54,7 @@ def make_train_step(model_cfg: model.ModelConfig, optimizer, *, inject_nan_at_st
       return loss, n_tokens
 
     (loss, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -87,7 +87,7 @@ def make_train_step(model_cfg: model.ModelConfig, optimizer, *, inject_nan_at_st
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grads["norm"] = jax.tree.map(jnp.zeros_like, grads["norm"])  # normalisation is set after training
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

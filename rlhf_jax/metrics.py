@@ -67,10 +67,20 @@ class MetricsWriter:
     path = self.jsonl_path
     if not os.path.exists(path):
       return
-    with open(path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
+    keep = []
+    with open(path, errors="replace") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:  # a line half-written when the previous run was killed
+          continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+          keep.append(json.dumps(row, sort_keys=True) + "\n")
+    # Through a temporary file and a rename: a kill during the rewrite must not lose the logged history.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
       f.writelines(keep)
+    os.replace(tmp, path)
 
   def log(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> dict[str, Any]:
     now = time.time()

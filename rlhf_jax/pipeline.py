@@ -70,7 +70,77 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
   return _stage_fn(stage)(config, workdir)
 
 
+def _stages_to_run(config) -> list[str]:
+  stages = [config.stage] if config.stage != "pipeline" else list(config.stages)
+  for name in stages:
+    if name not in STAGES:
+      raise ValueError(f"unknown stage {name!r} in experiment.{'stage' if config.stage != 'pipeline' else 'stages'}"
+                       f"; expected one of {sorted(STAGES)} or 'pipeline'")
+  return stages
+
+
+def preflight(config: ml_collections.ConfigDict) -> None:
+  """Checks the settings of every stage that will run, before the first one starts.
+
+  A pipeline must not train for an hour and then fail on a bad PPO setting: sizes (heads dividing the width,
+  batches dividing the devices, sequences fitting the context) and choices (guard, too_long, sampling) are
+  checked here from the config alone, without data or devices beyond the mesh. Each stage still checks what
+  only its data can tell (over-long records, bad rankings) when it loads it.
+  """
+  stages = _stages_to_run(config)
+  trained = [s for s in stages if s in ("pretrain", "sft", "rm", "ppo")]
+  if not trained:
+    return
+  from rlhf_jax import configs, model, sampling, sharding  # pylint: disable=g-import-not-at-top
+  guard = config.get("guard")
+  if guard is not None and guard.on_nonfinite not in ("stop", "skip"):
+    raise ValueError(f"guard.on_nonfinite={guard.on_nonfinite!r}: expected 'stop' or 'skip'")
+  # vocab_size 0 means "from the tokenizer"; any positive stand-in checks the other fields.
+  policy = configs.to_model_config(config.model, config.model.vocab_size or 1)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config)
+
+  def fits(seq_len: int, field: str, cfg: model.ModelConfig = policy, extra: int = 1) -> None:
+    if seq_len + extra > cfg.max_len:
+      raise ValueError(f"{field}={seq_len}{' (+1 for the shifted target)' if extra else ''} exceeds "
+                       f"model.max_len={cfg.max_len}")
+
+  for name in ("pretrain", "sft"):
+    if name in trained:
+      tc = config[name].train
+      if tc.steps < 1:
+        raise ValueError(f"{name}.train.steps={tc.steps}: expected a positive number of steps")
+      sharding.check_batch(tc.batch_size, mesh, rules, field=f"{name}.train.batch_size")
+      fits(tc.seq_len, f"{name}.train.seq_len")
+  if "sft" in trained and config.sft.too_long not in ("truncate", "error"):
+    raise ValueError(f"sft.too_long={config.sft.too_long!r}: expected 'truncate' or 'error'")
+  if "rm" in trained:
+    rc = config.rm
+    rm_model = rc.get("model")
+    rm_cfg = configs.to_model_config(rm_model, rm_model.get("vocab_size") or 1) if rm_model else policy
+    sharding.check_batch(rc.train.batch_size, mesh, rules, field="rm.train.batch_size")
+    fits(rc.seq_len, "rm.seq_len", rm_cfg, extra=0)
+    if rc.too_long not in ("truncate", "error"):
+      raise ValueError(f"rm.too_long={rc.too_long!r}: expected 'truncate' or 'error'")
+    if rc.source not in ("policy", "offline", "file"):
+      raise ValueError(f"rm.source={rc.source!r}: expected 'policy', 'offline' or 'file'")
+    if not 2 <= rc.k_min <= rc.k_max:
+      raise ValueError(f"rm.k_min={rc.k_min}, rm.k_max={rc.k_max}: expected 2 <= k_min <= k_max")
+  if "ppo" in trained:
+    from rlhf_jax import losses  # pylint: disable=g-import-not-at-top
+    pc = config.ppo
+    sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, top_k=pc.top_k,
+                            top_p=pc.top_p)
+    if pc.n_minibatches < 1 or pc.batch_size % pc.n_minibatches:
+      raise ValueError(f"ppo.batch_size={pc.batch_size} must divide into ppo.n_minibatches={pc.n_minibatches}")
+    sharding.check_batch(pc.batch_size, mesh, rules, field="ppo.batch_size")
+    sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
+    losses.check_whitenable(pc.batch_size // pc.n_minibatches, min_elements=pc.min_whiten)
+    fits(pc.max_prompt_len + pc.max_new_tokens, "ppo.max_prompt_len + ppo.max_new_tokens", extra=0)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  preflight(config)
   check_workdir(workdir)
   if config.stage != "pipeline":
     summary = run_stage(config, workdir, config.stage, skip_done=False)

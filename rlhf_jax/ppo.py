@@ -118,6 +118,8 @@ class PPOSettings:
   n_minibatches: int
   algorithm: str
   min_whiten: int
+  inject_nan_at_step: int = -1  # plants a NaN in the advantages at this iteration (tests the guard)
+  skip_nonfinite: bool = False  # a non-finite iteration keeps the old policy and value (else the stage stops)
 
 
 def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
@@ -209,9 +211,17 @@ def make_update(optimizer, policy_cfg, s: PPOSettings):
   def update_fn(state, rollout: Rollout, ptx):
     rng = jax.random.fold_in(state["rng"], state["step"])
     epoch_rngs = jax.random.split(rng, s.epochs)
+    if s.inject_nan_at_step >= 0:
+      rollout = rollout._replace(advantages_bn=jnp.where(state["step"] == s.inject_nan_at_step, jnp.nan,
+                                                         rollout.advantages_bn))
     epoch = functools.partial(ppo_epoch, rollout=rollout, ptx=ptx, optimizer=optimizer, policy_cfg=policy_cfg, s=s)
     (trainable, opt_state), m = jax.lax.scan(epoch, (state["params"], state["opt_state"]), epoch_rngs)
+    finite = jnp.all(jnp.isfinite(m["loss"])) & jnp.all(jnp.isfinite(m["grad_norm"]))
+    if s.skip_nonfinite:
+      trainable = jax.tree.map(lambda a, b: jnp.where(finite, a, b), trainable, state["params"])
+      opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state, state["opt_state"])
     m = jax.tree.map(lambda x: x[-1], m)  # metrics of the last epoch
+    m["finite"] = finite
     return {**state, "params": trainable, "opt_state": opt_state, "step": state["step"] + 1}, m
 
   return update_fn
@@ -221,7 +231,7 @@ def make_update(optimizer, policy_cfg, s: PPOSettings):
 # The stage.
 
 
-def settings_from_config(pc, tok) -> PPOSettings:
+def settings_from_config(pc, tok, guard=None) -> PPOSettings:
   if pc.algorithm not in ("ppo", "a2c"):
     raise ValueError(f"ppo.algorithm must be 'ppo' or 'a2c', got {pc.algorithm!r}")
   if pc.batch_size % pc.n_minibatches:
@@ -234,7 +244,9 @@ def settings_from_config(pc, tok) -> PPOSettings:
       eos_id=tok.eos_id, pad_id=tok.pad_id, no_eos_penalty=pc.no_eos_penalty, whiten_rewards=pc.whiten_rewards,
       gamma=pc.gamma, lam=pc.lam, clip_eps=pc.clip_eps, vf_clip_eps=pc.vf_clip_eps, vf_coef=pc.vf_coef,
       entropy_coef=pc.entropy_coef, ptx_coef=pc.ptx.coef, epochs=pc.epochs if pc.algorithm == "ppo" else 1,
-      n_minibatches=pc.n_minibatches, algorithm=pc.algorithm, min_whiten=pc.min_whiten)
+      n_minibatches=pc.n_minibatches, algorithm=pc.algorithm, min_whiten=pc.min_whiten,
+      inject_nan_at_step=guard.inject_nan_at_step if guard is not None else -1,
+      skip_nonfinite=guard is not None and guard.on_nonfinite == "skip")
 
 
 def init_value_params(config, workdir: str, policy_cfg, rm_cfg, rm_params, sft_params):
@@ -259,12 +271,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stage_dir = os.path.join(workdir, pc.stage_dir)
   tok = data_sources.tokenizer(config, workdir)
   policy_cfg = configs.to_model_config(config.model, tok.vocab_size)
-  rm_cfg = configs.to_model_config(config.rm.model if len(config.rm.model) else config.model, tok.vocab_size)
+  rm_cfg = reward.rm_model_config(config, tok)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config)
   sharding.check_batch(pc.batch_size, mesh, rules, field="ppo.batch_size")
   sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
-  s = settings_from_config(pc, tok)
+  s = settings_from_config(pc, tok, config.guard)
 
   # Four parameter sets, all on the mesh with the same rules.
   sft_params = pretrain.load_stage_params(config, workdir, pc.init_from, policy_cfg)
@@ -313,6 +325,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if ptx_it is not None:
         ptx = data_sources.ptx_minibatches(ptx_it, s.n_minibatches)
       state, m = update_fn(state, ro, ptx)
+      if not bool(m["finite"]):
+        msg = f"[ppo] non-finite loss or gradient at iteration {it} (loss={float(m['loss'])})"
+        if config.guard.on_nonfinite == "stop":
+          ckpt.wait()
+          raise pretrain.NonFiniteError(msg + f"; the last good checkpoint in {ckpt.directory} is untouched")
+        logging.warning("%s: update skipped", msg)
       stats = jax.device_get(stats)
       kl = float(stats["kl_seq"])
       if pc.kl.adaptive:
@@ -320,10 +338,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             float(state["kl_beta"]), kl, pc.batch_size, target=pc.kl.target, horizon=pc.kl.horizon), jnp.float32)
       done = it + 1
       if done % pc.log_every == 0 or done == pc.iterations:
-        texts = tok.batch_decode_responses(np.asarray(ro.response_bn), np.asarray(ro.response_mask_bn)) \
-            if hasattr(tok, "batch_decode_responses") else [
-                tok.decode([int(x) for x, k in zip(r, mk) if k]) for r, mk in
-                zip(np.asarray(ro.response_bn), np.asarray(ro.response_mask_bn))]
+        texts = evaluation.decode_responses(tok, np.asarray(ro.response_bn), np.asarray(ro.response_mask_bn))
         gold_b = gold.score_batch(prompt_texts, texts)
         row = {**{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in jax.device_get(m).items()},
                "gold_score": float(np.mean(gold_b)), "beta": float(state["kl_beta"]),

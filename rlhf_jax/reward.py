@@ -304,7 +304,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tc = rc.train
   stage_dir = os.path.join(workdir, "rm")
   tok = data_sources.tokenizer(config, workdir)
-  model_cfg = configs.to_model_config(rc.model if rc.get("model") else config.model, tok.vocab_size)
+  model_cfg = rm_model_config(config, tok)
   policy_cfg = configs.to_model_config(config.model, tok.vocab_size)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config)
@@ -398,6 +398,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
+def rm_model_config(config, tok) -> model.ModelConfig:
+  """The reward model's size: the policy's unless rm.model_size names a preset ("tiny", "small", "base")."""
+  if not config.rm.model_size:
+    return configs.to_model_config(config.model, tok.vocab_size)
+  return configs.to_model_config(configs.model_config(config.rm.model_size), tok.vocab_size)
+
+
 def load_rm_params(config, workdir: str, model_cfg: model.ModelConfig):
   """The exported reward model (backbone, head, normalisation) on this run's mesh."""
   mesh = sharding.mesh_from_config(config.mesh)
@@ -413,7 +420,7 @@ def rm_config() -> ml_collections.ConfigDict:
       source="policy",  # "policy" (rank SFT samples), "offline" (suite comparisons), "file"
       file="",  # with source="file": a prepared rankings dataset directory (rlhf_jax.data.real)
       init_from="sft",
-      model=ml_collections.ConfigDict(),  # empty = the policy's size
+      model_size="",  # "" = the policy's config (backbone from SFT); else a preset name (fresh backbone)
       n_prompts=256, n_val_prompts=64, k_min=4, k_max=9, sample_temperature=1.0, max_new_tokens=32,
       seq_len=128, too_long="truncate", grouping="prompt", pair_weighting="uniform", clear_gold_margin=0.5,
       train=ml_collections.ConfigDict(dict(steps=0, epochs=1.0, batch_size=16, log_every=10, eval_every=50)),

@@ -14,8 +14,8 @@ Presets:
   small  4-layer width-128 byte-level policy and RM. See README.md for the time it takes and what it shows.
   tiny   a 2-layer width-64 model and 2 PPO iterations: a smoke test of every stage (a couple of minutes).
   ptx    small with PPO-ptx (pretraining gradients mixed into PPO), written to WORKDIR/ppo_ptx.
-  kl0    small with the KL penalty switched off (beta = 0, not adaptive), written to WORKDIR/ppo_kl0: the reward
-         over-optimisation experiment.
+  kl0    small with the KL penalty switched off (beta = 0, not adaptive), 150 iterations at 5x the learning rate,
+         written to WORKDIR/ppo_kl0: the reward over-optimisation experiment.
 """
 
 from rlhf_jax import configs
@@ -36,4 +36,7 @@ def get_config(arg: str | None = None):
     config.ppo.stage_dir = "ppo_kl0"
     config.ppo.kl.init_beta = 0.0
     config.ppo.kl.adaptive = False
+    # Optimise the proxy hard (longer, faster) so the gold score's peak and fall show within the run.
+    config.ppo.iterations = 150
+    config.ppo.optimizer.lr = 5e-5
   return config

@@ -142,8 +142,10 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     c.sft.train = train_config(steps=200, batch_size=32, seq_len=127, log_every=25, eval_every=100,
                                eval_batches=4)
     c.rm.n_prompts, c.rm.n_val_prompts, c.rm.train.epochs = 512, 64, 2.0
-    c.rm.seq_len = 112
+    c.rm.seq_len = 128
     c.ppo.iterations = 60
+    # Our responses are ~15 tokens (InstructGPT's are hundreds): 3 nats per response, not 6.
+    c.ppo.kl.target = 3.0
     c.checkpoint.save_every = 200
   c.sft.optimizer = optimizer_config(lr=5e-4, warmup_steps=10)
   c.sft.pretrain_mix = 0.0

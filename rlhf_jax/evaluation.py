@@ -184,6 +184,7 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
         "kl_to_sft": float(np.mean(lp_pol - lp_sft)),
         "ended_frac": float(pol["ended_b"].mean()),
         "pretrain_val_loss": pretrain_val_loss(config, workdir, tok, params, cfg, mesh, rules),
+        "sft_pretrain_val_loss": pretrain_val_loss(config, workdir, tok, sft_params, cfg, mesh, rules),
         "benchmark_accuracy": benchmark_accuracy(params, cfg, tok, data_sources.benchmark(config, workdir)[
             :ec.n_benchmark], **kw),
     }

@@ -116,8 +116,8 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"sft.too_long={config.sft.too_long!r}: expected 'truncate' or 'error'")
   if "rm" in trained:
     rc = config.rm
-    rm_model = rc.get("model")
-    rm_cfg = configs.to_model_config(rm_model, rm_model.get("vocab_size") or 1) if rm_model else policy
+    size = rc.get("model_size", "")
+    rm_cfg = configs.to_model_config(configs.model_config(size), 1) if size else policy
     sharding.check_batch(rc.train.batch_size, mesh, rules, field="rm.train.batch_size")
     fits(rc.seq_len, "rm.seq_len", rm_cfg, extra=0)
     if rc.too_long not in ("truncate", "error"):

@@ -146,6 +146,10 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     c.ppo.iterations = 60
     # Our responses are ~15 tokens (InstructGPT's are hundreds): 3 nats per response, not 6.
     c.ppo.kl.target = 3.0
+    # A 1M-parameter model samples far fewer correct answers at T=1 than at 0.7; RL (and the RM's
+    # comparisons, and evaluation) sample at 0.7, and every log-prob is taken at that temperature.
+    c.ppo.temperature = 0.7
+    c.rm.sample_temperature = 0.7
     c.checkpoint.save_every = 200
   c.sft.optimizer = optimizer_config(lr=5e-4, warmup_steps=10)
   c.sft.pretrain_mix = 0.0

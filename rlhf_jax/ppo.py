@@ -334,8 +334,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       stats = jax.device_get(stats)
       kl = float(stats["kl_seq"])
       if pc.kl.adaptive:
-        state["kl_beta"] = jnp.asarray(losses.update_kl_controller(
-            float(state["kl_beta"]), kl, pc.batch_size, target=pc.kl.target, horizon=pc.kl.horizon), jnp.float32)
+        # On the state's sharding: an uncommitted array would change the jitted functions' input signature
+        # after the first iteration and compile the rollout and the update a second time.
+        state["kl_beta"] = jax.device_put(jnp.asarray(losses.update_kl_controller(
+            float(state["kl_beta"]), kl, pc.batch_size, target=pc.kl.target, horizon=pc.kl.horizon), jnp.float32),
+            state_sh["kl_beta"])
       done = it + 1
       if done % pc.log_every == 0 or done == pc.iterations:
         texts = evaluation.decode_responses(tok, np.asarray(ro.response_bn), np.asarray(ro.response_mask_bn))

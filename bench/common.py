@@ -1,0 +1,146 @@
+"""Settings shared by our side (bench/ours.py) and the peers' side (bench/peers.py).
+
+Pure Python, no JAX and no torch: the peers' virtual environment imports it too, so both sides read the SAME
+model sizes, batch shapes, lengths, epochs and minibatches from one place.
+
+Model sizes are GPT-2-style decoders: pre-norm blocks, GELU MLP of width d_ff, learned absolute positions,
+untied unembedding, no dropout. Ours uses RMSNorm and no biases; Hugging Face's GPT2LMHeadModel uses
+LayerNorm and biases, so its parameter count is slightly larger (both counts are reported).
+
+FLOPs (PaLM, arXiv 2204.02311, appendix B): a training step costs per token
+    6 * N + 12 * L * d * T
+where N counts the matmul parameters (every weight matrix, the unembedding included, the embedding lookup
+and norms excluded), L layers, d model width and T the sequence length (the attention score and value
+products, forward and backward, counted over the full T x T square as PaLM does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+from typing import Any
+
+# The vocabulary of the project's SentencePiece default (configs.tokenizer_config); small on purpose, like
+# the rest of the laptop-sized defaults.
+VOCAB_SIZE = 512
+PAD_ID = 0
+EOS_ID = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """One model size; the field names follow rlhf_jax.model.ModelConfig."""
+
+  name: str
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_ff: int
+  max_len: int
+  vocab_size: int = VOCAB_SIZE
+
+  def matmul_params(self) -> int:
+    """N of the FLOPs formula: attention (4 d^2) and MLP (2 d d_ff) matrices per layer, plus the unembedding."""
+    d = self.d_model
+    return self.n_layers * (4 * d * d + 2 * d * self.d_ff) + d * self.vocab_size
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    return 6.0 * self.matmul_params() + 12.0 * self.n_layers * self.d_model * seq_len
+
+
+# `small` and `base` are the presets of rlhf_jax.model (base = GPT-2 small's 12 x 768 body).
+SIZES = {
+    "small": Size("small", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=256),
+    "base": Size("base", d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything both sides must agree on. `quick` shrinks the timed repetitions, never the shapes."""
+
+  # Training step: batch x sequence tokens per step, per model size.
+  train: tuple[tuple[str, int, int], ...] = (("small", 32, 256), ("base", 2, 256))
+  train_warmup: int = 1
+  train_steps: int = 2
+  # Generation: small model, prompt of prompt_len tokens, new_tokens sampled at temperature 1.
+  gen_size: str = "small"
+  gen_batches: tuple[int, ...] = (1, 64)
+  gen_prompt_len: int = 64
+  gen_new_tokens: int = 64
+  gen_repeats: int = 2  # with the KV cache; the no-cache runs are timed once (they are 10-100x slower)
+  # PPO iteration: small policy, reference, value and reward models.
+  ppo_size: str = "small"
+  ppo_batch: int = 64  # rollouts per iteration
+  ppo_prompt_len: int = 64
+  ppo_response_len: int = 64
+  ppo_epochs: int = 4
+  ppo_minibatches: int = 4
+  ppo_iterations: int = 1  # timed iterations after one warm-up iteration
+  # Peak: a chain of square float32 matrix products.
+  matmul_n: int = 2048
+  matmul_chain: int = 8
+
+  def quick(self) -> "Settings":
+    return dataclasses.replace(self, train_warmup=1, train_steps=1, gen_repeats=1, ppo_iterations=1,
+                               matmul_chain=2)
+
+
+def settings(quick: bool = False) -> Settings:
+  s = Settings()
+  return s.quick() if quick else s
+
+
+def machine() -> dict[str, Any]:
+  """What ran the benchmark: CPU model, cores, memory, OS."""
+  cpu = platform.processor() or ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  mem_gib = None
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemTotal"):
+          mem_gib = round(int(line.split()[1]) / 2**20, 1)
+          break
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": mem_gib, "os": platform.platform(),
+          "python": platform.python_version()}
+
+
+def peak_rss_bytes() -> int:
+  """High-water mark of this process's resident memory (Linux reports KiB)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def median(xs: list[float]) -> float:
+  xs = sorted(xs)
+  n = len(xs)
+  return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def emit(results: dict[str, Any], as_json: bool) -> None:
+  """The one output format of both sides: a JSON object on the last line of stdout (the driver reads it)."""
+  if as_json:
+    print(json.dumps(results))
+  else:
+    print(json.dumps(results, indent=2))
+
+
+def git_revision(repo: str) -> str:
+  try:
+    return subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"

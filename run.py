@@ -2,7 +2,7 @@
 
   python run.py                                            # the default InstructGPT pipeline, `small` preset
   python run.py --experiment=experiments/pretrain.py:tiny --workdir=/tmp/pt
-  python run.py --experiment=experiments/pretrain.py:tiny --experiment.optimizer.lr=3e-4 --workdir=/tmp/pt
+  python run.py --experiment=experiments/pretrain.py:tiny --experiment.pretrain.optimizer.lr=3e-4 --workdir=/tmp/pt
 
 Unknown --experiment.* keys and values of the wrong type are rejected before any work starts.
 """

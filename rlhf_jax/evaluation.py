@@ -66,10 +66,11 @@ def sample(params, cfg: model.ModelConfig, prompt_ids: Sequence[Sequence[int]], 
     n_real = len(chunk)
     chunk += [chunk[-1]] * (_pad_rows(batch_size, n_dp) - n_real)
     prompt_bp, mask_bp = left_pad(chunk, tok.pad_id, p_len)
-    placed = sharding.put_batch({"p": prompt_bp, "m": mask_bp}, mesh, rules)
+    # Every process holds every prompt: each feeds its rows, and all get every row back.
+    placed = sharding.put_global_batch({"p": prompt_bp, "m": mask_bp}, mesh, rules)
     out = sampling.generate(params, placed["p"], placed["m"], jax.random.fold_in(rng, s), cfg, scfg,
                             eos_id=tok.eos_id, pad_id=tok.pad_id)
-    out = jax.device_get(out)
+    out = jax.tree.map(sharding.fetch, out)
     outs.append({"prompt_bp": prompt_bp[:n_real], "prompt_mask_bp": mask_bp[:n_real],
                  "response_bn": out.tokens_bn[:n_real], "response_mask_bn": out.mask_bn[:n_real],
                  "logprobs_bn": out.logprobs_bn[:n_real], "ended_b": out.ended_b[:n_real]})
@@ -86,7 +87,7 @@ def _batched(fn, params, arrays: dict[str, np.ndarray], batch_size: int, mesh, r
     pad = _pad_rows(n_real, n_dp) - n_real
     if pad:
       chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in chunk.items()}
-    outs.append(np.asarray(fn(params, sharding.put_batch(chunk, mesh, rules)))[:n_real])
+    outs.append(sharding.fetch(fn(params, sharding.put_global_batch(chunk, mesh, rules)))[:n_real])
   return np.concatenate(outs)
 
 

@@ -323,7 +323,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       t_roll = time.time() - t_it
       ptx = None
       if ptx_it is not None:
-        ptx = data_sources.ptx_minibatches(ptx_it, s.n_minibatches)
+        # Each process holds its own pretraining rows; numpy passed to jit would be taken as the global value.
+        ptx = sharding.put_minibatches(data_sources.ptx_minibatches(ptx_it, s.n_minibatches), mesh, rules)
       state, m = update_fn(state, ro, ptx)
       if not bool(m["finite"]):
         msg = f"[ppo] non-finite loss or gradient at iteration {it} (loss={float(m['loss'])})"
@@ -341,7 +342,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state_sh["kl_beta"])
       done = it + 1
       if done % pc.log_every == 0 or done == pc.iterations:
-        texts = evaluation.decode_responses(tok, np.asarray(ro.response_bn), np.asarray(ro.response_mask_bn))
+        # This process's rows, matching its prompt_texts (the gold score is process 0's share of the batch).
+        texts = evaluation.decode_responses(tok, sharding.local_batch(ro.response_bn, mesh, rules),
+                                            sharding.local_batch(ro.response_mask_bn, mesh, rules))
         gold_b = gold.score_batch(prompt_texts, texts)
         row = {**{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in jax.device_get(m).items()},
                "gold_score": float(np.mean(gold_b)), "beta": float(state["kl_beta"]),

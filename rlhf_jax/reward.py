@@ -255,8 +255,9 @@ def score_comparisons(score_fn, params, comps: Sequence[Comparison], *, k: int, 
     pad_to = int(math.ceil(len(chunk) / n_dp) * n_dp)
     chunk_padded = chunk + [chunk[-1]] * (pad_to - len(chunk))
     batch = group_batch(comps, chunk_padded, k=k, seq_len=seq_len, pad_id=pad_id)
-    r = np.asarray(score_fn(params, sharding.put_batch({"tokens": batch["tokens"], "mask": batch["mask"]}, mesh,
-                                                       rules)))
+    # Every process holds the whole validation set: each feeds its rows and gets every row's score back.
+    r = sharding.fetch(score_fn(params, sharding.put_global_batch({"tokens": batch["tokens"], "mask": batch["mask"]},
+                                                                  mesh, rules)))
     for row, (ci, idx, _) in enumerate(chunk):
       out.append(r[row, :len(idx)])
   return out
@@ -283,10 +284,11 @@ def pair_metrics(comps: Sequence[Comparison], rewards: Sequence[np.ndarray], *, 
           gold_total += 1
           gold_correct += (r[a] > r[b]) == (c.gold[a] > c.gold[b])
   out = {"val_accuracy": lab_correct / max(lab_total, 1), "val_pairs": lab_total}
-  if gold_total:
-    out["val_gold_accuracy_clear"] = gold_correct / gold_total
-    out["val_gold_pairs_clear"] = gold_total
+  if any(c.gold is not None for c in comps):
     out["gold_ceiling_accuracy"] = ceil_correct / max(lab_total, 1)
+    out["val_gold_pairs_clear"] = gold_total
+    if gold_total:
+      out["val_gold_accuracy_clear"] = gold_correct / gold_total
   if margins:
     out["val_calibration_ece"] = float(losses.rm_calibration(jnp.asarray(margins), jnp.asarray(labels), n_bins))
   return out

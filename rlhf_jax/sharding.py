@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -170,6 +171,45 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_R
     else:
       out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
+  """Like `put_batch` for a batch that every process holds whole (evaluation sets): each keeps its own rows."""
+  n, i = jax.process_count(), jax.process_index()
+  local = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if len(v) % n:
+      raise ValueError(f"a global batch of {len(v)} rows does not divide over {n} processes")
+    rows = len(v) // n
+    local[k] = v[i * rows:(i + 1) * rows]
+  return put_batch(local, mesh, rules)
+
+
+def put_minibatches(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
+  """[n_minibatches, rows, ...] process-local arrays (PPO-ptx) placed with the rows split over data x fsdp."""
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    spec = PartitionSpec(None, *batch_sharding(mesh, rules, v.ndim - 1).spec)
+    sh = NamedSharding(mesh, spec)
+    out[k] = jax.device_put(v, sh) if jax.process_count() == 1 else jax.make_array_from_process_local_data(sh, v)
+  return out
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """The global value of an array on this host; `np.asarray` fails on arrays that span other processes."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_batch(x: jax.Array, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> np.ndarray:
+  """This process's rows of a batch-sharded array: the inverse of `put_batch`."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  spec = batch_sharding(mesh, rules, x.ndim).spec
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
 
 
 def largest_shard_fraction(x: jax.Array) -> float:

@@ -68,7 +68,7 @@ def _run_py(*args, timeout=120):
 
 
 def test_run_py_rejects_unknown_keys_and_wrong_types(tmp_path):
-  bad_key = _run_py("--experiment=experiments/pretrain.py:tiny", "--experiment.optimizer.lrr=1",
+  bad_key = _run_py("--experiment=experiments/pretrain.py:tiny", "--experiment.pretrain.optimizer.lrr=1",
                     f"--workdir={tmp_path}")
   assert bad_key.returncode != 0 and "lrr" in bad_key.stderr
   bad_type = _run_py("--experiment=experiments/pretrain.py:tiny", "--experiment.pretrain.train.steps=abc",

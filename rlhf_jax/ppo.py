@@ -320,6 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       ro, rm_b, stats = rollout_fn(state["params"]["policy"], state["params"]["value"], ref_params, rm_params,
                                    *sharding.put_batch({"p": prompt_bp, "m": prompt_mask_bp}, mesh, rules).values(),
                                    rng, state["kl_beta"])
+      jax.block_until_ready(ro)  # dispatch is asynchronous: time the rollout itself
       t_roll = time.time() - t_it
       ptx = None
       if ptx_it is not None:

@@ -100,7 +100,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   summary_path = os.path.join(workdir, "summary.json")
   summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
   lines = ["# rlhf_jax report", "", f"Workdir: `{workdir}`", ""]
-  keys = ["pretrain.val_loss", "pretrain.unigram_entropy", "sft.val_loss", "sft.gold_score", "rm.val_accuracy",
+  keys = ["pretrain.val_loss", "pretrain.unigram_entropy", "sft.val_loss", "sft.gold_score",
+          "sft.pretrain_gold_score", "rm.val_accuracy",
           "rm.gold_ceiling_accuracy", "rm.val_gold_accuracy_clear"]
   for d in _ppo_dirs(workdir):
     keys += [f"{d}.{k}" for k in ("gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "pretrain_val_loss",

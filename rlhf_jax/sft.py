@@ -31,5 +31,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               write_summary=False)
   gold = evaluation.gold_eval_stage(config, workdir, "sft", model_cfg, tok)
   summary.update(gold)
+  # The same held-out prompts answered by the pretrained model: what SFT adds.
+  base = evaluation.gold_eval_stage(config, workdir, "pretrain", model_cfg, tok)
+  summary.update({f"pretrain_{k}": v for k, v in base.items()})
   pretrain.rewrite_summary(stage_dir, summary)
   return summary

@@ -196,13 +196,9 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
     logprobs_bn = put(state.logprobs_bn, jnp.where(live_b, logprob_b, 0.0))
     mask_bn = put(state.mask_bn, live_b)
     done_b = state.done_b | (live_b & (sampled_b == eos_id))
-    # Skip the forward pass whose logits nobody would read (last step, or every row finished).
-    need_more = (state.step + 1 < n) & ~jnp.all(done_b)
-    logits_bv, model_state = jax.lax.cond(
-        need_more,
-        lambda: _feed(params, state.model_state, token_b, state.step, p, model_cfg, sampling_cfg),
-        lambda: (state.logits_bv, state.model_state),
-    )
+    # Always feed, even after the last token: a lax.cond here would make XLA copy the whole KV cache every
+    # step (the untaken branch returns the old buffers), which costs far more than one wasted forward pass.
+    logits_bv, model_state = _feed(params, state.model_state, token_b, state.step, p, model_cfg, sampling_cfg)
     return _LoopState(state.step + 1, logits_bv, model_state, tokens_bn, logprobs_bn, mask_bn, done_b)
 
   init = _LoopState(

@@ -122,6 +122,16 @@ class PPOSettings:
   skip_nonfinite: bool = False  # a non-finite iteration keeps the old policy and value (else the stage stops)
 
 
+def rewards_and_advantages(score_b, old_logp_bn, ref_logp_bn, values_bn, mask_bn, beta, s: PPOSettings):
+  """Per-token rewards (KL penalty + score at the last real token), optionally whitened without mean shift, then
+  GAE. Returns (rewards, kl, advantages, returns), each [b, n]."""
+  rewards_bn, kl_bn = losses.kl_penalized_rewards(score_b, old_logp_bn, ref_logp_bn, mask_bn, beta=beta)
+  if s.whiten_rewards:
+    rewards_bn = losses.whiten(rewards_bn, mask_bn, shift_mean=False)
+  advantages_bn, returns_bn = losses.compute_gae(rewards_bn, values_bn, mask_bn, gamma=s.gamma, lam=s.lam)
+  return rewards_bn, kl_bn, advantages_bn, returns_bn
+
+
 def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
   """rollout(policy, value, ref, rm, prompts, prompt_mask, rng, beta) -> (Rollout, scores, stats)."""
 
@@ -135,10 +145,8 @@ def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
     values_bn = value_estimates(value, partial, policy_cfg)
     rm_b = rm_scores(rm, prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, rm_cfg)
     score_b = jnp.where(out.ended_b, rm_b, s.no_eos_penalty)  # a response that never stops gets a fixed score
-    rewards_bn, kl_bn = losses.kl_penalized_rewards(score_b, old_logp_bn, ref_logp_bn, out.mask_bn, beta=beta)
-    if s.whiten_rewards:
-      rewards_bn = losses.whiten(rewards_bn, out.mask_bn, shift_mean=False)
-    advantages_bn, returns_bn = losses.compute_gae(rewards_bn, values_bn, out.mask_bn, gamma=s.gamma, lam=s.lam)
+    rewards_bn, kl_bn, advantages_bn, returns_bn = rewards_and_advantages(
+        score_b, old_logp_bn, ref_logp_bn, values_bn, out.mask_bn, beta, s)
     ro = Rollout(prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, old_logp_bn, ref_logp_bn, values_bn,
                  rewards_bn, advantages_bn, returns_bn)
     kl_b = kl_bn.sum(axis=1)

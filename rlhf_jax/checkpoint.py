@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpointer:
@@ -92,3 +93,33 @@ def write_json_atomic(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+class NonFiniteError(FloatingPointError):
+  """A NaN or Inf in a stage's loss or gradients, with config.guard.on_nonfinite = "stop"."""
+
+
+def resume(ckpt: Checkpointer, state: Any, shardings: Any, meta: dict, *, stage: str) -> tuple[Any, Any, int]:
+  """(state, data_state, step) from the latest checkpoint, laid out on `shardings`; (state, None, 0) if none.
+
+  Refuses a checkpoint written with another model config before restoring anything."""
+  start = ckpt.latest_step() or 0
+  if not start:
+    return state, None, 0
+  check_compatible(ckpt.read_meta(start), meta["model"], directory=ckpt.directory)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  state, data_state, _ = ckpt.restore(start, target)
+  logging.info("[%s] resumed from step %d in %s", stage, start, ckpt.directory)
+  return state, data_state, start
+
+
+def guard_nonfinite(metrics: dict, *, step: int, stage: str, on_nonfinite: str, ckpt: Checkpointer) -> None:
+  """Stops the stage (the last good checkpoint untouched) or logs the skipped update, per config.guard."""
+  if bool(metrics["finite"]):
+    return
+  msg = f"[{stage}] non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, " \
+        f"grad_norm={float(metrics['grad_norm'])})"
+  if on_nonfinite == "stop":
+    ckpt.wait()  # let an in-flight save of the last good step finish
+    raise NonFiniteError(msg + f"; the last good checkpoint in {ckpt.directory} is untouched")
+  logging.warning("%s: update skipped", msg)

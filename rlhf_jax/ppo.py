@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from rlhf_jax import checkpoint, configs, losses, metrics, model, optim, pretrain, reward, sampling, sharding
 
@@ -306,14 +305,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   ckpt = pretrain.make_checkpointer(config, stage_dir)
   meta = {"model": dataclasses.asdict(policy_cfg), "stage": "ppo"}
-  start = ckpt.latest_step() or 0
+  state, data_state, start = checkpoint.resume(ckpt, state, state_sh, meta, stage="ppo")
   if start:
-    checkpoint.check_compatible(ckpt.read_meta(start), meta["model"], directory=ckpt.directory)
-    state, data_state, _ = ckpt.restore(start, optim.abstract_with_shardings(state, state_sh))
     prompt_it.set_state(data_state["prompts"])
     if ptx_it is not None:
       ptx_it.set_state(data_state["ptx"])
-    logging.info("[ppo] resumed from iteration %d (beta=%.4f)", start, float(state["kl_beta"]))
 
   gold = data_sources.gold_scorer(config, workdir)
   writer = metrics.MetricsWriter(stage_dir, stage="ppo", total_steps=pc.iterations, start_step=start,
@@ -335,12 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # Each process holds its own pretraining rows; numpy passed to jit would be taken as the global value.
         ptx = sharding.put_minibatches(data_sources.ptx_minibatches(ptx_it, s.n_minibatches), mesh, rules)
       state, m = update_fn(state, ro, ptx)
-      if not bool(m["finite"]):
-        msg = f"[ppo] non-finite loss or gradient at iteration {it} (loss={float(m['loss'])})"
-        if config.guard.on_nonfinite == "stop":
-          ckpt.wait()
-          raise pretrain.NonFiniteError(msg + f"; the last good checkpoint in {ckpt.directory} is untouched")
-        logging.warning("%s: update skipped", msg)
+      checkpoint.guard_nonfinite(m, step=it, stage="ppo", on_nonfinite=config.guard.on_nonfinite, ckpt=ckpt)
       stats = jax.device_get(stats)
       kl = float(stats["kl_seq"])
       if pc.kl.adaptive:

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from rlhf_jax import checkpoint, configs, losses, metrics, model, optim, sharding
 
@@ -87,8 +86,7 @@ def evaluate(eval_step, params, batches: Iterator[Batch], mesh, rules, max_batch
   return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
-class NonFiniteError(FloatingPointError):
-  pass
+NonFiniteError = checkpoint.NonFiniteError
 
 
 def train_lm(
@@ -130,12 +128,9 @@ def train_lm(
   ckpt = make_checkpointer(config, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": stage}
   train_iter = train_iter_fn(jax.process_index(), jax.process_count())
-  start = ckpt.latest_step() or 0
+  state, data_state, start = checkpoint.resume(ckpt, state, state_sh, meta, stage=stage)
   if start:
-    checkpoint.check_compatible(ckpt.read_meta(start), meta["model"], directory=ckpt.directory)
-    state, data_state, _ = ckpt.restore(start, optim.abstract_with_shardings(state, state_sh))
     train_iter.set_state(data_state)
-    logging.info("[%s] resumed from step %d in %s", stage, start, ckpt.directory)
 
   guard = config.guard
   step_fn = make_train_step(model_cfg, optimizer, inject_nan_at_step=guard.inject_nan_at_step,
@@ -155,13 +150,7 @@ def train_lm(
       batch = next(train_iter)
       state, m = train_step(state, sharding.put_batch(_lm_fields(batch), mesh, rules))
       done = step + 1
-      if not bool(m["finite"]):
-        msg = (f"[{stage}] non-finite loss or gradient at step {done - 1} (loss={float(m['loss'])}, "
-               f"grad_norm={float(m['grad_norm'])})")
-        if guard.on_nonfinite == "stop":
-          ckpt.wait()
-          raise NonFiniteError(msg + f"; the last good checkpoint in {ckpt.directory} is untouched")
-        logging.warning("%s: update skipped", msg)
+      checkpoint.guard_nonfinite(m, step=step, stage=stage, on_nonfinite=guard.on_nonfinite, ckpt=ckpt)
       if done % tc.log_every == 0 or done == tc.steps:
         row = {"loss": m["loss"], "grad_norm": m["grad_norm"],
                "lr": optim.learning_rate_schedule(stage_cfg.optimizer, tc.steps)(done)}

@@ -343,12 +343,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
   ckpt = pretrain.make_checkpointer(config, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": "rm"}
-  start = ckpt.latest_step() or 0
+  state, data_state, start = checkpoint.resume(ckpt, state, state_sh, meta, stage="rm")
   if start:
-    checkpoint.check_compatible(ckpt.read_meta(start), meta["model"], directory=ckpt.directory)
-    state, data_state, _ = ckpt.restore(start, optim.abstract_with_shardings(state, state_sh))
     it.set_state(data_state)
-    logging.info("[rm] resumed from step %d", start)
 
   guard = config.guard
   step_fn = make_train_step(model_cfg, optimizer, inject_nan_at_step=guard.inject_nan_at_step,
@@ -370,12 +367,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for step in range(start, steps):
       state, m = train_step(state, sharding.put_batch(next(it), mesh, rules))
       done = step + 1
-      if not bool(m["finite"]):
-        msg = f"[rm] non-finite loss or gradient at step {done - 1} (loss={float(m['loss'])})"
-        if guard.on_nonfinite == "stop":
-          ckpt.wait()
-          raise pretrain.NonFiniteError(msg + f"; the last good checkpoint in {ckpt.directory} is untouched")
-        logging.warning("%s: update skipped", msg)
+      checkpoint.guard_nonfinite(m, step=step, stage="rm", on_nonfinite=guard.on_nonfinite, ckpt=ckpt)
       if done % tc.log_every == 0 or done == steps:
         row = {"loss": m["loss"], "train_accuracy": m["accuracy"], "grad_norm": m["grad_norm"]}
         if tc.eval_every and (done % tc.eval_every == 0 or done == steps):

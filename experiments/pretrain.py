@@ -4,7 +4,7 @@
 
 tiny: a 2-layer width-64 byte-level model, 300 steps of 16 x 127 tokens; under 2 minutes on a 2-core laptop
 CPU (data generation included). Expect the held-out loss (val_loss in WORKDIR/pretrain/summary.json) to fall
-far below the unigram entropy of the data (unigram_entropy, about 3 nats): around 1.2 nats. Running the same
+far below the unigram entropy of the data (unigram_entropy, about 3.2 nats): about 1.0 nats. Running the same
 command again resumes from the last checkpoint (or reports the finished stage).
 small: a 4-layer width-128 model, 1500 steps of 32 x 255 tokens (the pretraining of the default pipeline).
 """

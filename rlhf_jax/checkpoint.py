@@ -107,8 +107,8 @@ def resume(ckpt: Checkpointer, state: Any, shardings: Any, meta: dict, *, stage:
   if not start:
     return state, None, 0
   check_compatible(ckpt.read_meta(start), meta["model"], directory=ckpt.directory)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  state, data_state, _ = ckpt.restore(start, target)
+  from rlhf_jax import optim  # pylint: disable=g-import-not-at-top
+  state, data_state, _ = ckpt.restore(start, optim.abstract_with_shardings(state, shardings))
   logging.info("[%s] resumed from step %d in %s", stage, start, ckpt.directory)
   return state, data_state, start
 

@@ -118,17 +118,12 @@ def create_state(
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": state_key}
 
-  abstract = jax.eval_shape(init_state, rng)
-  shardings = state_shardings(abstract, params_axes, mesh, rules, optimizer)
-  with sharding.activate(mesh, rules):
-    state = jax.jit(init_state, out_shardings=shardings)(rng)
-  return state, shardings
+  return _place(init_state, (rng,), params_axes, optimizer, mesh, rules)
 
 
 def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs carrying target shardings: the restore target for a checkpoint onto any mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
 
 
 def state_from_params(
@@ -144,8 +139,13 @@ def state_from_params(
   def init_state(p, key):
     return {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32), "rng": key}
 
-  abstract = jax.eval_shape(init_state, params, rng)
+  return _place(init_state, (params, rng), params_axes, optimizer, mesh, rules)
+
+
+def _place(init_state, args, params_axes, optimizer, mesh: Mesh, rules: sharding.Rules) -> tuple[State, State]:
+  """Runs init_state(*args) under jit with the state's shardings as outputs: created already laid out."""
+  abstract = jax.eval_shape(init_state, *args)
   shardings = state_shardings(abstract, params_axes, mesh, rules, optimizer)
   with sharding.activate(mesh, rules):
-    state = jax.jit(init_state, out_shardings=shardings)(params, rng)
+    state = jax.jit(init_state, out_shardings=shardings)(*args)
   return state, shardings

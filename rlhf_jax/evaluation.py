@@ -7,13 +7,17 @@ For a policy (any parameters of the policy's shape), on the task suite's held-ou
   kl_to_sft         mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on the policy's own samples, at the
                     sampling temperature (nats per sequence, the unit of the KL target);
   pretrain_val_loss held-out pretraining next-token loss, and benchmark_accuracy the world-knowledge benchmark
-                    (greedy exact match): together, the alignment tax.
+                    (greedy exact match): together, the alignment tax;
+  <family>.gold_score and <family>.correct_frac per task family (fact, arithmetic, string, unanswerable,
+                    harmful), and top_response_frac, the share of prompts answered with the single most common
+                    response: a policy that collapsed to one answer ("I don't know." everywhere) shows it here.
 Best-of-n (sample n from SFT, keep the RM's favourite) is evaluated the same way; its KL to SFT is
 log n - (n - 1) / n analytically (`losses.best_of_n_kl`).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from collections.abc import Sequence
@@ -110,6 +114,20 @@ def rm_scores(rm_params, rm_cfg, samples, *, batch_size: int, mesh, rules, no_eo
   return s
 
 
+def response_breakdown(gold, prompts: Sequence[str], responses: Sequence[str], scores: np.ndarray,
+                       prefix: str = "") -> dict[str, float]:
+  """Per-family mean gold score and correct fraction, and the share of the most common response."""
+  families = [gold.world.parse(p).family for p in prompts]
+  correct = np.array([gold.is_correct(p, r) for p, r in zip(prompts, responses)], dtype=np.float64)
+  out = {f"{prefix}gold_correct_frac": float(correct.mean())}
+  for fam in sorted(set(families)):
+    idx = np.array([f == fam for f in families])
+    out[f"{prefix}{fam}.gold_score"] = float(np.asarray(scores)[idx].mean())
+    out[f"{prefix}{fam}.correct_frac"] = float(correct[idx].mean())
+  out[f"{prefix}top_response_frac"] = collections.Counter(responses).most_common(1)[0][1] / len(responses)
+  return out
+
+
 def win_rate(a: np.ndarray, b: np.ndarray) -> float:
   """P(a > b) with ties counting half."""
   return float(np.mean((a > b) + 0.5 * (a == b)))
@@ -149,9 +167,10 @@ def gold_eval_stage(config, workdir: str, stage: str, cfg: model.ModelConfig, to
     out = sample(params, cfg, [p["ids"] for p in prompts], tok, scfg, jax.random.PRNGKey(config.seed + 7),
                  batch_size=config.eval.batch_size, mesh=mesh, rules=rules)
   texts = decode_responses(tok, out["response_bn"], out["response_mask_bn"])
-  g = gold.score_batch([p["prompt"] for p in prompts], texts)
-  return {"gold_score": float(g.mean()), "gold_correct_frac": float(np.mean(
-      [gold.is_correct(p["prompt"], t) for p, t in zip(prompts, texts)])), "ended_frac": float(out["ended_b"].mean())}
+  texts_p = [p["prompt"] for p in prompts]
+  g = gold.score_batch(texts_p, texts)
+  return {"gold_score": float(g.mean()), "ended_frac": float(out["ended_b"].mean()),
+          **response_breakdown(gold, texts_p, texts, g)}
 
 
 def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, rm_cfg, mesh, rules, *,
@@ -188,6 +207,8 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
         "sft_pretrain_val_loss": pretrain_val_loss(config, workdir, tok, sft_params, cfg, mesh, rules),
         "benchmark_accuracy": benchmark_accuracy(params, cfg, tok, data_sources.benchmark(config, workdir)[
             :ec.n_benchmark], **kw),
+        **response_breakdown(gold, texts_p, out_texts, g_pol),
+        **response_breakdown(gold, texts_p, sft_texts, g_sft, prefix="sft_"),
     }
   if samples_path and jax.process_index() == 0:
     with open(samples_path, "w") as f:

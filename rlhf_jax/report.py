@@ -93,6 +93,27 @@ def reward_vs_kl(workdir: str, summary: dict[str, Any], path: str) -> bool:
   return True
 
 
+def family_table(summary: dict[str, Any]) -> str:
+  """Gold score and correct fraction per task family for pretrained, SFT and every PPO variant, plus the
+  share of the most common response (1.0 = the policy says one thing to every prompt)."""
+  from rlhf_jax.tasks.world import FAMILIES  # pylint: disable=g-import-not-at-top
+  # The SFT stage samples at eval.temperature; PPO's evaluation samples the policy and SFT at ppo.temperature.
+  columns = [("pretrained", "sft.pretrain_"), ("SFT", "sft."), ("SFT at the RL temperature", "ppo.sft_")]
+  columns += [(d, f"{d}.") for d in sorted({k.split(".")[0] for k in summary if k.startswith("ppo")})]
+  columns = [(name, pre) for name, pre in columns if f"{pre}top_response_frac" in summary]
+  if not columns:
+    return ""
+  fmt = lambda v: f"{v:+.2f}" if isinstance(v, (int, float)) else "-"
+  lines = ["| family | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for fam in FAMILIES:
+    cells = [f"{fmt(summary.get(f'{pre}{fam}.gold_score'))} ({summary.get(f'{pre}{fam}.correct_frac', 0):.0%})"
+             for _, pre in columns]
+    lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+  lines.append("| most common response | " + " | ".join(f"{summary[f'{pre}top_response_frac']:.0%}"
+                                                         for _, pre in columns) + " |")
+  return "\n".join(lines)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   del config
   if jax.process_index() != 0:
@@ -109,6 +130,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   lines += ["| metric | value |", "|---|---|"]
   lines += [f"| {k} | {summary[k]:.4g} |" if isinstance(summary[k], float) else f"| {k} | {summary[k]} |"
             for k in keys if k in summary]
+  table = family_table(summary)
+  if table:
+    lines += ["", "## Gold score by task family (correct fraction in brackets)", "",
+              "On held-out prompts; pretrained and SFT sampled at eval.temperature, the rest at ppo.temperature. A policy that answers every prompt the same way "
+              "(\"I don't know.\") shows it in the last row.", "", table]
   if learning_curves(workdir, os.path.join(workdir, "learning_curves.png")):
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)"]
   if reward_vs_kl(workdir, summary, os.path.join(workdir, "reward_vs_kl.png")):

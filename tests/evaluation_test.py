@@ -1,0 +1,71 @@
+"""Tests of the evaluation helpers that every policy report uses (win rate, padding, per-family breakdown)."""
+
+import collections
+import itertools
+
+import numpy as np
+import pytest
+
+from rlhf_jax import evaluation
+from rlhf_jax.tasks.gold import GoldScorer
+from rlhf_jax.tasks.world import FAMILIES, World
+
+
+def test_win_rate_counts_ties_half():
+  a = np.array([1.0, 0.0, 0.5, -1.0, 2.0])
+  b = np.array([0.0, 0.0, 1.0, -1.0, 1.0])
+  wins = sum(float(x > y) + 0.5 * float(x == y) for x, y in zip(a, b))
+  assert evaluation.win_rate(a, b) == pytest.approx(wins / len(a))
+
+
+def test_left_pad_puts_tokens_at_the_end_and_rejects_long_prompts():
+  tokens, mask = evaluation.left_pad([[5, 6, 7], [8]], pad_id=0, length=4)
+  np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 8]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
+  with pytest.raises(ValueError, match="prompt 0 has 3 tokens"):
+    evaluation.left_pad([[1, 2, 3]], pad_id=0, length=2)
+
+
+def test_response_breakdown_matches_a_per_family_loop():
+  world = World.generate(0)
+  gold = GoldScorer(world)
+  prompts, responses = [], []
+  for fam in FAMILIES:
+    for (prompt, task), answer in zip(itertools.islice(world.prompt_space(fam), 4),
+                                      ["I don't know.", "I can't help with that.", None, "It is blue."]):
+      prompts.append(prompt)
+      responses.append(task.reference if answer is None else answer)
+  scores = gold.score_batch(prompts, responses)
+  got = evaluation.response_breakdown(gold, prompts, responses, scores, prefix="p_")
+
+  by_family = collections.defaultdict(list)
+  for p, r, s in zip(prompts, responses, scores):
+    by_family[world.parse(p).family].append((s, gold.is_correct(p, r)))
+  assert set(by_family) == set(FAMILIES)
+  for fam, rows in by_family.items():
+    assert got[f"p_{fam}.gold_score"] == pytest.approx(np.mean([s for s, _ in rows]))
+    assert got[f"p_{fam}.correct_frac"] == pytest.approx(np.mean([c for _, c in rows]))
+  # Every reference is correct, so each family has at least one correct response in four.
+  assert all(got[f"p_{fam}.correct_frac"] >= 0.25 for fam in FAMILIES)
+  # "I don't know." is given to every family and is also the unanswerable family's reference.
+  n_idk = sum(r == "I don't know." for r in responses)
+  assert n_idk == len(FAMILIES) + 1
+  assert got["p_top_response_frac"] == pytest.approx(n_idk / len(responses))
+  assert got["p_gold_correct_frac"] == pytest.approx(np.mean([gold.is_correct(p, r)
+                                                              for p, r in zip(prompts, responses)]))
+
+
+def test_report_family_table_lists_each_policy_and_family():
+  from rlhf_jax import report  # pylint: disable=g-import-not-at-top
+  summary = {}
+  for pre, base in [("sft.pretrain_", -1.0), ("sft.", 0.0), ("ppo.sft_", 0.1), ("ppo.", 0.5), ("ppo_ptx.", 0.4)]:
+    summary[f"{pre}top_response_frac"] = 0.25
+    for i, fam in enumerate(FAMILIES):
+      summary[f"{pre}{fam}.gold_score"] = base + i / 10
+      summary[f"{pre}{fam}.correct_frac"] = 0.5
+  lines = report.family_table(summary).splitlines()
+  assert lines[0] == "| family | pretrained | SFT | SFT at the RL temperature | ppo | ppo_ptx |"
+  assert len(lines) == 2 + len(FAMILIES) + 1
+  second = lines[2 + 1].split(" | ")
+  assert second[0] == f"| {FAMILIES[1]}" and second[4] == "+0.60 (50%)"
+  assert lines[-1] == "| most common response | 25% | 25% | 25% | 25% | 25% |"

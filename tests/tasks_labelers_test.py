@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats as sps
 
+from rlhf_jax import reward
 from rlhf_jax.tasks import labelers as lab
 from rlhf_jax.tasks import suite
 
@@ -59,6 +60,21 @@ def test_rank_returns_a_permutation_favouring_high_gold():
   np.testing.assert_allclose(firsts / 2000, p, atol=0.03)
   with pytest.raises(ValueError, match="labeler_id=4"):
     pool.rank(gold, 4, rng)
+
+
+def test_rank_responses_ties_identical_texts_and_ranks_distinct_ones_like_rank():
+  pool = lab.LabelerPool(n_labelers=4, noise=0.3, length_bias=0.1, seed=1)
+  responses = ["It is blue.", "I don't know.", " It is blue. ", "It is red.", "I don't know."]
+  gold = np.array([1.1, -0.2, 1.1, -0.9, -0.2])
+  for seed in range(50):
+    ranks = pool.rank_responses(gold, responses, 1, np.random.default_rng(seed))
+    assert ranks[0] == ranks[2] and ranks[1] == ranks[4]
+    assert sorted({int(r) for r in ranks}) == [0, 1, 2]
+    # The three distinct responses are ranked exactly as `rank` ranks them with the same draws.
+    expected = pool.rank(gold[[0, 1, 3]], 1, np.random.default_rng(seed),
+                         lengths=np.array([len("It is blue."), len("I don't know."), len("It is red.")]))
+    np.testing.assert_array_equal(ranks[[0, 1, 3]], expected)
+  assert reward.num_strict_pairs([0, 1, 0, 2, 1]) == 8  # 5 responses, 2 tied pairs: C(5,2) - 2
 
 
 def test_pair_agreement_matches_bradley_terry_for_two_responses():

@@ -360,7 +360,12 @@ def test_comparisons_have_k_in_range_and_consistent_scores():
     k = len(c["responses"])
     ks.append(k)
     assert cfg.k_min <= k <= cfg.k_max
-    assert sorted(c["ranks"]) == list(range(k))
+    # Identical responses tie (one response to the labeler); distinct ones get ranks 0..n_distinct-1.
+    distinct = {r.strip() for r in c["responses"]}
+    assert sorted(set(c["ranks"])) == list(range(len(distinct)))
+    for a in range(k):
+      for b in range(k):
+        assert (c["ranks"][a] == c["ranks"][b]) == (c["responses"][a].strip() == c["responses"][b].strip())
     assert 0 <= c["labeler_id"] < cfg.n_labelers
     np.testing.assert_allclose(c["gold_scores"], [gold.score(c["prompt"], r) for r in c["responses"]])
   assert set(ks) == set(range(cfg.k_min, cfg.k_max + 1))

@@ -99,8 +99,19 @@ class LabelerPool:
 
   def rank_responses(self, gold_scores: np.ndarray, responses: Sequence[str], labeler_id: int,
                      rng: np.random.Generator) -> np.ndarray:
-    """`rank` with the lengths taken from the response texts."""
-    return self.rank(gold_scores, labeler_id, rng, lengths=np.array([len(r) for r in responses]))
+    """`rank` with the lengths taken from the response texts. Identical responses (after stripping
+    whitespace) are one response to the labeler: they share a rank, a tie that makes no training pair. Without
+    this, the K samples of a confident policy (often the same text several times) would be ordered by noise
+    alone and fill the data with pairs no reward model can get right."""
+    keys = [str(r).strip() for r in responses]
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+      first.setdefault(key, i)
+    distinct = list(first.values())
+    gold = np.asarray(gold_scores, dtype=np.float64)
+    ranks = self.rank(gold[distinct], labeler_id, rng, lengths=np.array([len(keys[i]) for i in distinct]))
+    slot = {key: n for n, key in enumerate(first)}
+    return np.array([ranks[slot[key]] for key in keys], dtype=ranks.dtype)
 
   def pair_agreement(self, gold_score_sets: Sequence[np.ndarray], rng: np.random.Generator,
                      length_sets: Sequence[np.ndarray] | None = None) -> float:

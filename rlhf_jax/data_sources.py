@@ -240,6 +240,12 @@ def comparison_records(config, workdir: str, tok) -> tuple[list[dict], list[dict
     tr, va = split(config, workdir, "comparisons"), split(config, workdir, "comparisons_val")
     return [tr[i] for i in range(len(tr))][:rc.n_prompts or None], [va[i] for i in range(len(va))][
         :rc.n_val_prompts or None]
+  if rc.source == "policy+offline":
+    # SFT samples plus the demonstrators' comparisons, whose wider range of mistakes (over-refusals, garbage,
+    # loops) a policy drifting away from SFT may find; validation (and the normalisation) stays on SFT samples.
+    tr, va = policy_comparisons(config, workdir, tok)
+    off = split(config, workdir, "comparisons")
+    return tr + [off[i] for i in range(len(off))], va
   if rc.source == "file":
     if not rc.file or not os.path.isdir(rc.file):
       raise ValueError(f"rm.file={rc.file!r}: expected a rankings dataset directory written by "
@@ -253,7 +259,7 @@ def comparison_records(config, workdir: str, tok) -> tuple[list[dict], list[dict
       return records[:-n_val], records[-n_val:]
     return [tr[i] for i in range(len(tr))], [va[i] for i in range(len(va))]
   if rc.source != "policy":
-    raise ValueError(f"rm.source must be 'policy', 'offline' or 'file', got {rc.source!r}")
+    raise ValueError(f"rm.source must be 'policy', 'offline', 'policy+offline' or 'file', got {rc.source!r}")
   return policy_comparisons(config, workdir, tok)
 
 

@@ -122,8 +122,8 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     fits(rc.seq_len, "rm.seq_len", rm_cfg, extra=0)
     if rc.too_long not in ("truncate", "error"):
       raise ValueError(f"rm.too_long={rc.too_long!r}: expected 'truncate' or 'error'")
-    if rc.source not in ("policy", "offline", "file"):
-      raise ValueError(f"rm.source={rc.source!r}: expected 'policy', 'offline' or 'file'")
+    if rc.source not in ("policy", "offline", "policy+offline", "file"):
+      raise ValueError(f"rm.source={rc.source!r}: expected 'policy', 'offline', 'policy+offline' or 'file'")
     if not 2 <= rc.k_min <= rc.k_max:
       raise ValueError(f"rm.k_min={rc.k_min}, rm.k_max={rc.k_max}: expected 2 <= k_min <= k_max")
   if "ppo" in trained:

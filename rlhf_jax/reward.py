@@ -2,7 +2,7 @@
 
 Data: for each prompt, K responses (K from rm.k_min to rm.k_max) sampled from the SFT policy and ranked by the
 task suite's simulated labelers (`rm.source = "policy"`, what InstructGPT did), or the suite's offline
-comparisons (`"offline"`), or a user's ranking file prepared by `rlhf_jax.data.real` (`"file"`).
+comparisons (`"offline"`), both (`"policy+offline"`: validation on the SFT samples), or a user's ranking file prepared by `rlhf_jax.data.real` (`"file"`).
 
 Loss (InstructGPT eq. 1): -1/C(K,2) * sum over ranked pairs of log sigmoid(r_w - r_l), with all C(K,2) pairs of
 one prompt in ONE batch element (K forward passes per prompt; `rm.grouping = "prompt"`). The ablation InstructGPT
@@ -316,9 +316,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   train_records, val_records = data_sources.comparison_records(config, workdir, tok)
   train, n_trunc = tokenize_comparisons(train_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,
-                                        source="rm train comparisons", allow_empty=rc.source == "policy")
+                                        source="rm train comparisons", allow_empty=rc.source.startswith("policy"))
   val, n_trunc_val = tokenize_comparisons(val_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,
-                                          source="rm validation comparisons", allow_empty=rc.source == "policy")
+                                          source="rm validation comparisons", allow_empty=rc.source.startswith("policy"))
   k = max(len(c.ranks) for c in train + val)
   groups = make_groups(train, grouping=rc.grouping, pair_weighting=rc.pair_weighting)
   group_k = k if rc.grouping == "prompt" else 2
@@ -411,7 +411,7 @@ def load_rm_params(config, workdir: str, model_cfg: model.ModelConfig):
 def rm_config() -> ml_collections.ConfigDict:
   """Defaults of the RM stage (InstructGPT: 1 epoch, batch 64 prompts, K = 4..9)."""
   return ml_collections.ConfigDict(dict(
-      source="policy",  # "policy" (rank SFT samples), "offline" (suite comparisons), "file"
+      source="policy",  # "policy" (rank SFT samples), "offline" (suite comparisons), "policy+offline", "file"
       file="",  # with source="file": a prepared rankings dataset directory (rlhf_jax.data.real)
       init_from="sft",
       model_size="",  # "" = the policy's config (backbone from SFT); else a preset name (fresh backbone)

@@ -214,9 +214,13 @@ def _constrain(x, axes):
   return sharding.constrain(x, axes)
 
 
-def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, k_cache_bske, v_cache_bske, write_at, rng):
-  """One pre-norm Transformer block. With a cache, the new keys/values are written at `write_at` and the
-  attention runs over the whole cache; without, over the block's own keys."""
+def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng):
+  """One pre-norm Transformer block.
+
+  kv_cache is None (attend over the block's own keys) or (k_cache_bkse, v_cache_bkse, write_at), this layer's
+  cache: the new keys/values are written at slot `write_at` and the attention runs over the whole cache, which
+  is returned updated (else None).
+  """
   dt = cfg.compute_dtype
   b, t, _ = x_btd.shape
   g = cfg.n_heads // cfg.n_kv_heads
@@ -230,20 +234,21 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, k_cache_bs
     q_bthe = _rope(q_bthe, positions_bt, cfg.rope_theta)
     k_btke = _rope(k_btke, positions_bt, cfg.rope_theta)
   q_bthe = _constrain(q_bthe, ("batch", "length", "heads", "head_dim"))
+  k_bkte, v_bkte = k_btke.transpose(0, 2, 1, 3), v_btke.transpose(0, 2, 1, 3)
 
-  if k_cache_bske is not None:
-    k_cache_bske = jax.lax.dynamic_update_slice_in_dim(k_cache_bske, k_btke.astype(k_cache_bske.dtype), write_at, 1)
-    v_cache_bske = jax.lax.dynamic_update_slice_in_dim(v_cache_bske, v_btke.astype(v_cache_bske.dtype), write_at, 1)
-    keys_bske, values_bske = k_cache_bske.astype(dt), v_cache_bske.astype(dt)
+  if kv_cache is not None:
+    k_cache_bkse, v_cache_bkse, write_at = kv_cache
+    k_cache_bkse = jax.lax.dynamic_update_slice_in_dim(k_cache_bkse, k_bkte.astype(k_cache_bkse.dtype), write_at, 2)
+    v_cache_bkse = jax.lax.dynamic_update_slice_in_dim(v_cache_bkse, v_bkte.astype(v_cache_bkse.dtype), write_at, 2)
+    k_bkse, v_bkse = k_cache_bkse.astype(dt), v_cache_bkse.astype(dt)
+    kv_cache = (k_cache_bkse, v_cache_bkse)
   else:
-    keys_bske, values_bske = k_btke, v_btke
+    k_bkse, v_bkse = k_bkte, v_bkte
 
   # Heads-first batched matmuls ([b, k, g*t, e] x [b, k, s, e]): the layout XLA:CPU runs fastest; the g query
-  # heads of one kv head share its keys without copying them.
+  # heads of one kv head share its keys without copying them. The cache is stored in this layout too.
   q_bkne = q_bthe.reshape(b, t, cfg.n_kv_heads, g, cfg.d_head).transpose(0, 2, 3, 1, 4).reshape(
       b, cfg.n_kv_heads, g * t, cfg.d_head)
-  k_bkse = keys_bske.transpose(0, 2, 1, 3)
-  v_bkse = values_bske.transpose(0, 2, 1, 3)
   scores_bkns = jnp.einsum("bkne,bkse->bkns", q_bkne, k_bkse).astype(jnp.float32) / math.sqrt(cfg.d_head)
   s_len = k_bkse.shape[2]
   scores_bkgts = scores_bkns.reshape(b, cfg.n_kv_heads, g, t, s_len)
@@ -264,13 +269,14 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, k_cache_bs
   h_btd = (h_nf @ layer["w_out"].astype(dt)).reshape(b, t, -1)
   x_btd = x_btd + _dropout(h_btd, cfg.dropout_rate, rngs[1])
   x_btd = _constrain(x_btd, ("batch", "length", "embed"))
-  return x_btd, k_cache_bske, v_cache_bske
+  return x_btd, kv_cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   """An empty KV cache for `length` positions (prompt plus new tokens).
 
-  k, v:    [l, b, s, k, e] keys and values written so far.
+  k, v:    one [b, k, s, e] array per layer (a tuple of n_layers): keys and values written so far, heads-first
+           (the layout attention reads).
   mask:    [b, s] which cache slots hold a real (non-pad) token.
   index:   [] the next slot to write (the same for every row: prompts are left-padded).
   lengths: [b] how many real tokens each row has seen, so the next position is known.
@@ -278,10 +284,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   if length > cfg.max_len:
     raise ValueError(f"a KV cache of {length} positions exceeds model.max_len={cfg.max_len}")
   dtype = dtype or cfg.compute_dtype
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.d_head)
+  shape = (batch, cfg.n_kv_heads, length, cfg.d_head)
   return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
+      "k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+      "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
       "mask": jnp.zeros((batch, length), jnp.bool_),
       "index": jnp.zeros((), jnp.int32),
       "lengths": jnp.zeros((batch,), jnp.int32),
@@ -333,15 +339,27 @@ def backbone(
   layer_rngs = (None if dropout_rng is None or cfg.dropout_rate == 0.0
                 else jax.random.split(dropout_rng, cfg.n_layers))
 
-  def step(x, xs):
-    layer, k_c, v_c, rng = xs
-    x, k_c, v_c = _block(cfg, x, layer, positions_bt, allowed_bts, k_c, v_c, write_at, rng)
-    return x, (k_c, v_c)
+  if cache is None:
+    def step(x, xs):
+      layer, rng = xs
+      x, _ = _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
+      return x, None
 
-  if cfg.remat:
-    step = jax.checkpoint(step, prevent_cse=False)
-  kv_in = (None, None) if cache is None else (cache["k"], cache["v"])
-  x_btd, (k_out, v_out) = jax.lax.scan(step, x_btd, (params["layers"], kv_in[0], kv_in[1], layer_rngs))
+    if cfg.remat:
+      step = jax.checkpoint(step, prevent_cse=False)
+    x_btd, _ = jax.lax.scan(step, x_btd, (params["layers"], layer_rngs))
+  else:
+    # Unrolled, with one cache array per layer. A scan would have to stack the layers' caches, and XLA:CPU
+    # copies a layer's slice of a stacked array before every matmul that reads it (or, scanning over the cache
+    # as xs / ys, the whole cache): at batch 64 those copies cost several times the attention itself. Each
+    # layer's arrays are loop carries of the decoding loop, so the one-slot write is done in place.
+    k_out, v_out = list(cache["k"]), list(cache["v"])
+    for i in range(cfg.n_layers):
+      layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+      rng = None if layer_rngs is None else layer_rngs[i]
+      x_btd, (k_out[i], v_out[i]) = _block(cfg, x_btd, layer, positions_bt, allowed_bts,
+                                           (k_out[i], v_out[i], write_at), rng)
+    k_out, v_out = tuple(k_out), tuple(v_out)
   h_btd = _rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
 
   new_cache = None

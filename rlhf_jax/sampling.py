@@ -151,9 +151,9 @@ def _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id)
   b, p = prompt_bp.shape
   total = p + sampling_cfg.max_new_tokens
   if sampling_cfg.use_cache:
-    cache = model.init_cache(model_cfg, b, total)
-    logits_bpv, cache = model.forward(params, prompt_bp, model_cfg, mask_bt=prompt_mask_bp, cache=cache)
-    return logits_bpv[:, -1], cache
+    h_bpd, cache = model.prefill(params, prompt_bp, model_cfg, length=total, mask_bt=prompt_mask_bp)
+    # Prompts are left-padded: the last column holds every row's last real token; unembed only that one.
+    return model.unembed(params, h_bpd[:, -1:], model_cfg)[:, 0], cache
   tokens_bs = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(prompt_bp)
   mask_bs = jnp.zeros((b, total), jnp.bool_).at[:, :p].set(prompt_mask_bp)
   # Slots after the prompt are masked and causally in the future, so they do not change these logits.

@@ -308,7 +308,8 @@ def backbone(
   """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache.
 
   mask_bt marks real tokens (1) against padding (0); it defaults to all ones. With a cache, the tokens are
-  appended after what the cache holds and attend to it.
+  appended after what the cache holds and attend to it, and `params` may have unstacked layers
+  (`unstack_layers`).
   """
   h_btd, new_cache, _ = _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, keep_kv=False)
   return h_btd, new_cache
@@ -342,6 +343,18 @@ def prefill(
   cache["index"] = jnp.asarray(t, jnp.int32)
   cache["lengths"] = mask_bt.sum(axis=1, dtype=jnp.int32)
   return h_btd, cache
+
+
+def unstack_layers(params: Params) -> Params:
+  """`params` with "layers" as a tuple of per-layer dicts instead of arrays stacked along a leading axis.
+
+  Only the cached path (decoding) accepts it. `generate` unstacks once before its decoding loop: XLA:CPU
+  would otherwise copy every layer's weights out of the stacked arrays at every step. Costs one copy of the
+  layer weights while it lives.
+  """
+  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  layers = tuple(jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n_layers))
+  return {**params, "layers": layers}
 
 
 def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
@@ -379,6 +392,10 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
 
   kv = None
   if cache is None:
+    if isinstance(params["layers"], tuple):
+      raise ValueError("parameters with unstacked layers (model.unstack_layers) need a KV cache; pass the "
+                       "stacked parameters for a pass without one")
+
     def step(x, xs):
       layer, rng = xs
       x, kv = _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
@@ -393,8 +410,9 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
     # as xs / ys, the whole cache): at batch 64 those copies cost several times the attention itself. Each
     # layer's arrays are loop carries of the decoding loop, so the one-slot write is done in place.
     k_out, v_out = list(cache["k"]), list(cache["v"])
+    layers = params["layers"]
     for i in range(cfg.n_layers):
-      layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+      layer = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda w, i=i: w[i], layers)
       rng = None if layer_rngs is None else layer_rngs[i]
       x_btd, (k_out[i], v_out[i]) = _block(cfg, x_btd, layer, positions_bt, allowed_bts,
                                            (k_out[i], v_out[i], write_at), rng)

@@ -192,6 +192,8 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
   b, p = prompt_bp.shape
   n = sampling_cfg.max_new_tokens
   logits_bv, model_state = _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id)
+  if sampling_cfg.use_cache:
+    params = model.unstack_layers(params)  # sliced once here, not at every step of the loop
 
   def cond(state: _LoopState):
     return (state.step < n) & ~jnp.all(state.done_b)

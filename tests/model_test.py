@@ -194,6 +194,22 @@ def test_prefill_matches_cached_backbone_and_keeps_decoding(name):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_unstacked_layers_decode_the_same():
+  cfg = CONFIGS["rope_gqa"]
+  params = _spread_params(cfg)
+  unstacked = model.unstack_layers(params)
+  assert len(unstacked["layers"]) == cfg.n_layers
+  np.testing.assert_array_equal(unstacked["layers"][1]["wq"], params["layers"]["wq"][1])
+  tokens_bt, mask_bt = _left_padded_batch()
+  cache = model.init_cache(cfg, tokens_bt.shape[0], SEQ_LEN)
+  cache_u = cache
+  for i in range(SEQ_LEN):  # one token at a time
+    col = (tokens_bt[:, i:i + 1], mask_bt[:, i:i + 1])
+    logits_b1v, cache = _forward(params, col[0], cfg=cfg, mask_bt=col[1], cache=cache)
+    logits_u_b1v, cache_u = _forward(unstacked, col[0], cfg=cfg, mask_bt=col[1], cache=cache_u)
+    np.testing.assert_allclose(np.asarray(logits_u_b1v), np.asarray(logits_b1v), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["rope_gqa", "learned_mqa_tied"])
 def test_left_padding_matches_unpadded(name):
   cfg = CONFIGS[name]

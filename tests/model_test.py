@@ -190,7 +190,8 @@ def test_prefill_matches_cached_backbone_and_keeps_decoding(name):
   full_btv, _ = _forward(params, tokens_bt, cfg=cfg, mask_bt=mask_bt)
   for i in range(prompt, SEQ_LEN):
     logits_b1v, cache = _forward(params, tokens_bt[:, i:i + 1], cfg=cfg, mask_bt=mask_bt[:, i:i + 1], cache=cache)
-    np.testing.assert_allclose(np.asarray(logits_b1v)[:, 0][mask_bt[:, i]], np.asarray(full_btv)[:, i][mask_bt[:, i]],
+    real_b = mask_bt[:, i]
+    np.testing.assert_allclose(np.asarray(logits_b1v)[real_b, 0], np.asarray(full_btv)[real_b, i],
                                atol=1e-5, rtol=1e-5)
 
 

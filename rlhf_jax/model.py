@@ -8,8 +8,9 @@ Shapes are named by their axes: b batch, t query time, s key time, d model width
 heads, g query heads per kv head, e head width, f MLP width, v vocabulary, l layers.
 
 Layers are stacked along a leading `layers` axis and applied with `lax.scan`, which keeps compile time flat in
-depth. Every parameter carries logical axis names (`param_axes`), mapped to mesh axes by one rules table
-(`rlhf_jax.sharding`).
+depth. Decoding with a KV cache is the exception: there the layers are unrolled over one cache array per layer
+(see `backbone`), and `prefill` fills a fresh cache from the uncached pass over the prompt. Every parameter
+carries logical axis names (`param_axes`), mapped to mesh axes by one rules table (`rlhf_jax.sharding`).
 
 Left padding: positions are counted over real tokens only (`cumsum(mask) - 1`), and padded keys are masked,
 so a left-padded prompt produces the same logits on its real tokens as the unpadded prompt.
@@ -214,9 +215,13 @@ def _constrain(x, axes):
   return sharding.constrain(x, axes)
 
 
-def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, k_cache_bske, v_cache_bske, write_at, rng):
-  """One pre-norm Transformer block. With a cache, the new keys/values are written at `write_at` and the
-  attention runs over the whole cache; without, over the block's own keys."""
+def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng):
+  """One pre-norm Transformer block.
+
+  kv_cache is None (attend over the block's own keys) or (k_cache_bkse, v_cache_bkse, write_at), this layer's
+  cache: the new keys/values are written at slot `write_at` and the attention runs over the whole cache.
+  Returns the new x and the updated cache, or without one the block's own keys and values [b, k, t, e].
+  """
   dt = cfg.compute_dtype
   b, t, _ = x_btd.shape
   g = cfg.n_heads // cfg.n_kv_heads
@@ -230,20 +235,22 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, k_cache_bs
     q_bthe = _rope(q_bthe, positions_bt, cfg.rope_theta)
     k_btke = _rope(k_btke, positions_bt, cfg.rope_theta)
   q_bthe = _constrain(q_bthe, ("batch", "length", "heads", "head_dim"))
+  k_bkte, v_bkte = k_btke.transpose(0, 2, 1, 3), v_btke.transpose(0, 2, 1, 3)
 
-  if k_cache_bske is not None:
-    k_cache_bske = jax.lax.dynamic_update_slice_in_dim(k_cache_bske, k_btke.astype(k_cache_bske.dtype), write_at, 1)
-    v_cache_bske = jax.lax.dynamic_update_slice_in_dim(v_cache_bske, v_btke.astype(v_cache_bske.dtype), write_at, 1)
-    keys_bske, values_bske = k_cache_bske.astype(dt), v_cache_bske.astype(dt)
+  if kv_cache is not None:
+    k_cache_bkse, v_cache_bkse, write_at = kv_cache
+    k_cache_bkse = jax.lax.dynamic_update_slice_in_dim(k_cache_bkse, k_bkte.astype(k_cache_bkse.dtype), write_at, 2)
+    v_cache_bkse = jax.lax.dynamic_update_slice_in_dim(v_cache_bkse, v_bkte.astype(v_cache_bkse.dtype), write_at, 2)
+    k_bkse, v_bkse = k_cache_bkse.astype(dt), v_cache_bkse.astype(dt)
+    kv_cache = (k_cache_bkse, v_cache_bkse)
   else:
-    keys_bske, values_bske = k_btke, v_btke
+    k_bkse, v_bkse = k_bkte, v_bkte
+    kv_cache = (k_bkte, v_bkte)
 
   # Heads-first batched matmuls ([b, k, g*t, e] x [b, k, s, e]): the layout XLA:CPU runs fastest; the g query
-  # heads of one kv head share its keys without copying them.
+  # heads of one kv head share its keys without copying them. The cache is stored in this layout too.
   q_bkne = q_bthe.reshape(b, t, cfg.n_kv_heads, g, cfg.d_head).transpose(0, 2, 3, 1, 4).reshape(
       b, cfg.n_kv_heads, g * t, cfg.d_head)
-  k_bkse = keys_bske.transpose(0, 2, 1, 3)
-  v_bkse = values_bske.transpose(0, 2, 1, 3)
   scores_bkns = jnp.einsum("bkne,bkse->bkns", q_bkne, k_bkse).astype(jnp.float32) / math.sqrt(cfg.d_head)
   s_len = k_bkse.shape[2]
   scores_bkgts = scores_bkns.reshape(b, cfg.n_kv_heads, g, t, s_len)
@@ -264,13 +271,14 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, k_cache_bs
   h_btd = (h_nf @ layer["w_out"].astype(dt)).reshape(b, t, -1)
   x_btd = x_btd + _dropout(h_btd, cfg.dropout_rate, rngs[1])
   x_btd = _constrain(x_btd, ("batch", "length", "embed"))
-  return x_btd, k_cache_bske, v_cache_bske
+  return x_btd, kv_cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   """An empty KV cache for `length` positions (prompt plus new tokens).
 
-  k, v:    [l, b, s, k, e] keys and values written so far.
+  k, v:    one [b, k, s, e] array per layer (a tuple of n_layers): keys and values written so far, heads-first
+           (the layout attention reads).
   mask:    [b, s] which cache slots hold a real (non-pad) token.
   index:   [] the next slot to write (the same for every row: prompts are left-padded).
   lengths: [b] how many real tokens each row has seen, so the next position is known.
@@ -278,10 +286,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   if length > cfg.max_len:
     raise ValueError(f"a KV cache of {length} positions exceeds model.max_len={cfg.max_len}")
   dtype = dtype or cfg.compute_dtype
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.d_head)
+  shape = (batch, cfg.n_kv_heads, length, cfg.d_head)
   return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
+      "k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+      "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
       "mask": jnp.zeros((batch, length), jnp.bool_),
       "index": jnp.zeros((), jnp.int32),
       "lengths": jnp.zeros((batch,), jnp.int32),
@@ -300,8 +308,56 @@ def backbone(
   """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache.
 
   mask_bt marks real tokens (1) against padding (0); it defaults to all ones. With a cache, the tokens are
-  appended after what the cache holds and attend to it.
+  appended after what the cache holds and attend to it, and `params` may have unstacked layers
+  (`unstack_layers`).
   """
+  h_btd, new_cache, _ = _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, keep_kv=False)
+  return h_btd, new_cache
+
+
+def prefill(
+    params: Params,
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    *,
+    length: int,
+    mask_bt: jax.Array | None = None,
+) -> tuple[jax.Array, Cache]:
+  """Hidden states [b, t, d] of a prompt and a new cache of `length` slots holding it.
+
+  The same as `backbone(..., cache=init_cache(cfg, b, length))`, but cheaper: the prompt attends over its own
+  t keys (the uncached path) instead of all `length` slots, most of them still empty.
+  """
+  b, t = tokens_bt.shape
+  if t > length:
+    raise ValueError(f"{t} prompt tokens do not fit a KV cache of {length} positions")
+  cache = init_cache(cfg, b, length)
+  mask_bt = jnp.ones((b, t), jnp.bool_) if mask_bt is None else mask_bt.astype(jnp.bool_)
+  h_btd, _, (k_lbkte, v_lbkte) = _backbone(params, tokens_bt, cfg, mask_bt, None, None, keep_kv=True)
+  # The prompt fills slots [0, t), as backbone with the empty cache would write them; the rest stay zero.
+  fill = lambda x_bkte: jnp.pad(x_bkte.astype(cache["k"][0].dtype), ((0, 0), (0, 0), (0, length - t), (0, 0)))
+  cache["k"] = tuple(fill(k_lbkte[i]) for i in range(cfg.n_layers))
+  cache["v"] = tuple(fill(v_lbkte[i]) for i in range(cfg.n_layers))
+  cache["mask"] = jnp.pad(mask_bt, ((0, 0), (0, length - t)))
+  cache["index"] = jnp.asarray(t, jnp.int32)
+  cache["lengths"] = mask_bt.sum(axis=1, dtype=jnp.int32)
+  return h_btd, cache
+
+
+def unstack_layers(params: Params) -> Params:
+  """`params` with "layers" as a tuple of per-layer dicts instead of arrays stacked along a leading axis.
+
+  Only the cached path (decoding) accepts it. `generate` unstacks once before its decoding loop: XLA:CPU
+  would otherwise copy every layer's weights out of the stacked arrays at every step. Costs one copy of the
+  layer weights while it lives.
+  """
+  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  layers = tuple(jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n_layers))
+  return {**params, "layers": layers}
+
+
+def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
+  """backbone, plus (without a cache and with keep_kv) every layer's keys and values [l, b, k, t, e]."""
   b, t = tokens_bt.shape
   mask_bt = jnp.ones((b, t), jnp.bool_) if mask_bt is None else mask_bt.astype(jnp.bool_)
   seen_b = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
@@ -333,15 +389,33 @@ def backbone(
   layer_rngs = (None if dropout_rng is None or cfg.dropout_rate == 0.0
                 else jax.random.split(dropout_rng, cfg.n_layers))
 
-  def step(x, xs):
-    layer, k_c, v_c, rng = xs
-    x, k_c, v_c = _block(cfg, x, layer, positions_bt, allowed_bts, k_c, v_c, write_at, rng)
-    return x, (k_c, v_c)
+  kv = None
+  if cache is None:
+    if isinstance(params["layers"], tuple):
+      raise ValueError("parameters with unstacked layers (model.unstack_layers) need a KV cache; pass the "
+                       "stacked parameters for a pass without one")
 
-  if cfg.remat:
-    step = jax.checkpoint(step, prevent_cse=False)
-  kv_in = (None, None) if cache is None else (cache["k"], cache["v"])
-  x_btd, (k_out, v_out) = jax.lax.scan(step, x_btd, (params["layers"], kv_in[0], kv_in[1], layer_rngs))
+    def step(x, xs):
+      layer, rng = xs
+      x, kv_bkte = _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
+      return x, kv_bkte if keep_kv else None
+
+    if cfg.remat:
+      step = jax.checkpoint(step, prevent_cse=False)
+    x_btd, kv = jax.lax.scan(step, x_btd, (params["layers"], layer_rngs))
+  else:
+    # Unrolled, with one cache array per layer. A scan would have to stack the layers' caches, and XLA:CPU
+    # copies a layer's slice of a stacked array before every matmul that reads it (or, scanning over the cache
+    # as xs / ys, the whole cache): at batch 64 those copies cost several times the attention itself. Each
+    # layer's arrays are loop carries of the decoding loop, so the one-slot write is done in place.
+    k_out, v_out = list(cache["k"]), list(cache["v"])
+    layers = params["layers"]
+    for i in range(cfg.n_layers):
+      layer = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda w, i=i: w[i], layers)
+      rng = None if layer_rngs is None else layer_rngs[i]
+      x_btd, (k_out[i], v_out[i]) = _block(cfg, x_btd, layer, positions_bt, allowed_bts,
+                                           (k_out[i], v_out[i], write_at), rng)
+    k_out, v_out = tuple(k_out), tuple(v_out)
   h_btd = _rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
 
   new_cache = None
@@ -353,7 +427,7 @@ def backbone(
         "index": cache["index"] + t,
         "lengths": cache["lengths"] + mask_bt.sum(axis=1, dtype=jnp.int32),
     }
-  return h_btd, new_cache
+  return h_btd, new_cache, kv
 
 
 def unembed(params: Params, h_btd: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -8,6 +8,7 @@ redrawn at scale 1/sqrt(fan_in), which makes every component move the logits by 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -156,6 +157,58 @@ def test_cached_decoding_matches_full_forward(name):
   assert int(cache["index"]) == SEQ_LEN
   np.testing.assert_array_equal(np.asarray(cache["lengths"]), mask_bt.sum(1))
   np.testing.assert_array_equal(np.asarray(cache["mask"]), mask_bt)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_matches_cached_backbone_and_keeps_decoding(name):
+  cfg = CONFIGS[name]
+  params = _spread_params(cfg)
+  tokens_bt, mask_bt = _left_padded_batch()
+  prompt = 6
+  length = SEQ_LEN + 2  # spare slots past the sequence stay empty
+  fresh = model.init_cache(cfg, tokens_bt.shape[0], length)
+  h_ref, cache_ref = jax.jit(functools.partial(model.backbone, cfg=cfg))(
+      params, tokens_bt[:, :prompt], mask_bt=mask_bt[:, :prompt], cache=fresh)
+  h_btd, cache = jax.jit(functools.partial(model.prefill, cfg=cfg, length=length))(
+      params, tokens_bt[:, :prompt], mask_bt=mask_bt[:, :prompt])
+
+  real_bt = mask_bt[:, :prompt]
+  np.testing.assert_allclose(np.asarray(h_btd)[real_bt], np.asarray(h_ref)[real_bt], atol=1e-5, rtol=1e-5)
+  assert jax.tree.structure(cache) == jax.tree.structure(cache_ref)
+  for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_ref)):
+    assert got.shape == want.shape and got.dtype == want.dtype
+  for name_ in ("mask", "index", "lengths"):
+    np.testing.assert_array_equal(np.asarray(cache[name_]), np.asarray(cache_ref[name_]), err_msg=name_)
+  # Keys and values of real tokens match; pad slots are never attended, so their contents do not matter.
+  real_slots_bs = np.asarray(cache["mask"])
+  for kv in ("k", "v"):
+    for got_bkse, want_bkse in zip(cache[kv], cache_ref[kv]):
+      got, want = np.asarray(got_bkse).transpose(0, 2, 1, 3), np.asarray(want_bkse).transpose(0, 2, 1, 3)
+      np.testing.assert_allclose(got[real_slots_bs], want[real_slots_bs], atol=1e-5, rtol=1e-5)
+
+  # Decoding on from the prefilled cache matches the full forward pass.
+  full_btv, _ = _forward(params, tokens_bt, cfg=cfg, mask_bt=mask_bt)
+  for i in range(prompt, SEQ_LEN):
+    logits_b1v, cache = _forward(params, tokens_bt[:, i:i + 1], cfg=cfg, mask_bt=mask_bt[:, i:i + 1], cache=cache)
+    real_b = mask_bt[:, i]
+    np.testing.assert_allclose(np.asarray(logits_b1v)[real_b, 0], np.asarray(full_btv)[real_b, i],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_unstacked_layers_decode_the_same():
+  cfg = CONFIGS["rope_gqa"]
+  params = _spread_params(cfg)
+  unstacked = model.unstack_layers(params)
+  assert len(unstacked["layers"]) == cfg.n_layers
+  np.testing.assert_array_equal(unstacked["layers"][1]["wq"], params["layers"]["wq"][1])
+  tokens_bt, mask_bt = _left_padded_batch()
+  cache = model.init_cache(cfg, tokens_bt.shape[0], SEQ_LEN)
+  cache_u = cache
+  for i in range(SEQ_LEN):  # one token at a time
+    col = (tokens_bt[:, i:i + 1], mask_bt[:, i:i + 1])
+    logits_b1v, cache = _forward(params, col[0], cfg=cfg, mask_bt=col[1], cache=cache)
+    logits_u_b1v, cache_u = _forward(unstacked, col[0], cfg=cfg, mask_bt=col[1], cache=cache_u)
+    np.testing.assert_allclose(np.asarray(logits_u_b1v), np.asarray(logits_b1v), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["rope_gqa", "learned_mqa_tied"])

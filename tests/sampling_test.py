@@ -155,6 +155,26 @@ def test_top_k_1_is_greedy():
   _check_against_reference(out, eos_id=_unused_token())
 
 
+def test_sample_token_is_jax_categorical_and_argmax():
+  # sample_token reimplements jax.random.categorical (same Gumbel noise) and jnp.argmax with a faster
+  # reduction; the draws must be the same numbers, ties and NaNs included.
+  rng = np.random.default_rng(3)
+  logits_bv = (rng.normal(size=(64, 512)) * rng.uniform(0.1, 5.0, size=(64, 1))).astype(np.float32)
+  logits_bv[0, [5, 9, 300]] = 50.0  # a tie at the top: the first index wins
+  logits_bv[1, [7, 11]] = np.nan  # the first NaN wins, as in jnp.argmax
+  logits_bv[2] = 0.0  # all tied
+  greedy = sampling.SamplingConfig(max_new_tokens=1, temperature=0.0)
+  np.testing.assert_array_equal(sampling.sample_token(jnp.asarray(logits_bv), jax.random.key(0), greedy),
+                                np.argmax(logits_bv, axis=-1))
+  for temperature in (1.0, 0.7):
+    cfg = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature)
+    finite_bv = jnp.asarray(logits_bv[2:])
+    for seed in range(3):
+      key = jax.random.key(seed)
+      expected_b = jax.random.categorical(key, finite_bv / temperature, axis=-1)
+      np.testing.assert_array_equal(sampling.sample_token(finite_bv, key, cfg), expected_b)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Filters.
 

@@ -7,10 +7,12 @@ head read at the last real token) and PPO (policy logits plus a value head).
 Shapes are named by their axes: b batch, t query time, s key time, d model width, h query heads, k key/value
 heads, g query heads per kv head, e head width, f MLP width, v vocabulary, l layers.
 
-Layers are stacked along a leading `layers` axis and applied with `lax.scan`, which keeps compile time flat in
-depth. Decoding with a KV cache is the exception: there the layers are unrolled over one cache array per layer
-(see `backbone`), and `prefill` fills a fresh cache from the uncached pass over the prompt. Every parameter
-carries logical axis names (`param_axes`), mapped to mesh axes by one rules table (`rlhf_jax.sharding`).
+Layers are stored stacked along a leading `layers` axis (checkpoints and shardings keep that layout) and
+applied unrolled, each layer's weights sliced inside the jitted function: XLA:CPU copies a layer's slice of a
+stacked array before every matmul that reads it under `lax.scan`. Decoding with a KV cache keeps one cache
+array per layer (see `backbone`), and `prefill` fills a fresh cache from the uncached pass over the prompt.
+Every parameter carries logical axis names (`param_axes`), mapped to mesh axes by one rules table
+(`rlhf_jax.sharding`).
 
 Left padding: positions are counted over real tokens only (`cumsum(mask) - 1`), and padded keys are masked,
 so a left-padded prompt produces the same logits on its real tokens as the unpadded prompt.
@@ -395,14 +397,21 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
       raise ValueError("parameters with unstacked layers (model.unstack_layers) need a KV cache; pass the "
                        "stacked parameters for a pass without one")
 
-    def step(x, xs):
-      layer, rng = xs
-      x, kv_bkte = _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
-      return x, kv_bkte if keep_kv else None
+    def step(x, layer, rng):
+      return _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
 
     if cfg.remat:
       step = jax.checkpoint(step, prevent_cse=False)
-    x_btd, kv = jax.lax.scan(step, x_btd, (params["layers"], layer_rngs))
+    # Unrolled over the layers, sliced from the stacked parameters inside the jitted function (the stored
+    # layout keeps its "layers" axis). Under a scan, XLA:CPU copies each layer's slice of the stacked weights
+    # before the matmuls that read it, and stacks every layer's activations for the backward pass.
+    kvs = []
+    for i in range(cfg.n_layers):
+      layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+      x_btd, kv_bkte = step(x_btd, layer, None if layer_rngs is None else layer_rngs[i])
+      kvs.append(kv_bkte)
+    if keep_kv:
+      kv = jax.tree.map(lambda *xs: jnp.stack(xs), *kvs)
   else:
     # Unrolled, with one cache array per layer. A scan would have to stack the layers' caches, and XLA:CPU
     # copies a layer's slice of a stacked array before every matmul that reads it (or, scanning over the cache

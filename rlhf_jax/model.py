@@ -21,6 +21,7 @@ so a left-padded prompt produces the same logits on its real tokens as the unpad
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -212,6 +213,60 @@ def _dropout(x, rate, rng):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rate):
+  """Masked softmax attention, heads-first: [b, k, n, e] outputs for n = g * t queries (the g query heads of
+  each kv head stacked along time) over s keys.
+
+  The numbers of `jax.nn.softmax(jnp.where(allowed, q k / sqrt(e), _MASK_VALUE))` (float32), cast to the
+  compute dtype, dropped out where `keep_bkgts` is False (None: no dropout) at `rate`, times v. The backward
+  is written out (FlashAttention's): the score gradient is p * (dp - D) with D = rowsum(do * o) taken over the
+  head width instead of the keys, and the 1/sqrt(e) scale is applied to dq and dk ([b, k, n, e], t/e times
+  smaller than the scores). Differentiating the masking, scaling and normalisation step by step made
+  XLA:CPU run several more passes over [b, k, g, t, s] arrays in both directions.
+  """
+  return _attention_fwd(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rate)[0]
+
+
+def _attention_fwd(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rate):
+  b, k, n, e = q_bkne.shape
+  scores_bkns = jnp.einsum("bkne,bkse->bkns", q_bkne, k_bkse).astype(jnp.float32) / math.sqrt(e)
+  scores_bkgts = jnp.where(allowed_bts[:, None, None], scores_bkns.reshape(b, k, g, n // g, -1), _MASK_VALUE)
+  unnormalized_bkgts = jnp.exp(scores_bkgts - jnp.max(scores_bkgts, axis=-1, keepdims=True))
+  probs_bkgts = (unnormalized_bkgts / jnp.sum(unnormalized_bkgts, axis=-1, keepdims=True)).astype(q_bkne.dtype)
+  dropped_bkgts = probs_bkgts if keep_bkgts is None else jnp.where(keep_bkgts, probs_bkgts / (1.0 - rate), 0)
+  out_bkne = jnp.einsum("bkns,bkse->bkne", dropped_bkgts.reshape(b, k, n, -1), v_bkse)
+  return out_bkne, (q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, probs_bkgts, out_bkne)
+
+
+def _attention_bwd(g, rate, res, dout_bkne):
+  q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, probs_bkgts, out_bkne = res
+  b, k, n, e = q_bkne.shape
+  dt = q_bkne.dtype
+  dropped_bkns = probs_bkgts if keep_bkgts is None else jnp.where(keep_bkgts, probs_bkgts / (1.0 - rate), 0)
+  dropped_bkns = dropped_bkns.reshape(b, k, n, -1)
+  dv_bkse = jnp.einsum("bkns,bkne->bkse", dropped_bkns, dout_bkne)
+  dprobs_bkgts = jnp.einsum("bkne,bkse->bkns", dout_bkne, v_bkse).reshape(probs_bkgts.shape)
+  if keep_bkgts is not None:
+    dprobs_bkgts = jnp.where(keep_bkgts, dprobs_bkgts / (1.0 - rate), 0)
+  # sum_s p * dp = sum_e do * o: the softmax's row term from [b, k, n, e] instead of the [.., t, s] scores.
+  rows_bkn = jnp.sum(dout_bkne.astype(jnp.float32) * out_bkne.astype(jnp.float32), axis=-1)
+  rows_bkgt1 = rows_bkn.reshape(b, k, g, n // g, 1)
+  dscores_bkgts = probs_bkgts.astype(jnp.float32) * (dprobs_bkgts.astype(jnp.float32) - rows_bkgt1)
+  dscores_bkns = dscores_bkgts.reshape(b, k, n, -1).astype(dt)
+  # Masked keys have weight exactly 0, hence gradient 0, except in a row with no allowed key (a left-pad
+  # query: uniform weights), where the masking select passes no gradient to the scores; those rows are zeroed
+  # on the [b, k, n, e] side instead of the scores.
+  row_ok_bkn1 = jnp.tile(jnp.any(allowed_bts, axis=-1), (1, g))[:, None, :, None]
+  scale = 1.0 / math.sqrt(e)
+  dq_bkne = jnp.where(row_ok_bkn1, jnp.einsum("bkns,bkse->bkne", dscores_bkns, k_bkse) * scale, 0)
+  dk_bkse = jnp.einsum("bkns,bkne->bkse", dscores_bkns, jnp.where(row_ok_bkn1, q_bkne, 0)) * scale
+  return dq_bkne.astype(dt), dk_bkse.astype(dt), dv_bkse.astype(dt), None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def _constrain(x, axes):
   # A no-op unless a mesh and logical rules are active (see rlhf_jax.sharding.activate).
   return sharding.constrain(x, axes)
@@ -253,13 +308,10 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   # heads of one kv head share its keys without copying them. The cache is stored in this layout too.
   q_bkne = q_bthe.reshape(b, t, cfg.n_kv_heads, g, cfg.d_head).transpose(0, 2, 3, 1, 4).reshape(
       b, cfg.n_kv_heads, g * t, cfg.d_head)
-  scores_bkns = jnp.einsum("bkne,bkse->bkns", q_bkne, k_bkse).astype(jnp.float32) / math.sqrt(cfg.d_head)
-  s_len = k_bkse.shape[2]
-  scores_bkgts = scores_bkns.reshape(b, cfg.n_kv_heads, g, t, s_len)
-  scores_bkgts = jnp.where(allowed_bts[:, None, None, :, :], scores_bkgts, _MASK_VALUE)
-  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
-  probs_bkgts = _dropout(probs_bkgts, cfg.dropout_rate, rngs[0])
-  attn_bkne = jnp.einsum("bkns,bkse->bkne", probs_bkgts.reshape(b, cfg.n_kv_heads, g * t, s_len), v_bkse)
+  keep_bkgts = None
+  if rngs[0] is not None and cfg.dropout_rate > 0.0:
+    keep_bkgts = jax.random.bernoulli(rngs[0], 1.0 - cfg.dropout_rate, (b, cfg.n_kv_heads, g, t, k_bkse.shape[2]))
+  attn_bkne = _attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, cfg.dropout_rate)
   attn_bthe = attn_bkne.reshape(b, cfg.n_kv_heads, g, t, cfg.d_head).transpose(0, 3, 1, 2, 4).reshape(
       b, t, cfg.n_heads, cfg.d_head)
   x_btd = x_btd + jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt))

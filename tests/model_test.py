@@ -299,3 +299,39 @@ def test_dropout():
   drop_b, _ = _forward(params, tokens_bt, cfg=cfg1, mask_bt=mask_bt, dropout_rng=jax.random.key(4))
   assert np.abs(np.asarray(drop_a) - np.asarray(plain_btv))[mask_bt].max() > 1e-2
   assert np.abs(np.asarray(drop_a) - np.asarray(drop_b))[mask_bt].max() > 1e-2
+
+
+def _reference_attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rate):
+  """The attention as plain jnp ops, differentiated by JAX (what model._attention's backward replaces)."""
+  b, k, n, e = q_bkne.shape
+  scores_bkgts = (jnp.einsum("bkne,bkse->bkns", q_bkne, k_bkse) / math.sqrt(e)).reshape(b, k, g, n // g, -1)
+  scores_bkgts = jnp.where(allowed_bts[:, None, None], scores_bkgts, model._MASK_VALUE)
+  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1)
+  if keep_bkgts is not None:
+    probs_bkgts = jnp.where(keep_bkgts, probs_bkgts / (1.0 - rate), 0)
+  return jnp.einsum("bkns,bkse->bkne", probs_bkgts.reshape(b, k, n, -1), v_bkse)
+
+
+@pytest.mark.parametrize("g,rate", [(1, 0.0), (2, 0.0), (2, 0.3)])
+def test_attention_gradient_matches_autodiff(g, rate):
+  _, mask_bt = _left_padded_batch()  # rows 2 and 3 start with fully masked (left-pad) queries
+  b, t = mask_bt.shape
+  k, e = 2, 8
+  allowed_bts = jnp.tril(jnp.ones((t, t), bool))[None] & jnp.asarray(mask_bt)[:, None, :]
+  keys = jax.random.split(jax.random.key(0), 5)
+  q_bkne = jax.random.normal(keys[0], (b, k, g * t, e))
+  k_bkse = jax.random.normal(keys[1], (b, k, t, e))
+  v_bkse = jax.random.normal(keys[2], (b, k, t, e))
+  dout_bkne = jax.random.normal(keys[3], (b, k, g * t, e))  # nonzero on the pad queries too
+  keep_bkgts = jax.random.bernoulli(keys[4], 1.0 - rate, (b, k, g, t, t)) if rate else None
+
+  def vjp(fn):
+    out, pullback = jax.vjp(lambda q, kk, v: fn(q, kk, v, allowed_bts, keep_bkgts, g, rate), q_bkne, k_bkse, v_bkse)
+    return out, pullback(dout_bkne)
+
+  out, grads = jax.jit(lambda: vjp(model._attention))()
+  ref_out, ref_grads = jax.jit(lambda: vjp(_reference_attention))()
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-6, rtol=1e-6)
+  for name, got, want in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+  assert np.abs(np.asarray(ref_grads[0])).max() > 1e-2  # the gradients are not trivially zero

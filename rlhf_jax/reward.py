@@ -275,11 +275,12 @@ def pair_metrics(comps: Sequence[Comparison], rewards: Sequence[np.ndarray], *, 
         if c.ranks[a] != c.ranks[b]:
           w, l = (a, b) if c.ranks[a] < c.ranks[b] else (b, a)
           lab_total += 1
-          lab_correct += r[w] > r[l]
+          lab_correct += (r[w] > r[l]) + 0.5 * (r[w] == r[l])
           margins += [r[w] - r[l], r[l] - r[w]]
           labels += [1.0, 0.0]
           if c.gold is not None:
-            ceil_correct += c.gold[w] > c.gold[l]
+            # Gold ties count one half, as in tasks.labelers.gold_accuracy (the gold scorer has no preference).
+            ceil_correct += (c.gold[w] > c.gold[l]) + 0.5 * (c.gold[w] == c.gold[l])
         if c.gold is not None and abs(c.gold[a] - c.gold[b]) > clear_gold_margin:
           gold_total += 1
           gold_correct += (r[a] > r[b]) == (c.gold[a] > c.gold[b])

@@ -43,6 +43,11 @@ def test_pipeline_writes_every_summary_key_and_the_report(tiny_run):
   assert "learning_curves.png" in report and "reward_vs_kl.png" in report and "| prompt |" in report
   for png in ("learning_curves.png", "reward_vs_kl.png"):
     assert open(os.path.join(workdir, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  # The per-family table (policy collapse shows in its last row) and the keys it reads.
+  assert "## Gold score by task family" in report and "| most common response |" in report
+  for prefix in ("sft.", "sft.pretrain_", "ppo.", "ppo.sft_"):
+    assert 0 < on_disk[f"{prefix}top_response_frac"] <= 1, prefix
+    assert -2 <= on_disk[f"{prefix}harmful.gold_score"] <= 2, prefix
   ppo_rows = metrics.read_jsonl(os.path.join(workdir, "ppo", "metrics.jsonl"))
   assert {"kl_seq", "clip_frac", "approx_kl", "explained_variance", "entropy", "response_len", "rm_score",
           "gold_score", "beta"} <= set(ppo_rows[-1])
@@ -83,3 +88,21 @@ def test_run_py_applies_overrides(tmp_path):
   stats = json.load(open(os.path.join(tmp_path, "data", "stats.json")))
   assert stats["n_sft"] == 37
   assert "data.n_sft: 37" in out.stdout
+
+
+def test_policy_plus_offline_comparisons_add_the_suite_split_to_training_only(tiny_run):
+  from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import instructgpt  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = tiny_run
+  config = instructgpt.get_config("tiny")
+  config.rm.n_prompts, config.rm.n_val_prompts = 16, 8  # the shared run's sizes (stage_runner.FLAGS)
+  tok = data_sources.tokenizer(config, workdir)
+  policy_tr, policy_va = data_sources.policy_comparisons(config, workdir, tok)
+  offline = data_sources.split(config, workdir, "comparisons")
+  config.rm.source = "policy+offline"
+  tr, va = data_sources.comparison_records(config, workdir, tok)
+  assert len(policy_tr) == 16 and len(offline) > 0
+  assert [r["responses"] for r in tr] == [r["responses"] for r in policy_tr] + [
+      offline[i]["responses"] for i in range(len(offline))]
+  assert [r["responses"] for r in va] == [r["responses"] for r in policy_va]

@@ -83,6 +83,12 @@ def test_pair_metrics_against_hand_counts():
   assert m["val_gold_accuracy_clear"] == pytest.approx(0.0)
   # gold vs labeler on labeler pairs: (0>1) yes, (0>2) yes, (1>2) no
   assert m["gold_ceiling_accuracy"] == pytest.approx(2 / 3)
+  # Ties: equal gold scores (the gold scorer has no preference) and equal rewards count one half.
+  tied = [reward.Comparison([1], [[5, 2], [6, 2], [7, 2]], [0, 1, 2], gold=[0.5, 0.5, -1.0])]
+  m = reward.pair_metrics(tied, [np.array([0.3, 0.3, 0.9])], clear_gold_margin=0.5)
+  assert m["val_accuracy"] == pytest.approx((0.5 + 0 + 0) / 3)
+  assert m["gold_ceiling_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+  assert m["val_gold_accuracy_clear"] == pytest.approx(0.0)  # (0,2) and (1,2): the RM ranks 2 first
 
 
 @pytest.mark.parametrize("bad,match", [

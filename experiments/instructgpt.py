@@ -11,10 +11,10 @@ rm.val_accuracy, rm.gold_ceiling_accuracy, ppo.gold_score, ppo.rm_score, ppo.kl_
 ppo.win_rate_vs_sft, ppo.pretrain_val_loss, ...) and WORKDIR/report.md the figures and a sample table.
 
 Presets:
-  small  4-layer width-128 byte-level policy and RM: 19m41s on a 2-core CPU. Expect pretrain.val_loss ~0.39,
-         sft.gold_score ~-0.6 (pretrained: -1.3), rm.val_accuracy at its gold ceiling (~0.5 on SFT samples),
-         ppo.win_rate_vs_sft ~0.75 at ppo.kl_to_sft ~2.5-3 nats (target 3), reached by hedging ("I don't
-         know.") on every prompt: see README.md.
+  small  4-layer width-128 policy and RM over a 768-piece SentencePiece vocabulary: about 12 minutes on a 2-core
+         CPU. Expect pretrain.val_loss ~0.58 nats/token, sft.gold_score ~0 (pretrained: -1.36), RM accuracy on
+         clearly different pairs ~0.83, and PPO raising the gold score over SFT (~0.41 against ~0.33 at the RL
+         temperature) at ppo.kl_to_sft ~1.2 nats (target 1.5) with a win rate of ~0.57: see README.md.
   tiny   a 2-layer width-64 model and 2 PPO iterations: a smoke test of every stage (a couple of minutes).
   ptx    small with PPO-ptx (pretraining gradients mixed into PPO), written to WORKDIR/ppo_ptx.
   kl0    small with the KL penalty switched off (beta = 0, not adaptive), 150 iterations at 5x the learning rate,

@@ -82,6 +82,8 @@ def reward_vs_kl(workdir: str, summary: dict[str, Any], path: str) -> bool:
     ys = [summary.get(k.replace(".kl_to_sft", f".{key}")) for _, k in bon]
     if xs and all(isinstance(y, (int, float)) for y in ys):
       ax.plot(xs, ys, marker="s", linestyle="--", label="best-of-n (SFT)")
+    # Linear up to 1 nat, logarithmic beyond: the KL-penalised runs and a penalty-free one on the same axes.
+    ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL(policy || SFT), nats per response")
     ax.set_ylabel(key)
     ax.legend(fontsize=8)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import io
 import os
+import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -207,7 +208,9 @@ class SentencePieceTokenizer(Tokenizer):
     if path is not None:
       path = os.fspath(path)
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      tmp = f"{path}.tmp{os.getpid()}"
+      # Every process of a multi-host run may train the same model (training is deterministic) and write it
+      # to a shared filesystem: a temporary name unique per host and process, then an atomic rename.
+      tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
       with open(tmp, "wb") as f:
         f.write(proto)
       os.replace(tmp, path)  # atomic: a concurrent reader never sees half a model

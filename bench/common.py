@@ -16,6 +16,7 @@ products, forward and backward, counted over the full T x T square as PaLM does)
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -144,3 +145,20 @@ def git_revision(repo: str) -> str:
                           check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
+
+
+GROUPS = ("peak", "train", "generate", "ppo")
+
+
+def main(run, doc: str | None, argv=None) -> None:
+  """The command line both sides share: `--groups`, `--quick`, `--json`; run(groups, settings) -> results."""
+  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {GROUPS}")
+  p.add_argument("--quick", action="store_true", help="fewer timed repetitions (same shapes)")
+  p.add_argument("--json", action="store_true", help="one JSON line on stdout")
+  args = p.parse_args(argv)
+  groups = [g for g in args.groups.split(",") if g]
+  bad = [g for g in groups if g not in GROUPS]
+  if bad:
+    p.error(f"unknown group(s) {bad}; expected a subset of {GROUPS}")
+  emit(run(groups, settings(args.quick)), args.json)

@@ -18,7 +18,6 @@ Every timing blocks on the result (`block_until_ready`); compilation happens in 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -34,7 +33,6 @@ import numpy as np
 
 from rlhf_jax import configs, model, optim, pretrain, sampling, sharding
 
-GROUPS = ("peak", "train", "generate", "ppo")
 
 
 def model_config(size: str) -> model.ModelConfig:
@@ -188,16 +186,7 @@ def run(groups: list[str], st: common.Settings) -> dict[str, Any]:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {GROUPS}")
-  p.add_argument("--quick", action="store_true", help="fewer timed repetitions (same shapes)")
-  p.add_argument("--json", action="store_true", help="one JSON line on stdout")
-  args = p.parse_args(argv)
-  groups = [g for g in args.groups.split(",") if g]
-  bad = [g for g in groups if g not in GROUPS]
-  if bad:
-    p.error(f"unknown group(s) {bad}; expected a subset of {GROUPS}")
-  common.emit(run(groups, common.settings(args.quick)), args.json)
+  common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ core by default.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -32,7 +31,6 @@ import common  # pylint: disable=g-import-not-at-top
 import numpy as np
 import torch
 
-GROUPS = ("peak", "train", "generate", "ppo")
 
 
 def gpt2_config(size: str):
@@ -232,16 +230,7 @@ def run(groups: list[str], st: common.Settings) -> dict[str, Any]:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {GROUPS}")
-  p.add_argument("--quick", action="store_true", help="fewer timed repetitions (same shapes)")
-  p.add_argument("--json", action="store_true", help="one JSON line on stdout")
-  args = p.parse_args(argv)
-  groups = [g for g in args.groups.split(",") if g]
-  bad = [g for g in groups if g not in GROUPS]
-  if bad:
-    p.error(f"unknown group(s) {bad}; expected a subset of {GROUPS}")
-  common.emit(run(groups, common.settings(args.quick)), args.json)
+  common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

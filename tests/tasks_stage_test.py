@@ -1,6 +1,5 @@
 """Tests of the data stage: TFDS ArrayRecord datasets, stats.json, caching and byte-identical output."""
 
-import hashlib
 import json
 import os
 import sys
@@ -12,6 +11,8 @@ from rlhf_jax.data import tfds_io
 from rlhf_jax.tasks import stage
 from rlhf_jax.tasks import suite
 
+from helpers import stage_runner  # tests/ is on sys.path (pytest rootdir insertion)
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import data as data_experiment  # noqa: E402
 
@@ -20,16 +21,6 @@ def _tiny_config(**overrides):
   config = data_experiment.get_config("tiny")
   config.data.update(overrides)
   return config
-
-
-def _file_hashes(root):
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for f in files:
-      path = os.path.join(dirpath, f)
-      with open(path, "rb") as fh:
-        out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
 
 
 def test_stage_writes_every_split_and_stats(tmp_path):
@@ -77,10 +68,10 @@ def test_stage_writes_every_split_and_stats(tmp_path):
 def test_stage_output_is_byte_identical_across_runs(tmp_path):
   config = _tiny_config(data_dir=str(tmp_path / "elsewhere"))
   stage.run(config, str(tmp_path / "unused"))
-  first = _file_hashes(tmp_path / "elsewhere")
+  first = stage_runner.tree_digest(tmp_path / "elsewhere")
   os.rename(tmp_path / "elsewhere", tmp_path / "first")
   stage.run(config, str(tmp_path / "unused"))
-  second = _file_hashes(tmp_path / "elsewhere")
+  second = stage_runner.tree_digest(tmp_path / "elsewhere")
   assert not (tmp_path / "unused").exists()
   assert set(first) == set(second) and len(first) > 10
   differing = sorted(f for f in first if first[f] != second[f])

@@ -183,6 +183,17 @@ def make_groups(comps: Sequence[Comparison], *, grouping: str, pair_weighting: s
   return groups
 
 
+def bucketed_len(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[int], float]], *, seq_len: int,
+                 bucket: int) -> int:
+  """The time axis of a batch of these groups: its longest prompt+response rounded up to a multiple of `bucket`,
+  at most seq_len (bucket 0: always seq_len). Rows are right-padded and attention is causal, so the scores do
+  not depend on it; a few buckets mean a few compiled shapes, and short batches cost less."""
+  if bucket <= 0:
+    return seq_len
+  longest = max(len(comps[ci].prompt_ids) + len(comps[ci].response_ids[r]) for ci, idx, _ in groups for r in idx)
+  return min(seq_len, -(-longest // bucket) * bucket)
+
+
 def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[int], float]], *, k: int,
                 seq_len: int, pad_id: int) -> Batch:
   b = len(groups)
@@ -209,12 +220,12 @@ class GroupIterator:
   """Deterministic shuffled epochs over training groups, checkpointable as {"epoch", "pos"}."""
 
   def __init__(self, comps, groups, *, batch_size: int, k: int, seq_len: int, pad_id: int, seed: int,
-               shard_index: int = 0, shard_count: int = 1):
+               shard_index: int = 0, shard_count: int = 1, length_bucket: int = 0):
     if len(groups) < batch_size:
       raise ValueError(f"rm.train.batch_size={batch_size} is larger than the {len(groups)} training groups")
     self.comps, self.groups = comps, groups
     self.batch_size, self.k, self.seq_len, self.pad_id, self.seed = batch_size, k, seq_len, pad_id, seed
-    self.shard_index, self.shard_count = shard_index, shard_count
+    self.shard_index, self.shard_count, self.length_bucket = shard_index, shard_count, length_bucket
     self.epoch, self.pos = 0, 0
 
   def _order(self):
@@ -228,10 +239,11 @@ class GroupIterator:
       self.epoch, self.pos = self.epoch + 1, 0
     idx = self._order()[self.pos:self.pos + self.batch_size]
     self.pos += self.batch_size
+    # The length comes from the global batch, so every process builds slices of one shape.
+    t = bucketed_len(self.comps, [self.groups[i] for i in idx], seq_len=self.seq_len, bucket=self.length_bucket)
     per_host = self.batch_size // self.shard_count  # each process builds only its slice of the global batch
     idx = idx[self.shard_index * per_host:(self.shard_index + 1) * per_host]
-    return group_batch(self.comps, [self.groups[i] for i in idx], k=self.k, seq_len=self.seq_len,
-                       pad_id=self.pad_id)
+    return group_batch(self.comps, [self.groups[i] for i in idx], k=self.k, seq_len=t, pad_id=self.pad_id)
 
   def get_state(self) -> dict:
     return {"epoch": self.epoch, "pos": self.pos}
@@ -245,7 +257,7 @@ class GroupIterator:
 
 
 def score_comparisons(score_fn, params, comps: Sequence[Comparison], *, k: int, seq_len: int, pad_id: int,
-                      batch_size: int, mesh, rules) -> list[np.ndarray]:
+                      batch_size: int, mesh, rules, length_bucket: int = 0) -> list[np.ndarray]:
   """Raw rewards of every response of every comparison."""
   out = []
   groups = [(i, list(range(len(c.response_ids))), 1.0) for i, c in enumerate(comps)]
@@ -254,7 +266,8 @@ def score_comparisons(score_fn, params, comps: Sequence[Comparison], *, k: int, 
     chunk = groups[s:s + batch_size]
     pad_to = int(math.ceil(len(chunk) / n_dp) * n_dp)
     chunk_padded = chunk + [chunk[-1]] * (pad_to - len(chunk))
-    batch = group_batch(comps, chunk_padded, k=k, seq_len=seq_len, pad_id=pad_id)
+    t = bucketed_len(comps, chunk_padded, seq_len=seq_len, bucket=length_bucket)
+    batch = group_batch(comps, chunk_padded, k=k, seq_len=t, pad_id=pad_id)
     # Every process holds the whole validation set: each feeds its rows and gets every row's score back.
     r = sharding.fetch(score_fn(params, sharding.put_global_batch({"tokens": batch["tokens"], "mask": batch["mask"]},
                                                                   mesh, rules)))
@@ -341,7 +354,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                          rules)
 
   it = GroupIterator(train, groups, batch_size=tc.batch_size, k=group_k, seq_len=rc.seq_len, pad_id=tok.pad_id,
-                     seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+                     seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+                     length_bucket=rc.length_bucket)
   ckpt = pretrain.make_checkpointer(config, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": "rm"}
   state, data_state, start = checkpoint.resume(ckpt, state, state_sh, meta, stage="rm")
@@ -354,23 +368,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   bsh = {"tokens": sharding.batch_sharding(mesh, rules, 3), "mask": sharding.batch_sharding(mesh, rules, 3),
          "ranks": sharding.batch_sharding(mesh, rules, 2), "valid": sharding.batch_sharding(mesh, rules, 2),
          "weight": sharding.batch_sharding(mesh, rules, 1)}
-  writer = metrics.MetricsWriter(stage_dir, stage="rm", total_steps=steps, start_step=start,
-                                 tokens_per_step=tc.batch_size * group_k * rc.seq_len)
+  # Batches are cut to their longest sequence (rm.length_bucket), so each row logs its own padded length.
+  writer = metrics.MetricsWriter(stage_dir, stage="rm", total_steps=steps, start_step=start)
   with sharding.activate(mesh, rules):
     train_step = jax.jit(step_fn, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=0)
     score_fn = jax.jit(lambda p, b: group_rewards(p, b, model_cfg))
 
     def evaluate(params):
       rewards = score_comparisons(score_fn, params, val, k=k, seq_len=rc.seq_len, pad_id=tok.pad_id,
-                                  batch_size=tc.batch_size, mesh=mesh, rules=rules)
+                                  batch_size=tc.batch_size, mesh=mesh, rules=rules, length_bucket=rc.length_bucket)
       return pair_metrics(val, rewards, clear_gold_margin=rc.clear_gold_margin), rewards
 
     for step in range(start, steps):
-      state, m = train_step(state, sharding.put_batch(next(it), mesh, rules))
+      batch = next(it)
+      state, m = train_step(state, sharding.put_batch(batch, mesh, rules))
       done = step + 1
       checkpoint.guard_nonfinite(m, step=step, stage="rm", on_nonfinite=guard.on_nonfinite, ckpt=ckpt)
       if done % tc.log_every == 0 or done == steps:
-        row = {"loss": m["loss"], "train_accuracy": m["accuracy"], "grad_norm": m["grad_norm"]}
+        row = {"loss": m["loss"], "train_accuracy": m["accuracy"], "grad_norm": m["grad_norm"],
+               "padded_len": batch["tokens"].shape[-1]}
         if tc.eval_every and (done % tc.eval_every == 0 or done == steps):
           row.update(evaluate(state["params"])[0])
         writer.log(done, row)
@@ -417,7 +433,8 @@ def rm_config() -> ml_collections.ConfigDict:
       init_from="sft",
       model_size="",  # "" = the policy's config (backbone from SFT); else a preset name (fresh backbone)
       n_prompts=256, n_val_prompts=64, k_min=4, k_max=9, sample_temperature=1.0, max_new_tokens=32,
-      seq_len=128, too_long="truncate", grouping="prompt", pair_weighting="uniform", clear_gold_margin=0.5,
+      seq_len=128, length_bucket=32, too_long="truncate", grouping="prompt", pair_weighting="uniform",
+      clear_gold_margin=0.5,
       train=ml_collections.ConfigDict(dict(steps=0, epochs=1.0, batch_size=16, log_every=10, eval_every=50)),
       optimizer=configs.optimizer_config(lr=1e-4, warmup_steps=10, weight_decay=0.0),
   ))

@@ -109,3 +109,24 @@ def test_too_long_truncates_prompt_or_raises():
   comps, n = reward.tokenize_comparisons([rec], TOK, seq_len=32, too_long="truncate", source="f")
   assert n == 1 and len(comps[0].prompt_ids) + len(comps[0].response_ids[0]) <= 32
   assert comps[0].prompt_ids[0] == TOK.bos_id and comps[0].prompt_ids[-1] == TOK.assistant_id
+
+
+def test_length_buckets_cut_the_padding_and_keep_the_scores():
+  comps, _ = reward.tokenize_comparisons(_records(), TOK, seq_len=64, too_long="error", source="test")
+  groups = reward.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+  k = max(len(c.ranks) for c in comps)
+  longest = max(len(c.prompt_ids) + len(r) for c in comps for r in c.response_ids)
+  assert reward.bucketed_len(comps, groups, seq_len=64, bucket=16) == 16 * int(np.ceil(longest / 16))
+  assert reward.bucketed_len(comps, groups, seq_len=64, bucket=0) == 64
+  assert reward.bucketed_len(comps, groups, seq_len=longest - 1 + 16, bucket=1000) == longest - 1 + 16
+
+  params = reward.init_rm_params(jax.random.PRNGKey(0), CFG)
+  full = reward.group_rewards(params, reward.group_batch(comps, groups, k=k, seq_len=64, pad_id=TOK.pad_id), CFG)
+  it = reward.GroupIterator(comps, groups, batch_size=len(groups), k=k, seq_len=64, pad_id=TOK.pad_id, seed=0,
+                            length_bucket=16)
+  batch = next(it)
+  assert batch["tokens"].shape[-1] < 64
+  # The iterator shuffles: its rows are the groups in its first epoch's order.
+  order = it._order()  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(reward.group_rewards(params, batch, CFG)), np.asarray(full)[order],
+                             rtol=1e-5, atol=1e-6)

@@ -12,7 +12,10 @@ For a policy (any parameters of the policy's shape), on the task suite's held-ou
                     harmful), and top_response_frac, the share of prompts answered with the single most common
                     response: a policy that collapsed to one answer ("I don't know." everywhere) shows it here.
 Best-of-n (sample n from SFT, keep the RM's favourite) is evaluated the same way; its KL to SFT is
-log n - (n - 1) / n analytically (`losses.best_of_n_kl`).
+log n - (n - 1) / n analytically (`losses.best_of_n_kl`). Two ceilings come with it: `oracle_*`, best-of-n
+with the gold scorer choosing (what a perfect RM would buy at that KL), and `reference_win_rate_vs_sft`, the
+gold reference answer to every prompt against the SFT samples (ties count half, so with an SFT policy that is
+often already right this is well below 1).
 """
 
 from __future__ import annotations
@@ -128,6 +131,11 @@ def response_breakdown(gold, prompts: Sequence[str], responses: Sequence[str], s
   return out
 
 
+def _sft_baseline_key(config) -> jax.Array:
+  """The key of the SFT samples every win rate compares with (the same samples for PPO and best-of-n)."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), 1)
+
+
 def win_rate(a: np.ndarray, b: np.ndarray) -> float:
   """P(a > b) with ties counting half."""
   return float(np.mean((a > b) + 0.5 * (a == b)))
@@ -186,9 +194,8 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
   texts_p = [p["prompt"] for p in prompts]
   kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
   with sharding.activate(mesh, rules):
-    rng = jax.random.PRNGKey(config.seed + 11)
-    pol = sample(params, cfg, ids, tok, scfg, rng, **kw)
-    sft = sample(sft_params, cfg, ids, tok, scfg, jax.random.fold_in(rng, 1), **kw)
+    pol = sample(params, cfg, ids, tok, scfg, jax.random.PRNGKey(config.seed + 11), **kw)
+    sft = sample(sft_params, cfg, ids, tok, scfg, _sft_baseline_key(config), **kw)
     lp_pol = seq_logprob_sums(params, cfg, pol, scfg.logprob_temperature, **kw)
     lp_sft = seq_logprob_sums(sft_params, cfg, pol, scfg.logprob_temperature, **kw)
     rm_pol = rm_scores(rm_params, rm_cfg, pol, **kw)
@@ -201,6 +208,9 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
         "sft_gold_score": float(g_sft.mean()),
         "rm_score": float(rm_pol.mean()),
         "win_rate_vs_sft": win_rate(g_pol, g_sft),
+        # The gold reference answer to every prompt against the same SFT samples: no policy can win more.
+        "reference_win_rate_vs_sft": win_rate(gold.score_batch(texts_p, [gold.reference(p) for p in texts_p]),
+                                              g_sft),
         "kl_to_sft": float(np.mean(lp_pol - lp_sft)),
         "ended_frac": float(pol["ended_b"].mean()),
         "pretrain_val_loss": pretrain_val_loss(config, workdir, tok, params, cfg, mesh, rules),
@@ -218,7 +228,10 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
 
 
 def best_of_n_eval(config, workdir, tok, cfg, sft_params, rm_params, rm_cfg, mesh, rules, n: int) -> dict:
-  """Best-of-n against the RM: n SFT samples per prompt, the highest RM score kept."""
+  """Best-of-n against the RM: n SFT samples per prompt, the highest RM score kept. On the same candidates,
+  the gold scorer's own favourite ("oracle_*", Gao et al.'s best-of-n against the gold reward): what a
+  perfect reward model buys at the same KL, a ceiling for the RM and for any policy that stays this close to
+  SFT. Win rates are against the SFT samples `policy_eval` compares with, not against a candidate."""
   from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
   ec = config.eval
   prompts = data_sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
@@ -226,19 +239,29 @@ def best_of_n_eval(config, workdir, tok, cfg, sft_params, rm_params, rm_cfg, mes
   scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=config.ppo.temperature)
   kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
   texts_p = [p["prompt"] for p in prompts]
+  ids = [p["ids"] for p in prompts]
   with sharding.activate(mesh, rules):
-    cands = [sample(sft_params, cfg, [p["ids"] for p in prompts], tok, scfg,
-                    jax.random.PRNGKey(config.seed + 100 + i), **kw) for i in range(n)]
+    cands = [sample(sft_params, cfg, ids, tok, scfg, jax.random.PRNGKey(config.seed + 100 + i), **kw)
+             for i in range(n)]
     rm = np.stack([rm_scores(rm_params, rm_cfg, c, no_eos_penalty=config.ppo.no_eos_penalty, **kw)
                    for c in cands])
-  best = rm.argmax(axis=0)
+    base = sample(sft_params, cfg, ids, tok, scfg, _sft_baseline_key(config), **kw)
   texts = [decode_responses(tok, c["response_bn"], c["response_mask_bn"]) for c in cands]
-  chosen = [texts[best[i]][i] for i in range(len(prompts))]
-  baseline = texts[0]
-  g = gold.score_batch(texts_p, chosen)
-  g0 = gold.score_batch(texts_p, baseline)
-  return {"gold_score": float(g.mean()), "rm_score": float(rm.max(axis=0).mean()), "win_rate_vs_sft":
-          win_rate(g, g0), "kl_to_sft": losses.best_of_n_kl(n), "n": n}
+  gold_np = np.stack([gold.score_batch(texts_p, t) for t in texts])
+  g0 = gold.score_batch(texts_p, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
+  return best_of_n_summary(rm, gold_np, g0)
+
+
+def best_of_n_summary(rm_np: np.ndarray, gold_np: np.ndarray, gold_sft_p: np.ndarray) -> dict[str, float]:
+  """From RM and gold scores of n candidates per prompt [n, prompts] and the gold scores of the SFT samples
+  compared with [prompts]: the RM's pick against the gold scorer's own pick (the oracle)."""
+  n, n_prompts = rm_np.shape
+  g = gold_np[rm_np.argmax(axis=0), np.arange(n_prompts)]
+  g_oracle = gold_np.max(axis=0)
+  return {"gold_score": float(g.mean()), "rm_score": float(rm_np.max(axis=0).mean()),
+          "win_rate_vs_sft": win_rate(g, gold_sft_p), "kl_to_sft": float(losses.best_of_n_kl(n)),
+          "oracle_gold_score": float(g_oracle.mean()), "oracle_win_rate_vs_sft": win_rate(g_oracle, gold_sft_p),
+          "n": n}
 
 
 def _json_line(obj) -> str:

@@ -82,6 +82,9 @@ def reward_vs_kl(workdir: str, summary: dict[str, Any], path: str) -> bool:
     ys = [summary.get(k.replace(".kl_to_sft", f".{key}")) for _, k in bon]
     if xs and all(isinstance(y, (int, float)) for y in ys):
       ax.plot(xs, ys, marker="s", linestyle="--", label="best-of-n (SFT)")
+    oracle = [summary.get(k.replace(".kl_to_sft", ".oracle_gold_score")) for _, k in bon]
+    if key == "gold_score" and xs and all(isinstance(y, (int, float)) for y in oracle):
+      ax.plot(xs, oracle, marker="^", linestyle=":", color="gray", label="best-of-n, gold picks")
     # Linear up to 1 nat, logarithmic beyond: the KL-penalised runs and a penalty-free one on the same axes.
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL(policy || SFT), nats per response")
@@ -93,6 +96,29 @@ def reward_vs_kl(workdir: str, summary: dict[str, Any], path: str) -> bool:
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return True
+
+
+def best_of_n_table(summary: dict[str, Any]) -> str:
+  """Best-of-n with the RM choosing against best-of-n with the gold scorer choosing (the oracle), by KL, and
+  the reference answers' win rate: how much of the attainable gain the RM (and PPO) get."""
+  ns = sorted(int(k[len("ppo.bon"):-len(".kl_to_sft")]) for k in summary
+              if k.startswith("ppo.bon") and k.endswith(".kl_to_sft"))
+  if not ns:
+    return ""
+  lines = ["| policy | KL to SFT | gold score | win rate vs SFT |", "|---|---|---|---|"]
+  for d in sorted({k.split(".")[0] for k in summary if k.startswith("ppo") and k.endswith(".win_rate_vs_sft")}):
+    lines.append(f"| {d} | {summary[f'{d}.kl_to_sft']:.2f} | {summary[f'{d}.gold_score']:+.2f} | "
+                 f"{summary[f'{d}.win_rate_vs_sft']:.2f} |")
+  for n in ns:
+    pre = f"ppo.bon{n}."
+    lines.append(f"| best-of-{n}, RM picks | {summary[pre + 'kl_to_sft']:.2f} | {summary[pre + 'gold_score']:+.2f} | "
+                 f"{summary[pre + 'win_rate_vs_sft']:.2f} |")
+    if pre + "oracle_gold_score" in summary:
+      lines.append(f"| best-of-{n}, gold picks (oracle) | {summary[pre + 'kl_to_sft']:.2f} | "
+                   f"{summary[pre + 'oracle_gold_score']:+.2f} | {summary[pre + 'oracle_win_rate_vs_sft']:.2f} |")
+  if "ppo.reference_win_rate_vs_sft" in summary:
+    lines.append(f"| the reference answer to every prompt | - | - | {summary['ppo.reference_win_rate_vs_sft']:.2f} |")
+  return "\n".join(lines)
 
 
 def family_table(summary: dict[str, Any]) -> str:
@@ -137,6 +163,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     lines += ["", "## Gold score by task family (correct fraction in brackets)", "",
               "On held-out prompts; pretrained and SFT sampled at eval.temperature, the rest at ppo.temperature. A policy that answers every prompt the same way "
               "(\"I don't know.\") shows it in the last row.", "", table]
+  table = best_of_n_table(summary)
+  if table:
+    lines += ["", "## Against best-of-n and the ceilings", "",
+              "On the same held-out prompts and SFT samples. \"Gold picks\" is best-of-n with the gold scorer "
+              "choosing among the same candidates: what a perfect reward model would buy at that KL. Ties count "
+              "half, so where SFT is already right the best a policy can do is tie.", "", table]
   if learning_curves(workdir, os.path.join(workdir, "learning_curves.png")):
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)"]
   if reward_vs_kl(workdir, summary, os.path.join(workdir, "reward_vs_kl.png")):

@@ -69,3 +69,36 @@ def test_report_family_table_lists_each_policy_and_family():
   second = lines[2 + 1].split(" | ")
   assert second[0] == f"| {FAMILIES[1]}" and second[4] == "+0.60 (50%)"
   assert lines[-1] == "| most common response | 25% | 25% | 25% | 25% | 25% |"
+
+
+def test_best_of_n_summary_against_a_loop():
+  rng = np.random.default_rng(0)
+  n, p = 5, 40
+  rm = rng.normal(size=(n, p))
+  gold = rng.integers(-2, 3, size=(n, p)).astype(float)  # coarse, so picks and the baseline tie often
+  base = rng.integers(-2, 3, size=p).astype(float)
+  got = evaluation.best_of_n_summary(rm, gold, base)
+  picked = [gold[max(range(n), key=lambda i: rm[i, j]), j] for j in range(p)]
+  best = [max(gold[i, j] for i in range(n)) for j in range(p)]
+  win = lambda xs: np.mean([float(x > y) + 0.5 * float(x == y) for x, y in zip(xs, base)])  # noqa: E731
+  assert got["gold_score"] == pytest.approx(np.mean(picked))
+  assert got["oracle_gold_score"] == pytest.approx(np.mean(best))
+  assert got["win_rate_vs_sft"] == pytest.approx(win(picked))
+  assert got["oracle_win_rate_vs_sft"] == pytest.approx(win(best))
+  assert got["rm_score"] == pytest.approx(np.mean([max(rm[:, j]) for j in range(p)]))
+  assert got["kl_to_sft"] == pytest.approx(np.log(n) - (n - 1) / n)
+  assert got["oracle_gold_score"] >= got["gold_score"]
+
+
+def test_report_best_of_n_table_puts_the_oracle_beside_the_rm():
+  from rlhf_jax import report  # pylint: disable=g-import-not-at-top
+  summary = {"ppo.kl_to_sft": 1.2, "ppo.gold_score": 0.4, "ppo.win_rate_vs_sft": 0.57,
+             "ppo.bon4.kl_to_sft": float(np.log(4) - 0.75), "ppo.bon4.gold_score": 0.46,
+             "ppo.bon4.win_rate_vs_sft": 0.57, "ppo.bon4.oracle_gold_score": 0.63,
+             "ppo.bon4.oracle_win_rate_vs_sft": 0.635, "ppo.reference_win_rate_vs_sft": 0.73}
+  rows = report.best_of_n_table(summary).splitlines()
+  assert rows[2] == "| ppo | 1.20 | +0.40 | 0.57 |"
+  assert rows[3] == "| best-of-4, RM picks | 0.64 | +0.46 | 0.57 |"
+  assert rows[4] == "| best-of-4, gold picks (oracle) | 0.64 | +0.63 | 0.64 |"
+  assert rows[5] == "| the reference answer to every prompt | - | - | 0.73 |"
+  assert report.best_of_n_table({"ppo.gold_score": 0.4}) == ""

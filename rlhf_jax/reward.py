@@ -73,6 +73,19 @@ def group_rewards(rm_params, batch, model_cfg: model.ModelConfig) -> jax.Array:
   return r.reshape(b, k)
 
 
+def response_logprobs(policy_params, batch, policy_cfg: model.ModelConfig, temperature: float) -> jax.Array:
+  """Sum of log pi(response token) [b, k] under a policy at `temperature`: the sequences of a group batch with
+  their prompt lengths. Ranking by it is the baseline a trained RM should beat (the policy's own judgement)."""
+  b, k, t = batch["tokens"].shape
+  tokens_nt = batch["tokens"].reshape(b * k, t)
+  mask_nt = batch["mask"].reshape(b * k, t)
+  logits_ntv, _ = model.forward(policy_params, tokens_nt, policy_cfg, mask_bt=mask_nt)
+  lp_nt = model.token_logprobs(logits_ntv[:, :-1], tokens_nt[:, 1:], temperature)
+  # Position i predicts token i + 1: response tokens are those at index >= prompt_len.
+  is_response_nt = (jnp.arange(1, t)[None, :] >= batch["prompt_len"].reshape(b * k, 1)) & (mask_nt[:, 1:] > 0)
+  return jnp.sum(jnp.where(is_response_nt, lp_nt, 0.0), axis=1).reshape(b, k)
+
+
 def make_train_step(model_cfg: model.ModelConfig, optimizer, *, inject_nan_at_step: int = -1,
                     skip_nonfinite: bool = False):
   def train_step(state, batch):
@@ -202,10 +215,12 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
   ranks = np.zeros((b, k), np.int32)
   valid = np.zeros((b, k), bool)
   weight = np.zeros((b,), np.float32)
+  prompt_len = np.ones((b, k), np.int32)
   for row, (ci, idx, w) in enumerate(groups):
     c = comps[ci]
     for j, r in enumerate(idx):
       tokens[row, j], mask[row, j] = _pack(c.prompt_ids, c.response_ids[r], seq_len, pad_id)
+      prompt_len[row, j] = len(c.prompt_ids)
       # Sequences must keep at least one real token so padded slots do not produce NaNs; invalid slots
       # are excluded from the loss by `valid`.
       ranks[row, j] = c.ranks[r]
@@ -213,7 +228,7 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
     for j in range(len(idx), k):
       mask[row, j, 0] = 1
     weight[row] = w
-  return {"tokens": tokens, "mask": mask, "ranks": ranks, "valid": valid, "weight": weight}
+  return {"tokens": tokens, "mask": mask, "ranks": ranks, "valid": valid, "weight": weight, "prompt_len": prompt_len}
 
 
 class GroupIterator:
@@ -269,8 +284,8 @@ def score_comparisons(score_fn, params, comps: Sequence[Comparison], *, k: int, 
     t = bucketed_len(comps, chunk_padded, seq_len=seq_len, bucket=length_bucket)
     batch = group_batch(comps, chunk_padded, k=k, seq_len=t, pad_id=pad_id)
     # Every process holds the whole validation set: each feeds its rows and gets every row's score back.
-    r = sharding.fetch(score_fn(params, sharding.put_global_batch({"tokens": batch["tokens"], "mask": batch["mask"]},
-                                                                  mesh, rules)))
+    r = sharding.fetch(score_fn(params, sharding.put_global_batch(
+        {key: batch[key] for key in ("tokens", "mask", "prompt_len")}, mesh, rules)))
     for row, (ci, idx, _) in enumerate(chunk):
       out.append(r[row, :len(idx)])
   return out
@@ -367,7 +382,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             skip_nonfinite=guard.on_nonfinite == "skip")
   bsh = {"tokens": sharding.batch_sharding(mesh, rules, 3), "mask": sharding.batch_sharding(mesh, rules, 3),
          "ranks": sharding.batch_sharding(mesh, rules, 2), "valid": sharding.batch_sharding(mesh, rules, 2),
-         "weight": sharding.batch_sharding(mesh, rules, 1)}
+         "weight": sharding.batch_sharding(mesh, rules, 1), "prompt_len": sharding.batch_sharding(mesh, rules, 2)}
   # Batches are cut to their longest sequence (rm.length_bucket), so each row logs its own padded length.
   writer = metrics.MetricsWriter(stage_dir, stage="rm", total_steps=steps, start_step=start)
   with sharding.activate(mesh, rules):
@@ -394,6 +409,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.wait()
 
     final, val_rewards = evaluate(state["params"])
+    if rc.init_from and rc.source.startswith("policy"):
+      # The sampling policy's own log-likelihood as a ranker, on the same pairs: what the RM adds to it.
+      # (Loaded afresh: the training step donated the buffers the RM's backbone started from.)
+      policy_params = pretrain.load_stage_params(config, workdir, rc.init_from, policy_cfg)
+      lp_fn = jax.jit(lambda p, b: response_logprobs(p, b, policy_cfg, rc.sample_temperature))
+      lp = score_comparisons(lp_fn, policy_params, val, k=k, seq_len=rc.seq_len, pad_id=tok.pad_id,
+                             batch_size=tc.batch_size, mesh=mesh, rules=rules, length_bucket=rc.length_bucket)
+      base = pair_metrics(val, lp, clear_gold_margin=rc.clear_gold_margin)
+      final["val_policy_logprob_accuracy"] = base["val_accuracy"]
+      if "val_gold_accuracy_clear" in base:
+        final["val_policy_logprob_gold_accuracy_clear"] = base["val_gold_accuracy_clear"]
     # Normalise on SFT-policy samples: gain and bias give them mean 0, std 1.
     flat = np.concatenate(val_rewards) if val_rewards else np.zeros((1,))
     mean, std = float(flat.mean()), float(flat.std() + 1e-8)

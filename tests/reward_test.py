@@ -130,3 +130,20 @@ def test_length_buckets_cut_the_padding_and_keep_the_scores():
   order = it._order()  # pylint: disable=protected-access
   np.testing.assert_allclose(np.asarray(reward.group_rewards(params, batch, CFG)), np.asarray(full)[order],
                              rtol=1e-5, atol=1e-6)
+
+
+def test_response_logprobs_sum_the_response_tokens_of_each_sequence():
+  comps, _ = reward.tokenize_comparisons(_records(), TOK, seq_len=64, too_long="error", source="test")
+  groups = reward.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+  k = max(len(c.ranks) for c in comps)
+  params = model.init(jax.random.PRNGKey(1), CFG)
+  batch = reward.group_batch(comps, groups, k=k, seq_len=64, pad_id=TOK.pad_id)
+  got = np.asarray(reward.response_logprobs(params, batch, CFG, 0.7))
+  for row, (ci, idx, _) in enumerate(groups[:1]):  # 4 sequences of different lengths
+    c = comps[ci]
+    for j, r in enumerate(idx):
+      seq = c.prompt_ids + c.response_ids[r]  # unpadded, one at a time
+      logits, _ = model.forward(params, jnp.asarray([seq], jnp.int32), CFG)
+      logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64) / 0.7, axis=-1)
+      want = sum(logp[i - 1, seq[i]] for i in range(len(c.prompt_ids), len(seq)))
+      np.testing.assert_allclose(got[row, j], want, rtol=1e-4, atol=1e-4)

@@ -335,3 +335,47 @@ def test_attention_gradient_matches_autodiff(g, rate):
   for name, got, want in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
   assert np.abs(np.asarray(ref_grads[0])).max() > 1e-2  # the gradients are not trivially zero
+
+
+@pytest.mark.parametrize("g,rate,block", [(1, 0.0, 3), (2, 0.0, 4), (2, 0.3, 3)])
+def test_causal_attention_in_query_blocks_matches_the_full_attention(g, rate, block):
+  _, mask_bt = _left_padded_batch()
+  b, t = mask_bt.shape
+  k, e = 2, 8
+  allowed_bts = jnp.tril(jnp.ones((t, t), bool))[None] & jnp.asarray(mask_bt)[:, None, :]
+  keys = jax.random.split(jax.random.key(1), 5)
+  q_bkne = jax.random.normal(keys[0], (b, k, g * t, e))
+  k_bkse = jax.random.normal(keys[1], (b, k, t, e))
+  v_bkse = jax.random.normal(keys[2], (b, k, t, e))
+  # Left-pad queries differ (they average over their block's keys) and get no gradient: zero their cotangent,
+  # as a masked loss does, and compare the real rows.
+  real_bkn = np.broadcast_to(np.tile(mask_bt, (1, g))[:, None, :], (b, k, g * t))
+  dout_bkne = jax.random.normal(keys[3], (b, k, g * t, e)) * real_bkn[..., None]
+  keep_bkgts = jax.random.bernoulli(keys[4], 1.0 - rate, (b, k, g, t, t)) if rate else None
+
+  def vjp(fn):
+    out, pullback = jax.vjp(lambda q, kk, v: fn(q, kk, v, allowed_bts, keep_bkgts, g, rate), q_bkne, k_bkse, v_bkse)
+    return out, pullback(dout_bkne)
+
+  blocked = functools.partial(model._causal_attention, block=block)
+  out, grads = jax.jit(lambda: vjp(blocked))()
+  ref_out, ref_grads = jax.jit(lambda: vjp(_reference_attention))()
+  np.testing.assert_allclose(np.asarray(out)[real_bkn], np.asarray(ref_out)[real_bkn], atol=1e-6, rtol=1e-6)
+  for name, got, want in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+  assert t > 2 * block  # several blocks, one of them ragged or not
+
+
+def test_long_sequences_take_the_blocked_path_and_match_numpy():
+  cfg = model.preset("tiny", vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2,
+                     max_len=2 * model.QUERY_BLOCK + 8)
+  params = _spread_params(cfg)
+  rng = np.random.default_rng(3)
+  t = model.QUERY_BLOCK + 37  # two blocks, the second one ragged
+  tokens_bt = rng.integers(1, VOCAB, size=(2, t)).astype(np.int32)
+  mask_bt = np.ones((2, t), bool)
+  mask_bt[1, :50] = False  # a left-padded row whose padding spans into the first block only
+  tokens_bt[~mask_bt] = 0
+  logits_btv, _ = _forward(params, tokens_bt, cfg=cfg, mask_bt=mask_bt)
+  expected_btv = _np_forward(params, tokens_bt, mask_bt, cfg)
+  np.testing.assert_allclose(np.asarray(logits_btv)[mask_bt], expected_btv[mask_bt], atol=1e-4, rtol=1e-4)

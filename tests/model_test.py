@@ -312,25 +312,39 @@ def _reference_attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rat
   return jnp.einsum("bkns,bkse->bkne", probs_bkgts.reshape(b, k, n, -1), v_bkse)
 
 
-@pytest.mark.parametrize("g,rate", [(1, 0.0), (2, 0.0), (2, 0.3)])
-def test_attention_gradient_matches_autodiff(g, rate):
-  _, mask_bt = _left_padded_batch()  # rows 2 and 3 start with fully masked (left-pad) queries
+def _attention_vjp(fn, g, rate, *, seed, real_rows_only):
+  """fn's output and (dq, dk, dv) on a left-padded batch (rows 2 and 3 start with fully masked queries),
+  with a random cotangent: on every query, or only on the real ones (as a masked loss gives)."""
+  _, mask_bt = _left_padded_batch()
   b, t = mask_bt.shape
   k, e = 2, 8
   allowed_bts = jnp.tril(jnp.ones((t, t), bool))[None] & jnp.asarray(mask_bt)[:, None, :]
-  keys = jax.random.split(jax.random.key(0), 5)
+  keys = jax.random.split(jax.random.key(seed), 5)
   q_bkne = jax.random.normal(keys[0], (b, k, g * t, e))
   k_bkse = jax.random.normal(keys[1], (b, k, t, e))
   v_bkse = jax.random.normal(keys[2], (b, k, t, e))
-  dout_bkne = jax.random.normal(keys[3], (b, k, g * t, e))  # nonzero on the pad queries too
+  dout_bkne = jax.random.normal(keys[3], (b, k, g * t, e))
+  if real_rows_only:
+    dout_bkne = dout_bkne * real_query_mask(mask_bt, g)[..., None]
   keep_bkgts = jax.random.bernoulli(keys[4], 1.0 - rate, (b, k, g, t, t)) if rate else None
 
-  def vjp(fn):
+  def run():
     out, pullback = jax.vjp(lambda q, kk, v: fn(q, kk, v, allowed_bts, keep_bkgts, g, rate), q_bkne, k_bkse, v_bkse)
     return out, pullback(dout_bkne)
 
-  out, grads = jax.jit(lambda: vjp(model._attention))()
-  ref_out, ref_grads = jax.jit(lambda: vjp(_reference_attention))()
+  return jax.jit(run)()
+
+
+def real_query_mask(mask_bt, g, k=2):
+  """[b, k, g * t]: which stacked queries of the heads-first layout are real tokens."""
+  b, t = mask_bt.shape
+  return np.broadcast_to(np.tile(mask_bt, (1, g))[:, None, :], (b, k, g * t))
+
+
+@pytest.mark.parametrize("g,rate", [(1, 0.0), (2, 0.0), (2, 0.3)])
+def test_attention_gradient_matches_autodiff(g, rate):
+  out, grads = _attention_vjp(model._attention, g, rate, seed=0, real_rows_only=False)  # pad queries too
+  ref_out, ref_grads = _attention_vjp(_reference_attention, g, rate, seed=0, real_rows_only=False)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-6, rtol=1e-6)
   for name, got, want in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
@@ -339,31 +353,17 @@ def test_attention_gradient_matches_autodiff(g, rate):
 
 @pytest.mark.parametrize("g,rate,block", [(1, 0.0, 3), (2, 0.0, 4), (2, 0.3, 3)])
 def test_causal_attention_in_query_blocks_matches_the_full_attention(g, rate, block):
-  _, mask_bt = _left_padded_batch()
-  b, t = mask_bt.shape
-  k, e = 2, 8
-  allowed_bts = jnp.tril(jnp.ones((t, t), bool))[None] & jnp.asarray(mask_bt)[:, None, :]
-  keys = jax.random.split(jax.random.key(1), 5)
-  q_bkne = jax.random.normal(keys[0], (b, k, g * t, e))
-  k_bkse = jax.random.normal(keys[1], (b, k, t, e))
-  v_bkse = jax.random.normal(keys[2], (b, k, t, e))
-  # Left-pad queries differ (they average over their block's keys) and get no gradient: zero their cotangent,
-  # as a masked loss does, and compare the real rows.
-  real_bkn = np.broadcast_to(np.tile(mask_bt, (1, g))[:, None, :], (b, k, g * t))
-  dout_bkne = jax.random.normal(keys[3], (b, k, g * t, e)) * real_bkn[..., None]
-  keep_bkgts = jax.random.bernoulli(keys[4], 1.0 - rate, (b, k, g, t, t)) if rate else None
-
-  def vjp(fn):
-    out, pullback = jax.vjp(lambda q, kk, v: fn(q, kk, v, allowed_bts, keep_bkgts, g, rate), q_bkne, k_bkse, v_bkse)
-    return out, pullback(dout_bkne)
-
+  # Left-pad queries differ (they average over their block's keys) and get no gradient: their cotangent is
+  # zero, as a masked loss makes it, and the real rows are compared.
   blocked = functools.partial(model._causal_attention, block=block)
-  out, grads = jax.jit(lambda: vjp(blocked))()
-  ref_out, ref_grads = jax.jit(lambda: vjp(_reference_attention))()
+  out, grads = _attention_vjp(blocked, g, rate, seed=1, real_rows_only=True)
+  ref_out, ref_grads = _attention_vjp(_reference_attention, g, rate, seed=1, real_rows_only=True)
+  real_bkn = real_query_mask(_left_padded_batch()[1], g)
   np.testing.assert_allclose(np.asarray(out)[real_bkn], np.asarray(ref_out)[real_bkn], atol=1e-6, rtol=1e-6)
   for name, got, want in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
-  assert t > 2 * block  # several blocks, one of them ragged or not
+  assert SEQ_LEN > 2 * block  # several blocks
+  assert np.abs(np.asarray(ref_grads[1])).max() > 1e-2
 
 
 def test_long_sequences_take_the_blocked_path_and_match_numpy():

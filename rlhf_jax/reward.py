@@ -231,6 +231,12 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
   return {"tokens": tokens, "mask": mask, "ranks": ranks, "valid": valid, "weight": weight, "prompt_len": prompt_len}
 
 
+def batch_shardings(mesh, rules) -> dict[str, Any]:
+  """Shardings of a `group_batch` batch: rows (prompts) split over the data-parallel axes."""
+  ranks = {"tokens": 3, "mask": 3, "ranks": 2, "valid": 2, "weight": 1, "prompt_len": 2}
+  return {key: sharding.batch_sharding(mesh, rules, n) for key, n in ranks.items()}
+
+
 class GroupIterator:
   """Deterministic shuffled epochs over training groups, checkpointable as {"epoch", "pos"}."""
 
@@ -380,9 +386,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   guard = config.guard
   step_fn = make_train_step(model_cfg, optimizer, inject_nan_at_step=guard.inject_nan_at_step,
                             skip_nonfinite=guard.on_nonfinite == "skip")
-  bsh = {"tokens": sharding.batch_sharding(mesh, rules, 3), "mask": sharding.batch_sharding(mesh, rules, 3),
-         "ranks": sharding.batch_sharding(mesh, rules, 2), "valid": sharding.batch_sharding(mesh, rules, 2),
-         "weight": sharding.batch_sharding(mesh, rules, 1), "prompt_len": sharding.batch_sharding(mesh, rules, 2)}
+  bsh = batch_shardings(mesh, rules)
   # Batches are cut to their longest sequence (rm.length_bucket), so each row logs its own padded length.
   writer = metrics.MetricsWriter(stage_dir, stage="rm", total_steps=steps, start_step=start)
   with sharding.activate(mesh, rules):

@@ -206,10 +206,7 @@ class RMTrainer:
     params = place(_rm_host(), axes, self.mesh)
     self.state, self.state_sh = optim.state_from_params(params, axes, self.optimizer, jax.random.PRNGKey(4),
                                                         self.mesh, RULES)
-    bsh = {"tokens": sharding.batch_sharding(self.mesh, RULES, 3), "mask": sharding.batch_sharding(self.mesh, RULES, 3),
-           "ranks": sharding.batch_sharding(self.mesh, RULES, 2),
-           "valid": sharding.batch_sharding(self.mesh, RULES, 2),
-           "weight": sharding.batch_sharding(self.mesh, RULES, 1)}
+    bsh = reward.batch_shardings(self.mesh, RULES)
     with sharding.activate(self.mesh, RULES):
       self.step = jax.jit(reward.make_train_step(CFG, self.optimizer), in_shardings=(self.state_sh, bsh),
                           out_shardings=(self.state_sh, None), donate_argnums=0)

@@ -161,7 +161,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   table = family_table(summary)
   if table:
     lines += ["", "## Gold score by task family (correct fraction in brackets)", "",
-              "On held-out prompts; pretrained and SFT sampled at eval.temperature, the rest at ppo.temperature. A policy that answers every prompt the same way "
+              "On held-out prompts; pretrained and SFT sampled at eval.temperature, the rest at ppo.temperature. "
+              "A policy that answers every prompt the same way "
               "(\"I don't know.\") shows it in the last row.", "", table]
   table = best_of_n_table(summary)
   if table:

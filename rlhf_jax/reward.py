@@ -2,7 +2,8 @@
 
 Data: for each prompt, K responses (K from rm.k_min to rm.k_max) sampled from the SFT policy and ranked by the
 task suite's simulated labelers (`rm.source = "policy"`, what InstructGPT did), or the suite's offline
-comparisons (`"offline"`), both (`"policy+offline"`: validation on the SFT samples), or a user's ranking file prepared by `rlhf_jax.data.real` (`"file"`).
+comparisons (`"offline"`), both (`"policy+offline"`: validation on the SFT samples), or a user's ranking file
+prepared by `rlhf_jax.data.real` (`"file"`).
 
 Loss (InstructGPT eq. 1): -1/C(K,2) * sum over ranked pairs of log sigmoid(r_w - r_l), with all C(K,2) pairs of
 one prompt in ONE batch element (K forward passes per prompt; `rm.grouping = "prompt"`). The ablation InstructGPT
@@ -12,6 +13,11 @@ grouped objective. Both arrangements are groups of responses with ranks, so one 
 
 After training a gain and bias make the scores of SFT-policy samples mean 0, std 1 (`normalisation` in the
 exported parameters), so PPO's KL coefficient keeps its meaning.
+
+Evaluation on held-out comparisons: accuracy against the labelers, against the gold ordering on clearly
+different pairs, the gold scorer's own accuracy on the labels (the ceiling), calibration, and the same pairs
+ranked by the sampling policy's log-likelihood (`val_policy_logprob_*`), the baseline the RM should beat.
+Batches are cut to their longest sequence, rounded up to `rm.length_bucket` tokens.
 
 Exported (`WORKDIR/rm/params`): {"backbone": model params, "head": {"w", "b"}, "norm": {"gain", "bias"}}.
 """
@@ -233,8 +239,8 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
 
 def batch_shardings(mesh, rules) -> dict[str, Any]:
   """Shardings of a `group_batch` batch: rows (prompts) split over the data-parallel axes."""
-  ranks = {"tokens": 3, "mask": 3, "ranks": 2, "valid": 2, "weight": 1, "prompt_len": 2}
-  return {key: sharding.batch_sharding(mesh, rules, n) for key, n in ranks.items()}
+  ndims = {"tokens": 3, "mask": 3, "ranks": 2, "valid": 2, "weight": 1, "prompt_len": 2}
+  return {key: sharding.batch_sharding(mesh, rules, n) for key, n in ndims.items()}
 
 
 class GroupIterator:

@@ -37,11 +37,11 @@ LIMITS = {
         "unrolling the layers and giving attention a hand-written backward (no [b, h, t, t] score tensor kept "
         "for it), the op profile of the gradient is: width-128 [8192, 128] matmuls and elementwise work ~26%, "
         "the per-head [32, 4, 256, 32] attention matmuls ~23%, the score matmul with the masked softmax and its "
-        "backward ~21% (the masked upper half of the causal scores is still computed), the MLP matmuls ~14%. "
-        "Wider models amortise this (see the base row's MFU)."),
+        "backward ~21%, the MLP matmuls ~14% (profiled before attention skipped its masked upper blocks; that "
+        "took the step from ~36% to ~40%). Wider models amortise this (see the base row's MFU)."),
     "train_step_speedup_vs_torch": (
         "Same cause as the small model's MFU; PyTorch runs the same step with contiguous GEMMs and a fused SDPA "
-        "kernel that skips the masked half. At base width the matmuls dominate and the JAX step is not slower."),
+        "kernel. At base width the matmuls dominate and the JAX step is not slower."),
     "ppo_iteration_speedup_vs_trl": (
         "The update phase (E x M policy + value gradient steps) dominates the iteration and is the small "
         "model's train step again, with the same limits; ours also recomputes the old log-probs with a full "

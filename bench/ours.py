@@ -34,7 +34,6 @@ import numpy as np
 from rlhf_jax import configs, model, optim, pretrain, sampling, sharding
 
 
-
 def model_config(size: str) -> model.ModelConfig:
   """Our ModelConfig for a bench size: learned positions and no dropout, like GPT-2 (bench/common.py)."""
   sz = common.SIZES[size]

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 
-
 def gpt2_config(size: str):
   from transformers import GPT2Config  # pylint: disable=g-import-not-at-top
   sz = common.SIZES[size]

@@ -105,17 +105,17 @@ def best_of_n_table(summary: dict[str, Any]) -> str:
               if k.startswith("ppo.bon") and k.endswith(".kl_to_sft"))
   if not ns:
     return ""
+  row = lambda name, kl, gold, win: f"| {name} | {kl:.2f} | {gold:+.2f} | {win:.2f} |"  # noqa: E731
   lines = ["| policy | KL to SFT | gold score | win rate vs SFT |", "|---|---|---|---|"]
   for d in sorted({k.split(".")[0] for k in summary if k.startswith("ppo") and k.endswith(".win_rate_vs_sft")}):
-    lines.append(f"| {d} | {summary[f'{d}.kl_to_sft']:.2f} | {summary[f'{d}.gold_score']:+.2f} | "
-                 f"{summary[f'{d}.win_rate_vs_sft']:.2f} |")
+    lines.append(row(d, summary[f"{d}.kl_to_sft"], summary[f"{d}.gold_score"], summary[f"{d}.win_rate_vs_sft"]))
   for n in ns:
     pre = f"ppo.bon{n}."
-    lines.append(f"| best-of-{n}, RM picks | {summary[pre + 'kl_to_sft']:.2f} | {summary[pre + 'gold_score']:+.2f} | "
-                 f"{summary[pre + 'win_rate_vs_sft']:.2f} |")
+    kl = summary[pre + "kl_to_sft"]
+    lines.append(row(f"best-of-{n}, RM picks", kl, summary[pre + "gold_score"], summary[pre + "win_rate_vs_sft"]))
     if pre + "oracle_gold_score" in summary:
-      lines.append(f"| best-of-{n}, gold picks (oracle) | {summary[pre + 'kl_to_sft']:.2f} | "
-                   f"{summary[pre + 'oracle_gold_score']:+.2f} | {summary[pre + 'oracle_win_rate_vs_sft']:.2f} |")
+      lines.append(row(f"best-of-{n}, gold picks (oracle)", kl, summary[pre + "oracle_gold_score"],
+                       summary[pre + "oracle_win_rate_vs_sft"]))
   if "ppo.reference_win_rate_vs_sft" in summary:
     lines.append(f"| the reference answer to every prompt | - | - | {summary['ppo.reference_win_rate_vs_sft']:.2f} |")
   return "\n".join(lines)

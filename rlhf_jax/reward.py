@@ -469,6 +469,7 @@ def rm_config() -> ml_collections.ConfigDict:
       init_from="sft",
       model_size="",  # "" = the policy's config (backbone from SFT); else a preset name (fresh backbone)
       n_prompts=256, n_val_prompts=64, k_min=4, k_max=9, sample_temperature=1.0, max_new_tokens=32,
+      # length_bucket: batches are cut to their longest sequence rounded up to this (0: always seq_len).
       seq_len=128, length_bucket=32, too_long="truncate", grouping="prompt", pair_weighting="uniform",
       clear_gold_margin=0.5,
       train=ml_collections.ConfigDict(dict(steps=0, epochs=1.0, batch_size=16, log_every=10, eval_every=50)),

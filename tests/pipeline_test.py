@@ -48,6 +48,13 @@ def test_pipeline_writes_every_summary_key_and_the_report(tiny_run):
   for prefix in ("sft.", "sft.pretrain_", "ppo.", "ppo.sft_"):
     assert 0 < on_disk[f"{prefix}top_response_frac"] <= 1, prefix
     assert -2 <= on_disk[f"{prefix}harmful.gold_score"] <= 2, prefix
+  # The ceilings and the RM's likelihood baseline reach the summary. On the same candidates the gold scorer's
+  # pick scores at least the RM's; the reference answer is the gold maximum, so it wins at least as often.
+  assert "## Against best-of-n and the ceilings" in report
+  assert on_disk["ppo.bon2.oracle_gold_score"] >= on_disk["ppo.bon2.gold_score"]
+  assert on_disk["ppo.bon2.oracle_win_rate_vs_sft"] >= on_disk["ppo.bon2.win_rate_vs_sft"]
+  assert 1 >= on_disk["ppo.reference_win_rate_vs_sft"] >= on_disk["ppo.bon2.oracle_win_rate_vs_sft"]
+  assert 0 <= on_disk["rm.val_policy_logprob_accuracy"] <= 1
   ppo_rows = metrics.read_jsonl(os.path.join(workdir, "ppo", "metrics.jsonl"))
   assert {"kl_seq", "clip_frac", "approx_kl", "explained_variance", "entropy", "response_len", "rm_score",
           "gold_score", "beta"} <= set(ppo_rows[-1])

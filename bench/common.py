@@ -51,6 +51,53 @@ class Size:
   def train_flops_per_token(self, seq_len: int) -> float:
     return 6.0 * self.matmul_params() + 12.0 * self.n_layers * self.d_model * seq_len
 
+  def min_forward_flops(self, tokens: float, attended_keys: float, logits: float) -> float:
+    """The matmul FLOPs a forward pass cannot avoid (a lower bound, unlike the PaLM count above).
+
+    2 per layer weight per token; the unembedding only at the `logits` positions that need one; the score and
+    value products only over the keys each query attends (`attended_keys`, summed over queries: T(T+1)/2 for
+    one causal sequence, no padding). Norms, softmax and other elementwise work are left out.
+    """
+    layer_params = self.matmul_params() - self.d_model * self.vocab_size
+    return (2.0 * layer_params * tokens + 2.0 * self.d_model * self.vocab_size * logits
+            + 4.0 * self.n_layers * self.d_model * attended_keys)
+
+
+def causal_keys(start: int, stop: int) -> int:
+  """Keys attended, summed over the queries at positions start..stop-1 of a causal sequence: sum of (i + 1)."""
+  return (stop * (stop + 1) - start * (start + 1)) // 2
+
+
+def generate_min_flops(size: "Size", batch: int, prompt_len: int, new_tokens: int) -> float:
+  """Lower bound on the FLOPs of sampling `new_tokens` after a `prompt_len` prompt with a KV cache.
+
+  Prefill: the prompt through every layer, logits at its last position (the first new token). Then
+  new_tokens - 1 decode steps of one token each, attending the prompt and the tokens before it.
+  """
+  prefill = size.min_forward_flops(prompt_len, causal_keys(0, prompt_len), 1)
+  total = prompt_len + new_tokens - 1
+  decode = size.min_forward_flops(new_tokens - 1, causal_keys(prompt_len, total), new_tokens - 1)
+  return batch * (prefill + decode)
+
+
+def ppo_iteration_min_flops(st: "Settings") -> float:
+  """Lower bound on the FLOPs of one PPO iteration at these settings, whoever runs it.
+
+  The rollout (generate_min_flops); one forward pass each of the reference (logits on the response only), the
+  value and the reward model (no unembedding) over prompt + response; then `epochs` passes over every episode
+  of a policy and a value gradient step, each at least 3 forward passes (the backward pass is two matmuls per
+  forward one). The old log-probs are not recomputed (TRL takes the sampler's).
+  """
+  size = SIZES[st.ppo_size]
+  p, n, b = st.ppo_prompt_len, st.ppo_response_len, st.ppo_batch
+  keys = causal_keys(0, p + n)
+  policy_fwd = size.min_forward_flops(p + n, keys, n)
+  scalar_fwd = size.min_forward_flops(p + n, keys, 0)
+  rollout = generate_min_flops(size, b, p, n)
+  passes = b * (policy_fwd + 2 * scalar_fwd)  # reference, value, reward
+  update = st.ppo_epochs * b * 3 * (policy_fwd + scalar_fwd)
+  return rollout + passes + update
+
 
 # `small` and `base` are the presets of rlhf_jax.model (base = GPT-2 small's 12 x 768 body).
 SIZES = {

@@ -14,7 +14,9 @@ Groups mirror bench/ours.py:
             a callback at the end of each iteration, the first iteration counted as warm-up.
 
 Threads: torch.set_num_threads(os.cpu_count()) (both cores here), like XLA's CPU backend, which uses every
-core by default.
+core by default. Device: CUDA when torch sees one (every timing then synchronises), else the CPU; on a GPU,
+float32 matmuls may use TF32 (`torch.set_float32_matmul_precision("high")`), as XLA's GPU backend does by
+default.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ import common  # pylint: disable=g-import-not-at-top
 import numpy as np
 import torch
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+  if DEVICE.type == "cuda":
+    torch.cuda.synchronize()
+
 
 def gpt2_config(size: str):
   from transformers import GPT2Config  # pylint: disable=g-import-not-at-top
@@ -44,7 +53,7 @@ def gpt2_config(size: str):
 def lm(size: str, seed: int = 0):
   from transformers import GPT2LMHeadModel  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  return GPT2LMHeadModel(gpt2_config(size))
+  return GPT2LMHeadModel(gpt2_config(size)).to(DEVICE)
 
 
 def n_params(m) -> int:
@@ -53,13 +62,14 @@ def n_params(m) -> int:
 
 def bench_peak(st: common.Settings) -> dict[str, Any]:
   n, chain = st.matmul_n, st.matmul_chain
-  a = torch.randn(n, n) / n**0.5
-  b = torch.randn(n, n) / n**0.5
+  a = torch.randn(n, n, device=DEVICE) / n**0.5
+  b = torch.randn(n, n, device=DEVICE) / n**0.5
 
   def run():
     y = a
     for _ in range(chain):
       y = y @ b
+    _sync()
     return y
 
   run()
@@ -78,6 +88,7 @@ def bench_train(st: common.Settings) -> dict[str, Any]:
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     tokens = torch.from_numpy(np.random.default_rng(0).integers(6, 512, (batch, seq + 1)).astype(np.int64))
+    tokens = tokens.to(DEVICE)
     x, y = tokens[:, :-1], tokens[:, 1:]
     attn = torch.ones_like(x)
 
@@ -110,15 +121,17 @@ def bench_generate(st: common.Settings) -> dict[str, Any]:
   out = {}
   for batch in st.gen_batches:
     prompts = np.random.default_rng(batch).integers(6, 512, (batch, st.gen_prompt_len)).astype(np.int64)
-    ids = torch.from_numpy(prompts)
+    ids = torch.from_numpy(prompts).to(DEVICE)
     attn = torch.ones_like(ids)
     for use_cache in (True, False):
       def run(seed, n=st.gen_new_tokens, use_cache=use_cache, ids=ids, attn=attn):
         torch.manual_seed(seed)
         with torch.no_grad():
-          return m.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+          seqs = m.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
                             top_p=1.0, max_new_tokens=n, min_new_tokens=n,
                             use_cache=use_cache, pad_token_id=common.PAD_ID, eos_token_id=common.EOS_ID)
+        _sync()
+        return seqs
       run(0, n=2)  # warm-up of the code paths (eager: nothing to compile)
       times, steps = [], []
       for i in range(st.gen_repeats if use_cache else 1):
@@ -205,7 +218,9 @@ def bench_ppo(st: common.Settings) -> dict[str, Any]:
 
 def versions() -> dict[str, Any]:
   import transformers  # pylint: disable=g-import-not-at-top
-  out = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+  out = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+         "tf32": DEVICE.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
   try:
     import trl  # pylint: disable=g-import-not-at-top
     out["trl"] = trl.__version__
@@ -216,6 +231,10 @@ def versions() -> dict[str, Any]:
 
 def run(groups: list[str], st: common.Settings) -> dict[str, Any]:
   torch.set_num_threads(os.cpu_count() or 1)
+  if DEVICE.type == "cuda":  # TF32 matmuls, like XLA's GPU default
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
   res: dict[str, Any] = {"side": "peers", "versions": versions()}
   if "peak" in groups or "train" in groups:
     res["peak"] = bench_peak(st)

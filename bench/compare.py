@@ -210,6 +210,7 @@ def _fmt(x, unit) -> str:
 
 def markdown(res: dict[str, Any], meta: dict[str, Any], st: common.Settings) -> str:
   target_of = {k: v for k, v in res["targets"].items()}
+  pv = meta["peer_versions"]
   lines = [
       "# Benchmarks: rlhf_jax against its peers, and against this machine's matmul peak", "",
       f"Written by `{meta['command']}` on {meta['date']} (git {meta['git']}), {meta['rounds']} alternating "
@@ -219,8 +220,8 @@ def markdown(res: dict[str, Any], meta: dict[str, Any], st: common.Settings) -> 
       f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, {meta['machine']['ram_gib']} GiB RAM, "
       f"{meta['machine']['os']}. Ours: JAX {meta['ours_versions'].get('jax')} on "
       f"{meta['ours_versions'].get('backend')} ({meta['ours_versions'].get('device')}). Peers: torch "
-      f"{meta['peer_versions'].get('torch')} on {meta['peer_versions'].get('device', 'cpu')} ({meta['peer_versions'].get('threads')} threads), transformers "
-      f"{meta['peer_versions'].get('transformers')}, TRL {meta['peer_versions'].get('trl')}. XLA uses every "
+      f"{pv.get('torch')} on {pv.get('device', 'cpu')} ({pv.get('threads')} threads), transformers "
+      f"{pv.get('transformers')}, TRL {pv.get('trl') or 'not installed'}. XLA uses every "
       "core by default; torch.set_num_threads(cores) gives PyTorch the same.", "",
       "| benchmark | rlhf_jax | peer | ratio | target | met? |",
       "| --- | --- | --- | --- | --- | --- |",
@@ -230,11 +231,13 @@ def markdown(res: dict[str, Any], meta: dict[str, Any], st: common.Settings) -> 
     ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
     if r["key"] and r["key"].startswith("train_step_mfu"):
       ratio = "-"
+    met = {True: "yes", False: "**no**", None: "peer not run"}[t["met"]] if t else ""
     lines.append(f"| {r['name']} | {_fmt(r['ours'], r['unit'])} | {_fmt(r['peer'], r['unit'])} | {ratio} | "
-                 f"{t['target'] if t else ''} | {({True: 'yes', False: '**no**', None: 'peer not run'}[t['met']]) if t else ''} |")
+                 f"{t['target'] if t else ''} | {met} |")
   ph = res["ppo_phases_s"]
   lines += ["", "Peers: the train step and `generate` rows compare with Hugging Face `GPT2LMHeadModel` (PyTorch "
-            "eager, on the peers' device above); the PPO rows with TRL's `PPOTrainer`; the peak row with a torch matmul chain. "
+            "eager, on the peers' device above); the PPO rows with TRL's `PPOTrainer`; the peak row with a torch "
+            "matmul chain. "
             "Ratios are ours / peer for throughputs and peer / ours for times and memory (above 1 = rlhf_jax "
             "better).", "",
             "## PPO iteration by phase (rlhf_jax)", "",

@@ -3,6 +3,7 @@
   python run.py                                            # the default InstructGPT pipeline, `small` preset
   python run.py --experiment=experiments/pretrain.py:tiny --workdir=/tmp/pt
   python run.py --experiment=experiments/pretrain.py:tiny --experiment.pretrain.optimizer.lr=3e-4 --workdir=/tmp/pt
+  python run.py --seeds=0-4 --workdir=workdirs/sweep_small      # one run per seed, then WORKDIR/sweep.md
 
 Unknown --experiment.* keys and values of the wrong type are rejected before any work starts.
 """
@@ -21,6 +22,8 @@ _EXPERIMENT = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and reports go "
                                "(default: ./workdirs/<experiment>_<preset>).")
+_SEEDS = flags.DEFINE_string("seeds", None, "Run the experiment once per seed ('0,1,2' or '0-4') into "
+                              "WORKDIR/seed_<n>, then write WORKDIR/sweep.md and sweep.json (rlhf_jax/sweep.py).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -35,6 +38,11 @@ def _default_workdir(argv_experiment: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from rlhf_jax import sweep  # pylint: disable=g-import-not-at-top
+  try:
+    seeds = sweep.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   import jax  # pylint: disable=g-import-not-at-top  (after flags, so XLA flags in the environment apply)
 
   if _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -49,6 +57,11 @@ def main(argv):
                jax.device_count(), jax.devices())
   if jax.process_index() == 0:
     print(f"workdir: {workdir}", flush=True)
+  if seeds is not None:
+    agg = sweep.run(config, workdir, seeds)
+    if jax.process_index() == 0:
+      print(sweep.markdown(agg), flush=True)
+    return
   summary = pipeline.run(config, workdir)
   if jax.process_index() == 0:
     print(pipeline.format_summary(summary), flush=True)

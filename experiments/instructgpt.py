@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(base)}")
   config = configs.base_config(base[preset])
   config.stage = "pipeline"
-  config.stages = ["data", "pretrain", "sft", "rm", "ppo", "report"]
+  config.stages = ("data", "pretrain", "sft", "rm", "ppo", "report")
   if preset in ("ptx", "tiny_ptx"):
     config.ppo.stage_dir = "ppo_ptx"
     config.ppo.ptx.coef = 1.0

@@ -16,5 +16,5 @@ from rlhf_jax import configs
 def get_config(arg: str | None = None):
   config = configs.base_config(arg or "tiny")
   config.stage = "pretrain"
-  config.stages = ["data", "pretrain"]
+  config.stages = ("data", "pretrain")
   return config

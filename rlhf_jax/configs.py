@@ -109,7 +109,7 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown preset {preset!r}; expected tiny, small or base")
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
-  c.stages = ["data", "pretrain", "sft", "rm", "ppo"]
+  c.stages = ("data", "pretrain", "sft", "rm", "ppo")  # a tuple: --experiment.stages=data --experiment.stages=sft
   c.seed = 0
   c.data = data_config("tiny" if preset == "tiny" else "small")
   c.tokenizer = tokenizer_config()

@@ -59,7 +59,7 @@ def main(argv):
     print(f"workdir: {workdir}", flush=True)
   if seeds is not None:
     agg = sweep.run(config, workdir, seeds)
-    if jax.process_index() == 0:
+    if agg is not None:
       print(sweep.markdown(agg), flush=True)
     return
   summary = pipeline.run(config, workdir)

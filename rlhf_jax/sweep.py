@@ -134,8 +134,12 @@ def write(out_dir: str, agg: Mapping[str, Any]) -> None:
   os.replace(tmp, os.path.join(out_dir, "sweep.md"))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int]) -> dict[str, Any]:
-  """Runs `config` once per seed into WORKDIR/seed_<n>, then aggregates the runs into WORKDIR/sweep.*."""
+def run(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int]) -> dict[str, Any] | None:
+  """Runs `config` once per seed into WORKDIR/seed_<n>, then aggregates the runs into WORKDIR/sweep.*.
+
+  Every process runs every seed (the stages are multi-host); process 0, which writes the summaries, aggregates
+  and returns the aggregate, the others return None.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
   if config.stage != "pipeline":
@@ -145,9 +149,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int]) -
     c = copy.deepcopy(config)
     c.seed = seed
     pipeline.run(c, seed_workdir(workdir, seed))
+  if jax.process_index() != 0:
+    return None
   agg = aggregate(read_summaries([seed_workdir(workdir, s) for s in seeds], [f"seed {s}" for s in seeds]))
-  if jax.process_index() == 0:
-    write(workdir, agg)
+  write(workdir, agg)
   return agg
 
 

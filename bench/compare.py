@@ -310,6 +310,8 @@ def main(argv=None):
   if args.from_json:
     with open(args.from_json) as f:
       old = json.load(f)
+    if not isinstance(old, dict) or not {"meta", "raw"} <= set(old):
+      p.error(f"--from-json={args.from_json}: expected the results.json a run wrote (keys 'meta' and 'raw')")
     meta = old["meta"]
     meta["rendered"] = (f"re-rendered from its raw measurements by `python bench/compare.py --from-json` on "
                         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (git {common.git_revision(REPO)})")

@@ -86,13 +86,17 @@ def abstract_tree(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Write JSON through a temporary file and a rename, so readers never see half a file."""
+def write_text_atomic(path: str, text: str) -> None:
+  """Write text through a temporary file and a rename, so readers never see half a file."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """`obj` as indented JSON, written atomically (write_text_atomic)."""
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class NonFiniteError(FloatingPointError):

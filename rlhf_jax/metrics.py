@@ -77,10 +77,7 @@ class MetricsWriter:
         if isinstance(row, dict) and row.get("step", 0) <= step:
           keep.append(json.dumps(row, sort_keys=True) + "\n")
     # Through a temporary file and a rename: a kill during the rewrite must not lose the logged history.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    checkpoint.write_text_atomic(path, "".join(keep))
 
   def log(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> dict[str, Any]:
     now = time.time()

@@ -9,7 +9,7 @@ there as usual, so an interrupted sweep picks up where it stopped), then writes
   WORKDIR/sweep.md    the headline keys as a table, one column per seed.
 
   python run.py --seeds=0-4 --workdir=workdirs/sweep_small                 # 5 full runs, ~1 hour on 2 cores
-  python run.py --seeds=0,1 --experiment.stages=data,pretrain,sft,rm ...    # any experiment and overrides
+  python run.py --seeds=0,1 --experiment.stages=data --experiment.stages=pretrain ...  # any stages, overrides
   python -m rlhf_jax.sweep OUT_DIR WORKDIR [WORKDIR ...]                   # aggregate finished runs only
 """
 
@@ -128,10 +128,7 @@ def write(out_dir: str, agg: Mapping[str, Any]) -> None:
   from rlhf_jax import checkpoint  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   checkpoint.write_json_atomic(os.path.join(out_dir, "sweep.json"), agg)
-  tmp = os.path.join(out_dir, "sweep.md.tmp")
-  with open(tmp, "w") as f:
-    f.write(markdown(agg))
-  os.replace(tmp, os.path.join(out_dir, "sweep.md"))
+  checkpoint.write_text_atomic(os.path.join(out_dir, "sweep.md"), markdown(agg))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int]) -> dict[str, Any] | None:

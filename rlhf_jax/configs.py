@@ -94,8 +94,10 @@ def data_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def eval_config(n_prompts: int = 100, batch_size: int = 50) -> ml_collections.ConfigDict:
+  # samples_per_prompt: PPO's evaluation draws this many responses of the policy and of SFT per held-out prompt.
   return ml_collections.ConfigDict(dict(n_prompts=n_prompts, batch_size=batch_size, temperature=1.0,
-                                        n_benchmark=100, n_samples_table=24, best_of_n=[4, 16]))
+                                        samples_per_prompt=4, n_benchmark=100, n_samples_table=24,
+                                        best_of_n=[4, 16]))
 
 
 def base_config(preset: str = "small") -> ml_collections.ConfigDict:
@@ -134,6 +136,7 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     c.ppo.iterations, c.ppo.batch_size, c.ppo.n_minibatches, c.ppo.epochs = 2, 16, 2, 2
     c.ppo.max_new_tokens, c.ppo.log_every = 16, 1
     c.eval.n_prompts, c.eval.batch_size, c.eval.n_benchmark, c.eval.best_of_n = 16, 16, 16, [2]
+    c.eval.samples_per_prompt = 2
     c.checkpoint.save_every = 100
   else:
     # Sized for a 2-core CPU: the whole pipeline in about 20 minutes.

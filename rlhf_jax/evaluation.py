@@ -1,9 +1,13 @@
 """Evaluation of policies on held-out prompts: what InstructGPT reports, at our scale.
 
-For a policy (any parameters of the policy's shape), on the task suite's held-out prompts:
+For a policy (any parameters of the policy's shape), on the task suite's held-out prompts, with
+`eval.samples_per_prompt` samples of each policy per prompt (the suite has only ~100 held-out prompts, and
+with one sample each the win rate moved by about +-0.05 from sampling alone):
   gold_score        mean gold score of sampled responses (the simulated humans' hidden preference);
   rm_score          mean normalised reward-model score of the same responses;
-  win_rate_vs_sft   P(gold(policy) > gold(SFT)) on the same prompts, ties counting half;
+  win_rate_vs_sft   P(gold(policy) > gold(SFT)) on the same prompts, ties counting half, over every pair of a
+                    prompt's policy and SFT samples, prompts weighted alike; win_rate_vs_sft_se its standard
+                    error over the prompts;
   kl_to_sft         mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on the policy's own samples, at the
                     sampling temperature (nats per sequence, the unit of the KL target);
   pretrain_val_loss held-out pretraining next-token loss, and benchmark_accuracy the world-knowledge benchmark
@@ -131,14 +135,39 @@ def response_breakdown(gold, prompts: Sequence[str], responses: Sequence[str], s
   return out
 
 
+def _samples_per_prompt(config) -> int:
+  k = int(config.eval.samples_per_prompt)
+  if k < 1:
+    raise ValueError(f"eval.samples_per_prompt={k}: expected at least 1 sample per held-out prompt")
+  return k
+
+
 def _sft_baseline_key(config) -> jax.Array:
   """The key of the SFT samples every win rate compares with (the same samples for PPO and best-of-n)."""
   return jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), 1)
 
 
+def per_prompt_win_rates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """P(a > b) per prompt [n], ties counting half, over every pair of one prompt's samples: a and b are scores
+  [n] (one sample per prompt) or [k, n] (k samples per prompt, the prompt on the last axis)."""
+  a = np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1])
+  b = np.asarray(b, np.float64).reshape(-1, np.shape(b)[-1])
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"win rate: {a.shape[1]} prompts against {b.shape[1]}; expected the same prompts")
+  cmp_abn = (a[:, None, :] > b[None, :, :]) + 0.5 * (a[:, None, :] == b[None, :, :])
+  return cmp_abn.mean(axis=(0, 1))
+
+
 def win_rate(a: np.ndarray, b: np.ndarray) -> float:
-  """P(a > b) with ties counting half."""
-  return float(np.mean((a > b) + 0.5 * (a == b)))
+  """P(a > b) with ties counting half, each prompt weighted alike (shapes as in per_prompt_win_rates)."""
+  return float(per_prompt_win_rates(a, b).mean())
+
+
+def win_rate_se(a: np.ndarray, b: np.ndarray) -> float:
+  """Standard error of `win_rate` over the prompts (sample sd of the per-prompt win rates / sqrt(n)): how far
+  the number would move on another draw of held-out prompts and samples. 0 for a single prompt."""
+  w = per_prompt_win_rates(a, b)
+  return float(w.std(ddof=1) / np.sqrt(len(w))) if len(w) > 1 else 0.0
 
 
 def benchmark_accuracy(params, cfg, tok, records: Sequence[dict], *, batch_size: int, mesh, rules) -> float:
@@ -190,35 +219,40 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
   gold = data_sources.gold_scorer(config, workdir)
   temp = config.ppo.temperature
   scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=temp)
-  ids = [p["ids"] for p in prompts]
+  k, n = _samples_per_prompt(config), len(prompts)
   texts_p = [p["prompt"] for p in prompts]
+  # k samples per prompt: the prompt list repeated k times, so sample j of prompt i is row j * n + i.
+  ids_k = [p["ids"] for p in prompts] * k
+  texts_k = texts_p * k
   kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
   with sharding.activate(mesh, rules):
-    pol = sample(params, cfg, ids, tok, scfg, jax.random.PRNGKey(config.seed + 11), **kw)
-    sft = sample(sft_params, cfg, ids, tok, scfg, _sft_baseline_key(config), **kw)
+    pol = sample(params, cfg, ids_k, tok, scfg, jax.random.PRNGKey(config.seed + 11), **kw)
+    sft = sample(sft_params, cfg, ids_k, tok, scfg, _sft_baseline_key(config), **kw)
     lp_pol = seq_logprob_sums(params, cfg, pol, scfg.logprob_temperature, **kw)
     lp_sft = seq_logprob_sums(sft_params, cfg, pol, scfg.logprob_temperature, **kw)
     rm_pol = rm_scores(rm_params, rm_cfg, pol, **kw)
     out_texts = decode_responses(tok, pol["response_bn"], pol["response_mask_bn"])
     sft_texts = decode_responses(tok, sft["response_bn"], sft["response_mask_bn"])
-    g_pol = gold.score_batch(texts_p, out_texts)
-    g_sft = gold.score_batch(texts_p, sft_texts)
+    g_pol = gold.score_batch(texts_k, out_texts)
+    g_sft = gold.score_batch(texts_k, sft_texts)
+    g_pol_kn, g_sft_kn = g_pol.reshape(k, n), g_sft.reshape(k, n)
+    g_ref = gold.score_batch(texts_p, [gold.reference(p) for p in texts_p])
     result = {
         "gold_score": float(g_pol.mean()),
         "sft_gold_score": float(g_sft.mean()),
         "rm_score": float(rm_pol.mean()),
-        "win_rate_vs_sft": win_rate(g_pol, g_sft),
+        "win_rate_vs_sft": win_rate(g_pol_kn, g_sft_kn),
+        "win_rate_vs_sft_se": win_rate_se(g_pol_kn, g_sft_kn),
         # The gold reference answer to every prompt against the same SFT samples: no policy can win more.
-        "reference_win_rate_vs_sft": win_rate(gold.score_batch(texts_p, [gold.reference(p) for p in texts_p]),
-                                              g_sft),
+        "reference_win_rate_vs_sft": win_rate(g_ref, g_sft_kn),
         "kl_to_sft": float(np.mean(lp_pol - lp_sft)),
         "ended_frac": float(pol["ended_b"].mean()),
         "pretrain_val_loss": pretrain_val_loss(config, workdir, tok, params, cfg, mesh, rules),
         "sft_pretrain_val_loss": pretrain_val_loss(config, workdir, tok, sft_params, cfg, mesh, rules),
         "benchmark_accuracy": benchmark_accuracy(params, cfg, tok, data_sources.benchmark(config, workdir)[
             :ec.n_benchmark], **kw),
-        **response_breakdown(gold, texts_p, out_texts, g_pol),
-        **response_breakdown(gold, texts_p, sft_texts, g_sft, prefix="sft_"),
+        **response_breakdown(gold, texts_k, out_texts, g_pol),
+        **response_breakdown(gold, texts_k, sft_texts, g_sft, prefix="sft_"),
     }
   if samples_path and jax.process_index() == 0:
     with open(samples_path, "w") as f:
@@ -245,16 +279,18 @@ def best_of_n_eval(config, workdir, tok, cfg, sft_params, rm_params, rm_cfg, mes
              for i in range(n)]
     rm = np.stack([rm_scores(rm_params, rm_cfg, c, no_eos_penalty=config.ppo.no_eos_penalty, **kw)
                    for c in cands])
-    base = sample(sft_params, cfg, ids, tok, scfg, _sft_baseline_key(config), **kw)
+    k = _samples_per_prompt(config)
+    base = sample(sft_params, cfg, ids * k, tok, scfg, _sft_baseline_key(config), **kw)
   texts = [decode_responses(tok, c["response_bn"], c["response_mask_bn"]) for c in cands]
   gold_np = np.stack([gold.score_batch(texts_p, t) for t in texts])
-  g0 = gold.score_batch(texts_p, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
-  return best_of_n_summary(rm, gold_np, g0)
+  g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
+  return best_of_n_summary(rm, gold_np, g0.reshape(k, len(texts_p)))
 
 
 def best_of_n_summary(rm_np: np.ndarray, gold_np: np.ndarray, gold_sft_p: np.ndarray) -> dict[str, float]:
   """From RM and gold scores of n candidates per prompt [n, prompts] and the gold scores of the SFT samples
-  compared with [prompts]: the RM's pick against the gold scorer's own pick (the oracle)."""
+  compared with ([prompts], or [k, prompts] for k samples per prompt): the RM's pick against the gold scorer's
+  own pick (the oracle). One pick per prompt, compared with every SFT sample of its prompt."""
   n, n_prompts = rm_np.shape
   g = gold_np[rm_np.argmax(axis=0), np.arange(n_prompts)]
   g_oracle = gold_np.max(axis=0)

@@ -169,8 +169,8 @@ def run(config, workdir: str) -> dict[str, Any]:
           "sft.pretrain_gold_score", "rm.val_accuracy",
           "rm.gold_ceiling_accuracy", "rm.val_gold_accuracy_clear"]
   for d in _ppo_dirs(workdir):
-    keys += [f"{d}.{k}" for k in ("gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "pretrain_val_loss",
-                                  "benchmark_accuracy", "final_beta")]
+    keys += [f"{d}.{k}" for k in ("gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "win_rate_vs_sft_se",
+                                  "pretrain_val_loss", "benchmark_accuracy", "final_beta")]
   lines += ["| metric | value |", "|---|---|"]
   lines += [f"| {k} | {summary[k]:.4g} |" if isinstance(summary[k], float) else f"| {k} | {summary[k]} |"
             for k in keys if k in summary]

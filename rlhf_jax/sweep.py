@@ -29,7 +29,8 @@ import ml_collections
 HEADLINE = (
     "pretrain.val_loss", "sft.val_loss", "sft.gold_score", "sft.pretrain_gold_score", "rm.val_accuracy",
     "rm.gold_ceiling_accuracy", "rm.val_gold_accuracy_clear", "rm.val_policy_logprob_gold_accuracy_clear",
-    "ppo.gold_score", "ppo.sft_gold_score", "ppo.rm_score", "ppo.win_rate_vs_sft", "ppo.kl_to_sft",
+    "ppo.gold_score", "ppo.sft_gold_score", "ppo.rm_score", "ppo.win_rate_vs_sft", "ppo.win_rate_vs_sft_se",
+    "ppo.kl_to_sft",
     "ppo.final_beta", "ppo.pretrain_val_loss", "ppo.sft_pretrain_val_loss", "ppo.bon16.win_rate_vs_sft",
     "ppo.bon16.oracle_win_rate_vs_sft", "ppo.reference_win_rate_vs_sft", "pretrain.wall_s", "sft.wall_s",
     "rm.wall_s", "ppo.wall_s",

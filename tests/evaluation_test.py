@@ -18,6 +18,28 @@ def test_win_rate_counts_ties_half():
   assert evaluation.win_rate(a, b) == pytest.approx(wins / len(a))
 
 
+def test_win_rate_over_several_samples_per_prompt_against_a_loop():
+  rng = np.random.default_rng(1)
+  n = 30
+  a = rng.integers(-2, 3, size=(4, n)).astype(float)  # coarse scores, so ties are common
+  b = rng.integers(-2, 3, size=(3, n)).astype(float)
+  per_prompt = []
+  for i in range(n):
+    pairs = [float(x > y) + 0.5 * float(x == y) for x in a[:, i] for y in b[:, i]]
+    per_prompt.append(sum(pairs) / len(pairs))
+  np.testing.assert_allclose(evaluation.per_prompt_win_rates(a, b), per_prompt)
+  assert evaluation.win_rate(a, b) == pytest.approx(np.mean(per_prompt))
+  mean = sum(per_prompt) / n
+  sd = (sum((w - mean) ** 2 for w in per_prompt) / (n - 1)) ** 0.5
+  assert evaluation.win_rate_se(a, b) == pytest.approx(sd / n ** 0.5)
+  # One sample per prompt on either side is the plain pairwise rate.
+  assert evaluation.win_rate(a[0], b[0]) == pytest.approx(evaluation.win_rate(a[:1], b[0]))
+  assert evaluation.win_rate(a[0], b) == pytest.approx(np.mean([np.mean([float(a[0, i] > y) + 0.5 * float(
+      a[0, i] == y) for y in b[:, i]]) for i in range(n)]))
+  with pytest.raises(ValueError, match="30 prompts against 29"):
+    evaluation.win_rate(a, b[:, :29])
+
+
 def test_left_pad_puts_tokens_at_the_end_and_rejects_long_prompts():
   tokens, mask = evaluation.left_pad([[5, 6, 7], [8]], pad_id=0, length=4)
   np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 8]])
@@ -101,6 +123,13 @@ def test_best_of_n_summary_against_a_loop():
   assert got["rm_score"] == pytest.approx(np.mean([max(rm[:, j]) for j in range(p)]))
   assert got["kl_to_sft"] == pytest.approx(np.log(n) - (n - 1) / n)
   assert got["oracle_gold_score"] >= got["gold_score"]
+  # Several SFT samples per prompt: each pick is compared with every sample of its prompt.
+  bases = rng.integers(-2, 3, size=(3, p)).astype(float)
+  got_k = evaluation.best_of_n_summary(rm, gold, bases)
+  win_k = np.mean([np.mean([float(picked[j] > y) + 0.5 * float(picked[j] == y) for y in bases[:, j]])
+                   for j in range(p)])
+  assert got_k["win_rate_vs_sft"] == pytest.approx(win_k)
+  assert got_k["gold_score"] == got["gold_score"]
 
 
 def test_report_best_of_n_table_puts_the_oracle_beside_the_rm():

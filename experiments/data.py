@@ -14,10 +14,11 @@ Time on a 2-core laptop CPU: `small` about 5 s (generation about 1.5 s, the rest
 timings).
 
 Expected stats.json (`small`, seed 0): 5000 pretraining documents (1.6 MB of text), 256 facts about 64
-entities, 1000/100 SFT demonstrations (demonstrator accuracy 0.84, 20% multi-turn), 600/100 comparisons
-(K 4..9, about 13,600 ranked pairs), 800/100 RL prompts; curation removes exactly the planted 84 PII
-prompts, 140 near-duplicates and 90 over-quota prompts; labeler_agreement 0.74 (0.73 +- 0.02 over seeds;
-InstructGPT: about 0.73) and gold_ceiling_accuracy 0.80 (the best any reward model can do on these labels).
+entities, 1000/100 SFT demonstrations (demonstrator accuracy 0.84, 18% multi-turn), 1000/100 comparisons
+(K 4..9, about 21,400 ranked pairs), 800/100 RL prompts, 20 prompts of the world left unused; curation
+removes exactly the planted 96 PII prompts, 160 near-duplicates and 90 over-quota prompts; labeler_agreement
+0.74 (0.73 +- 0.02 over seeds; InstructGPT: about 0.73) and gold_ceiling_accuracy 0.80 (the best any reward
+model can do on these labels).
 Labeler noise -> agreement: 0.25 -> 0.85, 0.5 -> 0.77, 0.65 -> 0.73 (default), 1.0 -> 0.66, 1.5 -> 0.60.
 """
 

@@ -18,7 +18,7 @@ Presets:
          the target and collapses to a refusal (win rate 0.51). `python run.py --seeds=0-4` runs all five.
   tiny   a 2-layer width-64 model and 2 PPO iterations: a smoke test of every stage (a couple of minutes).
   ptx    small with PPO-ptx (pretraining gradients mixed into PPO), written to WORKDIR/ppo_ptx.
-  kl0    small with the KL penalty switched off (beta = 0, not adaptive), 150 iterations at 5x the learning rate,
+  kl0    small with the KL penalty switched off (beta = 0, not adaptive), 150 iterations at lr 5e-5 (2.5x),
          written to WORKDIR/ppo_kl0: the reward over-optimisation experiment.
 """
 

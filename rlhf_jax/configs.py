@@ -67,7 +67,8 @@ DATA_PRESETS = {
     "small": dict(
         n_entities=64, n_unknown_entities=32, n_words=48, max_number=20, max_factor=10,
         n_pretrain_docs=5000, n_pretrain_val_docs=250, n_benchmark_arithmetic=100,
-        n_sft=1000, n_sft_val=100, n_prompts=800, n_prompts_val=100, n_comparisons=600, n_comparisons_val=100,
+        # 1000 comparison prompts: about all the world's prompt space leaves after SFT and RL (20 unused).
+        n_sft=1000, n_sft_val=100, n_prompts=800, n_prompts_val=100, n_comparisons=1000, n_comparisons_val=100,
         max_prompts_per_user=20, n_heavy_users=3, heavy_user_prompts=50,
     ),
     # For smoke tests: everything in about a second.
@@ -149,25 +150,26 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     c.pretrain.optimizer = optimizer_config(lr=3e-3, warmup_steps=50)
     c.sft.train = train_config(steps=200, batch_size=32, seq_len=127, log_every=25, eval_every=100,
                                eval_batches=4)
-    c.rm.n_prompts, c.rm.n_val_prompts, c.rm.train.epochs = 512, 64, 4.0
-    # ~430 prompts with at least two distinct samples give only ~27 steps per epoch: 4 epochs at 3e-4 took the
-    # RM's accuracy on clearly different fact answers from 0.43 (2 epochs, 1e-4) to 0.73 on held-out prompts.
-    # More comparison prompts help the RM (data.n_comparisons=1000, rm.n_prompts=1000: clear-pair accuracy 0.725
-    # -> 0.785 on the same 100 held-out prompts), but the larger suite redraws every split: that draw's SFT
-    # policy was weaker (gold -0.29 against -0.02) and PPO stopped at 0.64 nats of KL. Not the default.
+    c.rm.n_prompts, c.rm.n_val_prompts, c.rm.train.epochs = 1000, 100, 4.0
+    # Every comparison prompt of the suite (~840 with at least two distinct samples, ~52 steps per epoch), 4 epochs
+    # at 3e-4 (2 epochs at 1e-4 left clearly different fact answers at 0.43). Against 512 of 600 prompts, over
+    # five draws: clear-pair accuracy 0.77 against 0.74, PPO's win rate 0.57 against 0.53, and no draw's PPO
+    # collapsed into one answer (with 512, seed 0 answered "I can't help with that." to 77% of prompts).
     c.rm.optimizer.lr = 3e-4
     c.rm.seq_len = 128
     c.rm.train.eval_every = 0  # the final evaluation only
-    c.ppo.iterations = 40  # KL and gold score level off after ~25 iterations (report.md's curves)
+    c.ppo.iterations = 40
     # Our responses are ~9 tokens (InstructGPT's are hundreds): 1.5 nats per response, not 6. In five tuning runs
-    # on one draw the gold score peaked near 1 nat and fell beyond 2 (the RM is an imperfect proxy:
-    # over-optimisation). beta starts at 0.1 (at 0.02 the penalty was ~0.05 reward units and PPO over-optimised
-    # the RM within 20 iterations) and the controller's horizon is scaled to this run's 2,560 episodes
-    # (lm-human-preferences: 10,000). On another draw (a weaker RM) the KL jumped from 0.9 to 3.5 nats within
-    # five iterations and this controller could not hold it (README.md).
+    # on one draw (512 comparison prompts) the gold score peaked near 1 nat and fell beyond 2 (the RM is an
+    # imperfect proxy: over-optimisation). With the RM of 1000 prompts, beta 0.1 and lr 1e-5 stopped at 0.5-0.9
+    # nats on five draws of five, and lowering beta alone (0.05, 0.03) moved one draw of two into the band: within
+    # 40 iterations the KL was bounded by how far PPO moved, not by the penalty. Twice the learning rate, beta
+    # from 0.05 and a horizon of 1000 episodes (lm-human-preferences: 10,000 over a longer run; this one has
+    # 2,560) reached 1.34 and 1.83 nats on seeds 0 and 1, with win rates 0.60 and 0.62 against 0.55 and 0.53.
+    c.ppo.optimizer.lr = 2e-5
     c.ppo.kl.target = 1.5
-    c.ppo.kl.init_beta = 0.1
-    c.ppo.kl.horizon = 2000
+    c.ppo.kl.init_beta = 0.05
+    c.ppo.kl.horizon = 1000
     # A 1M-parameter model samples far fewer correct answers at T=1 than at 0.7; RL (and the RM's
     # comparisons, and evaluation) sample at 0.7, and every log-prob is taken at that temperature.
     c.ppo.temperature = 0.7

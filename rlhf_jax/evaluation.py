@@ -2,7 +2,7 @@
 
 For a policy (any parameters of the policy's shape), on the task suite's held-out prompts, with
 `eval.samples_per_prompt` samples of each policy per prompt (the suite has only ~100 held-out prompts, and
-with one sample each the win rate moved by about +-0.05 from sampling alone):
+with one sample each the win rate's standard error was about 0.04):
   gold_score        mean gold score of sampled responses (the simulated humans' hidden preference);
   rm_score          mean normalised reward-model score of the same responses;
   win_rate_vs_sft   P(gold(policy) > gold(SFT)) on the same prompts, ties counting half, over every pair of a

@@ -137,6 +137,10 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
     losses.check_whitenable(pc.batch_size // pc.n_minibatches, min_elements=pc.min_whiten)
     fits(pc.max_prompt_len + pc.max_new_tokens, "ppo.max_prompt_len + ppo.max_new_tokens", extra=0)
+    # The evaluation runs after training: its settings are checked now, not after the PPO iterations.
+    if config.eval.samples_per_prompt < 1:
+      raise ValueError(f"eval.samples_per_prompt={config.eval.samples_per_prompt}: expected at least 1 sample "
+                       "per held-out prompt")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

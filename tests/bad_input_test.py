@@ -152,6 +152,11 @@ def test_ppo_minibatch_too_small_to_whiten(done_workdir):
                          "whitening needs at least 16 elements, got 8")
 
 
+def test_evaluation_samples_checked_before_ppo_trains(done_workdir):
+  _expect_pipeline_error(done_workdir[0], _config(stage="ppo", **{"eval.samples_per_prompt": 0}),
+                         "eval.samples_per_prompt=0", "at least 1 sample")
+
+
 def test_reward_ranking_size_out_of_range(done_workdir):
   _expect_pipeline_error(done_workdir[0], _config(stage="rm", **{"rm.k_min": 1}), "rm.k_min=1",
                          "2 <= k_min <= k_max")

@@ -246,6 +246,7 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
         # The gold reference answer to every prompt against the same SFT samples: no policy can win more.
         "reference_win_rate_vs_sft": win_rate(g_ref, g_sft_kn),
         "kl_to_sft": float(np.mean(lp_pol - lp_sft)),
+        "n_eval_samples": len(out_texts),  # k * n of each policy
         "ended_frac": float(pol["ended_b"].mean()),
         "pretrain_val_loss": pretrain_val_loss(config, workdir, tok, params, cfg, mesh, rules),
         "sft_pretrain_val_loss": pretrain_val_loss(config, workdir, tok, sft_params, cfg, mesh, rules),

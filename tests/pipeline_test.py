@@ -54,9 +54,11 @@ def test_pipeline_writes_every_summary_key_and_the_report(tiny_run):
   assert on_disk["ppo.bon2.oracle_gold_score"] >= on_disk["ppo.bon2.gold_score"]
   assert on_disk["ppo.bon2.oracle_win_rate_vs_sft"] >= on_disk["ppo.bon2.win_rate_vs_sft"]
   assert 1 >= on_disk["ppo.reference_win_rate_vs_sft"] >= on_disk["ppo.bon2.oracle_win_rate_vs_sft"]
-  # Two samples per prompt (the tiny preset): a per-prompt win rate is a mean of 4 pairs, so the standard error
-  # over the 16 prompts is positive and at most that of one 0/1 comparison per prompt.
-  assert 0 < on_disk["ppo.win_rate_vs_sft_se"] <= 0.5 / 15 ** 0.5 + 1e-9
+  # Two samples per prompt (the tiny preset) of each policy on the shared run's 8 held-out prompts
+  # (stage_runner.TINY_FLAGS); per-prompt win rates lie in [0, 1], so the standard error over 8 prompts is at
+  # most 0.5 / sqrt(7).
+  assert on_disk["ppo.n_eval_samples"] == 2 * 8
+  assert 0 < on_disk["ppo.win_rate_vs_sft_se"] <= 0.5 / 7 ** 0.5 + 1e-9
   assert 0 <= on_disk["rm.val_policy_logprob_accuracy"] <= 1
   # Per-family clear-pair accuracies: their pair counts add up to the total, their weighted mean is the total.
   fams = [k.split(".")[1] for k in on_disk if k.startswith("rm.") and k.endswith(".val_gold_pairs_clear")

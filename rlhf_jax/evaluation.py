@@ -7,7 +7,7 @@ with one sample each the win rate's standard error was about 0.04):
   rm_score          mean normalised reward-model score of the same responses;
   win_rate_vs_sft   P(gold(policy) > gold(SFT)) on the same prompts, ties counting half, over every pair of a
                     prompt's policy and SFT samples, prompts weighted alike; win_rate_vs_sft_se its standard
-                    error over the prompts;
+                    error over the prompts, n_eval_samples the responses drawn of each policy;
   kl_to_sft         mean over prompts of sum_t log pi(y_t) - log pi_SFT(y_t) on the policy's own samples, at the
                     sampling temperature (nats per sequence, the unit of the KL target);
   pretrain_val_loss held-out pretraining next-token loss, and benchmark_accuracy the world-knowledge benchmark

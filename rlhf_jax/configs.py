@@ -156,6 +156,8 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
     # five draws with the earlier PPO settings (lr 1e-5, beta 0.1): clear-pair accuracy 0.77 against 0.74, PPO's
     # win rate 0.57 against 0.53, and no draw's PPO collapsed into one answer (with 512, seed 0 answered "I can't
     # help with that." to 77% of prompts).
+    # K stays InstructGPT's 4..9: K = 9 for every prompt (rm.k_min=9, five draws through PPO, README.md) left the
+    # clear-pair accuracy at 0.77 and the win rate at 0.60, with the KL in band on 1 draw of 5.
     c.rm.optimizer.lr = 3e-4
     c.rm.seq_len = 128
     c.rm.train.eval_every = 0  # the final evaluation only

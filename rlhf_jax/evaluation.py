@@ -135,7 +135,8 @@ def response_breakdown(gold, prompts: Sequence[str], responses: Sequence[str], s
   return out
 
 
-def _samples_per_prompt(config) -> int:
+def samples_per_prompt(config) -> int:
+  """eval.samples_per_prompt, checked (also by the pipeline's preflight, before PPO trains)."""
   k = int(config.eval.samples_per_prompt)
   if k < 1:
     raise ValueError(f"eval.samples_per_prompt={k}: expected at least 1 sample per held-out prompt")
@@ -219,7 +220,7 @@ def policy_eval(config, workdir: str, tok, cfg, params, sft_params, rm_params, r
   gold = data_sources.gold_scorer(config, workdir)
   temp = config.ppo.temperature
   scfg = sampling.SamplingConfig(max_new_tokens=config.ppo.max_new_tokens, temperature=temp)
-  k, n = _samples_per_prompt(config), len(prompts)
+  k, n = samples_per_prompt(config), len(prompts)
   texts_p = [p["prompt"] for p in prompts]
   # k samples per prompt: the prompt list repeated k times, so sample j of prompt i is row j * n + i.
   ids_k = [p["ids"] for p in prompts] * k
@@ -280,7 +281,7 @@ def best_of_n_eval(config, workdir, tok, cfg, sft_params, rm_params, rm_cfg, mes
              for i in range(n)]
     rm = np.stack([rm_scores(rm_params, rm_cfg, c, no_eos_penalty=config.ppo.no_eos_penalty, **kw)
                    for c in cands])
-    k = _samples_per_prompt(config)
+    k = samples_per_prompt(config)
     base = sample(sft_params, cfg, ids * k, tok, scfg, _sft_baseline_key(config), **kw)
   texts = [decode_responses(tok, c["response_bn"], c["response_mask_bn"]) for c in cands]
   gold_np = np.stack([gold.score_batch(texts_p, t) for t in texts])

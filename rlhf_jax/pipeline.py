@@ -91,7 +91,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   trained = [s for s in stages if s in ("pretrain", "sft", "rm", "ppo")]
   if not trained:
     return
-  from rlhf_jax import configs, model, sampling, sharding  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import configs, evaluation, model, sampling, sharding  # pylint: disable=g-import-not-at-top
   guard = config.get("guard")
   if guard is not None and guard.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"guard.on_nonfinite={guard.on_nonfinite!r}: expected 'stop' or 'skip'")
@@ -138,9 +138,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     losses.check_whitenable(pc.batch_size // pc.n_minibatches, min_elements=pc.min_whiten)
     fits(pc.max_prompt_len + pc.max_new_tokens, "ppo.max_prompt_len + ppo.max_new_tokens", extra=0)
     # The evaluation runs after training: its settings are checked now, not after the PPO iterations.
-    if config.eval.samples_per_prompt < 1:
-      raise ValueError(f"eval.samples_per_prompt={config.eval.samples_per_prompt}: expected at least 1 sample "
-                       "per held-out prompt")
+    evaluation.samples_per_prompt(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

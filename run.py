@@ -1,55 +1,125 @@
 """rlhf_jax entry point: parse flags, log the devices, run the experiment's stage or pipeline.
 
   python run.py                                            # the default InstructGPT pipeline, `small` preset
-  python run.py --experiment=experiments/pretrain.py:tiny --workdir=/tmp/pt
-  python run.py --experiment=experiments/pretrain.py:tiny --experiment.pretrain.optimizer.lr=3e-4 --workdir=/tmp/pt
+  python run.py --experiment=experiments/pretrain/config.py:tiny --workdir=/tmp/pt
+  python run.py --experiment=experiments/pretrain/config.py:tiny --experiment.pretrain.optimizer.lr=3e-4 \
+      --workdir=/tmp/pt
   python run.py --seeds=0-4 --workdir=workdirs/sweep_small      # one run per seed, then WORKDIR/sweep.md
 
-Unknown --experiment.* keys and values of the wrong type are rejected before any work starts.
+Unknown --experiment.* keys (with the closest valid key), values of the wrong type, a missing experiment file
+and every setting a stage can check from the config alone are rejected before any work starts, as one
+`error: ...` line and exit status 2; --verbose adds the traceback.
 """
 
+import glob
+import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_DEFAULT_EXPERIMENT = os.path.join(_HERE, "experiments", "instructgpt.py") + ":small"
+from rlhf_jax import errors
 
-_EXPERIMENT = config_flags.DEFINE_config_file(
-    "experiment", _DEFAULT_EXPERIMENT, "Experiment file and preset: experiments/NAME.py[:preset].",
-    lock_config=True)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_EXPERIMENT = os.path.join(_HERE, "experiments", "instructgpt", "config.py") + ":small"
+
+_EXPERIMENT = None  # the --experiment flag, defined by _define_experiment_flag
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and reports go "
                                "(default: ./workdirs/<experiment>_<preset>).")
 _SEEDS = flags.DEFINE_string("seeds", None, "Run the experiment once per seed ('0,1,2' or '0-4') into "
                               "WORKDIR/seed_<n>, then write WORKDIR/sweep.md and sweep.json (rlhf_jax/sweep.py).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a configuration or data error.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
+def _fail(message: str, error: BaseException | None = None):
+  """One `error:` line and exit status 2 (flags are not parsed yet: --verbose is read from argv)."""
+  if error is not None and "--verbose" in sys.argv:
+    raise error
+  errors.fail(message)
+
+
+def _experiment_arg(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--experiment="):
+      return arg.split("=", 1)[1]
+    if arg == "--experiment" and i + 1 < len(argv):
+      return argv[i + 1]
+  return _DEFAULT_EXPERIMENT
+
+
+def _check_experiment(argv: list[str]) -> None:
+  """Loads the experiment once before absl does, so a missing file, a bad preset or an unknown key gets one line
+  (with the closest valid key) instead of a traceback from inside the flag parser."""
+  value = _experiment_arg(argv)
+  path, _, preset = value.partition(":")
+  if not os.path.isfile(path):
+    found = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(_HERE, "experiments", "*", "config.py")))
+    _fail(f"--experiment={value}: no experiment file {path}; expected experiments/NAME/config.py[:preset], e.g. "
+          f"{', '.join(found)}")
+  spec = importlib.util.spec_from_file_location("experiment_check", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config(preset or None)
+  except Exception as e:  # pylint: disable=broad-except  (any failure of the user's file is reported, not raised)
+    _fail(f"--experiment={value}: {type(e).__name__}: {errors.one_line(e)}", e)
+  for arg in argv:
+    if arg.startswith("--experiment."):
+      key = arg[len("--experiment."):].split("=", 1)[0]
+      message = errors.unknown_key_message(config, key)
+      if message:
+        _fail(message)
+
+
+def _define_experiment_flag():
+  """--experiment, defined once the experiment and its overrides have been checked: config_flags loads the
+  default experiment and applies overrides from sys.argv as soon as the flag is defined."""
+  global _EXPERIMENT
+  _check_experiment(sys.argv)
+  try:
+    _EXPERIMENT = config_flags.DEFINE_config_file(
+        "experiment", _DEFAULT_EXPERIMENT, "Experiment file and preset: experiments/NAME/config.py[:preset].",
+        lock_config=True)
+  except (flags.Error, AttributeError, KeyError, TypeError, *errors.USER_ERRORS) as e:
+    _fail(f"{type(e).__name__}: {errors.one_line(e)}", e)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e), e)
+  except (AttributeError, KeyError, TypeError, *errors.USER_ERRORS) as e:  # raised by config_flags' overrides
+    _fail(f"{type(e).__name__}: {errors.one_line(e)}", e)
+
+
 def _default_workdir(argv_experiment: str) -> str:
   name, _, preset = argv_experiment.partition(":")
   stem = os.path.splitext(os.path.basename(name))[0]
+  if stem == "config":  # experiments/<name>/config.py is named by its folder
+    stem = os.path.basename(os.path.dirname(os.path.abspath(name)))
   return os.path.join(os.getcwd(), "workdirs", f"{stem}_{preset or 'default'}")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from rlhf_jax import sweep  # pylint: disable=g-import-not-at-top
-  try:
-    seeds = sweep.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  import jax  # pylint: disable=g-import-not-at-top  (after flags, so XLA flags in the environment apply)
+    _fail(f"unexpected arguments: {argv[1:]}; flags take the form --name=value")
+  errors.reporting(_run, verbose=_VERBOSE.value)
 
+
+def _run():
+  # After flag parsing, so that XLA flags in the environment apply and --help stays fast.
+  import jax  # lazy: see above
+  from rlhf_jax import pipeline, sweep  # lazy: they import jax
+
+  seeds = sweep.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
   if _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
-
   config = _EXPERIMENT.value
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["experiment"].serialize().split("=", 1)[1])
   workdir = os.path.abspath(workdir)
@@ -77,6 +147,7 @@ class _QuietLibraries:
 
 
 if __name__ == "__main__":
+  _define_experiment_flag()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_logger().addFilter(_QuietLibraries())
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=_parse_flags))

@@ -33,7 +33,7 @@ EOS_ID = 2
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-  """One model size; the field names follow rlhf_jax.model.ModelConfig."""
+  """One model size; the field names follow rlhf_jax.models.transformer.ModelConfig."""
 
   name: str
   d_model: int
@@ -99,7 +99,7 @@ def ppo_iteration_min_flops(st: "Settings") -> float:
   return rollout + passes + update
 
 
-# `small` and `base` are the presets of rlhf_jax.model (base = GPT-2 small's 12 x 768 body).
+# `small` and `base` are the presets of rlhf_jax.models.presets (base = GPT-2 small's 12 x 768 body).
 SIZES = {
     "small": Size("small", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=256),
     "base": Size("base", d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024),

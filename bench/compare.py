@@ -264,7 +264,7 @@ def markdown(res: dict[str, Any], meta: dict[str, Any], st: common.Settings) -> 
             f"Generation: `{st.gen_size}`, prompt {st.gen_prompt_len} tokens, {st.gen_new_tokens} new tokens, "
             "temperature 1, no top-k/top-p (HF forced to the full length with min_new_tokens; ours counts the "
             "steps its loop ran). PPO: ours runs the PPO stage's own functions (bench/ppo_iteration.py calls "
-            "rlhf_jax.ppo), including a full forward pass that recomputes the old log-probs (TRL takes the "
+            "rlhf_jax.rl), including a full forward pass that recomputes the old log-probs (TRL takes the "
             "sampler's, so that phase is extra work on our side); both score with the reward model at the last "
             "real token, run one reference and one value pass, then epochs x minibatches of one Adam step on "
             "policy + value.", ""]

@@ -6,7 +6,7 @@
 Groups:
   peak      the measured matmul peak: a jitted chain of square float32 matrix products (the dtype of the
             models), FLOP/s = 2 n^3 per product. MFU divides by this, not by a datasheet number.
-  train     pretraining train step (`pretrain.make_train_step`: forward, backward, global-norm clip, AdamW)
+  train     pretraining train step (`training.make_train_step`: forward, backward, global-norm clip, AdamW)
             per model size: tokens/s, model FLOP/s (bench/common.py states the formula) and MFU.
   generate  `sampling.generate` new tokens/s with and without the KV cache, batch 1 and 64.
   ppo       one PPO iteration (bench/ppo_iteration.py) split by phase, and its peak memory with the four
@@ -31,13 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import configs, model, optim, pretrain, sampling, sharding
+from rlhf_jax import configs, optim, sampling, sharding, training
+from rlhf_jax.models import presets, transformer
 
 
-def model_config(size: str) -> model.ModelConfig:
+def model_config(size: str) -> transformer.ModelConfig:
   """Our ModelConfig for a bench size: learned positions and no dropout, like GPT-2 (bench/common.py)."""
   sz = common.SIZES[size]
-  return model.preset(size, vocab_size=sz.vocab_size, pos_embedding="learned", dropout_rate=0.0)
+  return presets.preset(size, vocab_size=sz.vocab_size, pos_embedding="learned", dropout_rate=0.0)
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -72,16 +73,16 @@ def bench_train(st: common.Settings, peak: float | None) -> dict[str, Any]:
     cfg = model_config(size)
     steps = st.train_warmup + st.train_steps
     opt_cfg = configs.optimizer_config(lr=1e-4, warmup_steps=0, weight_decay=0.01, grad_clip=1.0)
-    axes = model.param_axes(cfg)
+    axes = transformer.param_axes(cfg)
     optimizer = optim.make_optimizer(opt_cfg, 1000, optim.decay_mask_from_axes(axes))
-    state, state_sh = optim.create_state(lambda k, c=cfg: model.init(k, c), axes, optimizer,
+    state, state_sh = optim.create_state(lambda k, c=cfg: transformer.init(k, c), axes, optimizer,
                                          jax.random.PRNGKey(0), mesh, rules)
     rng = np.random.default_rng(0)
     tokens = rng.integers(6, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     host_batch = {"tokens": tokens, "mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
     batch_sh = {k: sharding.batch_sharding(mesh, rules, 2) for k in host_batch}
     with sharding.activate(mesh, rules):
-      step = jax.jit(pretrain.make_train_step(cfg, optimizer), in_shardings=(state_sh, batch_sh),
+      step = jax.jit(training.make_train_step(training.lm_loss_fn(cfg), optimizer), in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, None), donate_argnums=0)
       dev_batch = sharding.put_batch(host_batch, mesh, rules)
       times = []
@@ -102,7 +103,7 @@ def bench_train(st: common.Settings, peak: float | None) -> dict[str, Any]:
 
 def bench_generate(st: common.Settings) -> dict[str, Any]:
   cfg = model_config(st.gen_size)
-  params = model.init(jax.random.PRNGKey(0), cfg)
+  params = transformer.init(jax.random.PRNGKey(0), cfg)
   out = {}
   for batch in st.gen_batches:
     prompts = np.random.default_rng(batch).integers(6, cfg.vocab_size, (batch, st.gen_prompt_len))

@@ -1,11 +1,11 @@
-"""One PPO iteration of the PPO stage (rlhf_jax/ppo.py), split into timed phases, for the benchmarks.
+"""One PPO iteration of the PPO stage (rlhf_jax/rl.py), split into timed phases, for the benchmarks.
 
 It calls the stage's own functions, so the benchmark measures the code a run executes: `sampling.generate`
-for the rollout, `ppo.rm_scores` (reward model at the last real token, with its normalisation),
-`ppo.policy_logprobs` for the old and reference log-probs, `ppo.value_estimates`, `ppo.rewards_and_advantages`
-(KL-penalised rewards and GAE) and `ppo.make_update` (epochs x minibatches in one jit). The stage splits the
-same work into one jitted rollout and one jitted update; here each phase is jitted on its own so its time is
-its own.
+for the rollout, `heads.response_scores` (reward model at the last real token, with its normalisation),
+`rl_rollout.policy_logprobs` for the old and reference log-probs, `rl_rollout.value_estimates`,
+`rl_rollout.rewards_and_advantages` (KL-penalised rewards and GAE) and `learner.make_update` (epochs x
+minibatches in one jit). The stage splits the same work into one jitted rollout and one jitted update; here each
+phase is jitted on its own so its time is its own.
 
 The four parameter sets are separate pytrees, as in a real run: the policy and its frozen reference copy (both
 from the SFT model), the value model (backbone plus a zero-initialised head, trained with the policy) and
@@ -36,7 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import losses, model, ppo, sampling
+from rlhf_jax import losses, sampling
+from rlhf_jax.models import heads, transformer
+from rlhf_jax.rl import learner
+from rlhf_jax.rl import rollout as rl_rollout
 
 Params = dict[str, Any]
 
@@ -67,9 +70,9 @@ class PPOSettings:
       raise ValueError(f"ppo batch {self.batch} must be a multiple of minibatches {self.minibatches}")
     losses.check_whitenable(self.batch // self.minibatches * self.response_len)
 
-  def stage_settings(self) -> ppo.PPOSettings:
+  def stage_settings(self) -> rl_rollout.PPOSettings:
     """The PPO stage's settings object for these values (reward whitening off, as TRL's default)."""
-    return ppo.PPOSettings(
+    return rl_rollout.PPOSettings(
         sampling=sampling.SamplingConfig(max_new_tokens=self.response_len, temperature=self.temperature),
         eos_id=self.eos_id, pad_id=self.pad_id, no_eos_penalty=self.no_eos_penalty, whiten_rewards=False,
         gamma=self.gamma, lam=self.lam, clip_eps=self.clip_eps, vf_clip_eps=self.vf_clip_eps,
@@ -77,15 +80,15 @@ class PPOSettings:
         algorithm="ppo", min_whiten=8)
 
 
-def init_models(rng: jax.Array, model_cfg: model.ModelConfig) -> dict[str, Params]:
+def init_models(rng: jax.Array, model_cfg: transformer.ModelConfig) -> dict[str, Params]:
   """The four parameter sets. The reference is a real copy (its own buffers), as after loading SFT twice."""
-  from rlhf_jax import reward  # pylint: disable=g-import-not-at-top
   k_policy, k_value, k_reward = jax.random.split(rng, 3)
-  policy = model.init(k_policy, model_cfg)
+  policy = transformer.init(k_policy, model_cfg)
   reference = jax.tree.map(lambda x: jnp.array(x, copy=True), policy)
-  value = {"backbone": model.init(k_value, model_cfg), "head": model.init_scalar_head(k_value, model_cfg, zero=True)}
+  value = {"backbone": transformer.init(k_value, model_cfg),
+           "head": heads.init_scalar_head(k_value, model_cfg, zero=True)}
   return {"policy": policy, "reference": reference, "value": value,
-          "reward": reward.init_rm_params(k_reward, model_cfg)}
+          "reward": heads.init_rm_params(k_reward, model_cfg)}
 
 
 def param_bytes(tree) -> int:
@@ -100,7 +103,7 @@ def make_optimizer(s: PPOSettings) -> optax.GradientTransformation:
 class Iteration:
   """Holds the four models and the train state; `run(rng)` does one timed PPO iteration."""
 
-  def __init__(self, model_cfg: model.ModelConfig, s: PPOSettings, seed: int = 0):
+  def __init__(self, model_cfg: transformer.ModelConfig, s: PPOSettings, seed: int = 0):
     self.model_cfg, self.s = model_cfg, s
     self.settings = s.stage_settings()
     rng = jax.random.PRNGKey(seed)
@@ -115,12 +118,12 @@ class Iteration:
     self.prompt_bp = jnp.asarray(prompts, jnp.int32)
     self.prompt_mask_bp = jnp.ones((s.batch, s.prompt_len), jnp.bool_)
     cfg, st, temp = model_cfg, self.settings, self.settings.sampling.logprob_temperature
-    self._logprobs = jax.jit(lambda p, ro: ppo.policy_logprobs(p, ro, cfg, temp))
-    self._values = jax.jit(lambda v, ro: ppo.value_estimates(v, ro, cfg))
-    self._score = jax.jit(lambda r, ro, ended: jnp.where(ended, ppo.rm_scores(
+    self._logprobs = jax.jit(lambda p, ro: rl_rollout.policy_logprobs(p, ro, cfg, temp))
+    self._values = jax.jit(lambda v, ro: rl_rollout.value_estimates(v, ro, cfg))
+    self._score = jax.jit(lambda r, ro, ended: jnp.where(ended, heads.response_scores(
         r, ro.prompt_bp, ro.prompt_mask_bp, ro.response_bn, ro.response_mask_bn, cfg), st.no_eos_penalty))
-    self._advantages = jax.jit(lambda *a: ppo.rewards_and_advantages(*a, s.kl_coef, st))
-    self._update = jax.jit(ppo.make_update(self.optimizer, cfg, st), donate_argnums=0)
+    self._advantages = jax.jit(lambda *a: rl_rollout.rewards_and_advantages(*a, s.kl_coef, st))
+    self._update = jax.jit(learner.make_update(self.optimizer, cfg, st), donate_argnums=0)
 
   def param_bytes(self) -> dict[str, int]:
     return {"policy": param_bytes(self.state["params"]["policy"]), "reference": param_bytes(self.reference),
@@ -141,16 +144,16 @@ class Iteration:
     policy, value = self.state["params"]["policy"], self.state["params"]["value"]
     sample = timed("rollout", sampling.generate, policy, self.prompt_bp, self.prompt_mask_bp, rng, cfg,
                    self.settings.sampling, eos_id=s.eos_id, pad_id=s.pad_id)
-    partial = ppo.Rollout(self.prompt_bp, self.prompt_mask_bp, sample.tokens_bn, sample.mask_bn, *([None] * 6))
+    partial = rl_rollout.Rollout(self.prompt_bp, self.prompt_mask_bp, sample.tokens_bn, sample.mask_bn, *([None] * 6))
     old_logp_bn = timed("policy", self._logprobs, policy, partial)
     score_b = timed("score", self._score, self.reward, partial, sample.ended_b)
     ref_logp_bn = timed("reference", self._logprobs, self.reference, partial)
     values_bn = timed("value", self._values, value, partial)
     rewards_bn, kl_bn, adv_bn, ret_bn = timed("advantage", self._advantages, score_b, old_logp_bn, ref_logp_bn,
                                               values_bn, sample.mask_bn)
-    rollout = ppo.Rollout(self.prompt_bp, self.prompt_mask_bp, sample.tokens_bn, sample.mask_bn, old_logp_bn,
+    ro = rl_rollout.Rollout(self.prompt_bp, self.prompt_mask_bp, sample.tokens_bn, sample.mask_bn, old_logp_bn,
                           ref_logp_bn, values_bn, rewards_bn, adv_bn, ret_bn)
-    self.state, metrics = timed("update", self._update, self.state, rollout, None)
+    self.state, metrics = timed("update", self._update, self.state, ro, None)
     times["total"] = sum(times.values())
     info = {"kl": float(kl_bn.sum(axis=1).mean()), "mean_response_len": float(sample.lengths_b.mean()),
             "ratio_mean": float(metrics["ratio_mean"]), "policy_loss": float(metrics["policy_loss"])}

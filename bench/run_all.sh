@@ -5,12 +5,13 @@
 #   bash bench/run_all.sh                 # 3 rounds (about 15 minutes on a 2-core CPU)
 #   ROUNDS=1 bash bench/run_all.sh --quick  # a fast smoke run (numbers are noisier)
 #
-# PYTHON (default /work/venv/bin/python, else python3) runs our side; PEERS_VENV picks the peers' venv.
+# PYTHON (default: the README's .venv at the repository root, else python3) runs our side; PEERS_VENV picks the
+# peers' venv.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
-  if [[ -x /work/venv/bin/python ]]; then python=/work/venv/bin/python; else python=python3; fi
+  if [[ -x "$here/../.venv/bin/python" ]]; then python="$here/../.venv/bin/python"; else python=python3; fi
 fi
 venv="${PEERS_VENV:-$here/.venv-peers}"
 if ! "$venv/bin/python" -c "import torch, transformers, trl" >/dev/null 2>&1; then

@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from rlhf_jax import optim
+
 
 class Checkpointer:
   """Periodic, asynchronous, bounded (max_to_keep) checkpoints of one stage."""
@@ -111,7 +113,6 @@ def resume(ckpt: Checkpointer, state: Any, shardings: Any, meta: dict, *, stage:
   if not start:
     return state, None, 0
   check_compatible(ckpt.read_meta(start), meta["model"], directory=ckpt.directory)
-  from rlhf_jax import optim  # pylint: disable=g-import-not-at-top
   state, data_state, _ = ckpt.restore(start, optim.abstract_with_shardings(state, shardings))
   logging.info("[%s] resumed from step %d in %s", stage, start, ckpt.directory)
   return state, data_state, start

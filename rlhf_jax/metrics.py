@@ -54,7 +54,7 @@ class MetricsWriter:
       os.makedirs(stage_dir, exist_ok=True)
       self._truncate_after(start_step)
       try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        from tensorboardX import SummaryWriter  # lazy: an optional dependency
         self._tb = SummaryWriter(stage_dir, flush_secs=10)
       except ImportError:  # TensorBoard is optional: JSON lines stay the source of truth
         self._tb = None

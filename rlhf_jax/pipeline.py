@@ -1,16 +1,22 @@
-"""Runs one stage or a pipeline of stages, composed by config.
+"""Runs one stage or a pipeline of stages, composed by config: the one registry of stages.
 
-`config.stage` names one stage ("data", "pretrain", "sft", "rm", "ppo", "report") or "pipeline", in which case
-`config.stages` lists them in order. Every stage is `run(config, workdir) -> summary dict` and keeps its files in
-`WORKDIR/<stage>/`; a stage whose `summary.json` exists is complete and is skipped, so a re-run of a pipeline
-resumes in the first unfinished stage (and that stage resumes from its own latest checkpoint).
+`config.stage` names one stage (a key of STAGES) or "pipeline", in which case `config.stages` lists them in
+order. Every stage is a module with `check(config)` (its preflight, from the config alone) and
+`run(config, workdir) -> summary dict`, and keeps its files in WORKDIR/<config.<block>.stage_dir>/; a stage
+whose `summary.json` exists is complete and is skipped, so a re-run of a pipeline resumes in the first
+unfinished stage (and that stage resumes from its own latest checkpoint). Every stage that will run is checked
+before the first one starts.
+
+Adding a stage: a module under rlhf_jax/stages/, a config block in rlhf_jax/configs.py (with its `stage_dir`)
+and one line in STAGES.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import os
+import types
 from typing import Any
 
 import jax
@@ -18,30 +24,30 @@ import ml_collections
 from absl import logging
 
 from rlhf_jax import checkpoint
+from rlhf_jax.stages import data, pretrain, report, rl, rm, sft
 
-# stage name -> "module:function", imported on use so a stage's dependencies load only when it runs.
-STAGES = {
-    "data": "rlhf_jax.tasks.stage:run",
-    "pretrain": "rlhf_jax.pretrain:run",
-    "sft": "rlhf_jax.sft:run",
-    "rm": "rlhf_jax.reward:run",
-    "ppo": "rlhf_jax.ppo:run",
-    "report": "rlhf_jax.report:run",
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  module: types.ModuleType  # has check(config) and run(config, workdir)
+  block: str | None = None  # its config block (which holds stage_dir); None: no stage directory of its own
+  always_run: bool = False  # never skipped as complete (data keeps its own cache; the report is rewritten)
+
+
+STAGES: dict[str, Stage] = {
+    "data": Stage(data, always_run=True),
+    "pretrain": Stage(pretrain, "pretrain"),
+    "sft": Stage(sft, "sft"),
+    "rm": Stage(rm, "rm"),
+    "ppo": Stage(rl, "ppo"),
+    "report": Stage(report, always_run=True),
 }
 
 
 def stage_dir_name(config, stage: str) -> str:
-  """Where a stage keeps its files (and its summary.json); PPO variants use their own (ppo.stage_dir)."""
-  if stage == "ppo":
-    return config.ppo.stage_dir
-  return stage
-
-
-def _stage_fn(name: str):
-  if name not in STAGES:
-    raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)} or 'pipeline'")
-  module, fn = STAGES[name].split(":")
-  return getattr(importlib.import_module(module), fn)
+  """Where a stage keeps its files under WORKDIR (and the prefix of its summary keys)."""
+  block = STAGES[stage].block
+  return config[block].stage_dir if block else stage
 
 
 def check_workdir(workdir: str) -> None:
@@ -60,22 +66,21 @@ def stage_summary_path(config, workdir: str, stage: str) -> str:
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, skip_done: bool = True) -> dict:
-  # The data stage has its own cache (a fingerprint of config.data); the report is always rewritten.
-  path = stage_summary_path(config, workdir, stage) if stage not in ("data", "report") else None
+  path = None if STAGES[stage].always_run else stage_summary_path(config, workdir, stage)
   if skip_done and path and os.path.exists(path):
     logging.info("stage %s is complete (%s); skipping", stage, path)
     with open(path) as f:
       return json.load(f)
   logging.info("stage %s: starting", stage)
-  return _stage_fn(stage)(config, workdir)
+  return STAGES[stage].module.run(config, workdir)
 
 
-def _stages_to_run(config) -> list[str]:
+def stages_to_run(config) -> list[str]:
   stages = [config.stage] if config.stage != "pipeline" else list(config.stages)
+  field = "experiment.stage" if config.stage != "pipeline" else "experiment.stages"
   for name in stages:
     if name not in STAGES:
-      raise ValueError(f"unknown stage {name!r} in experiment.{'stage' if config.stage != 'pipeline' else 'stages'}"
-                       f"; expected one of {sorted(STAGES)} or 'pipeline'")
+      raise ValueError(f"unknown stage {name!r} in {field}; expected one of {sorted(STAGES)} or 'pipeline'")
   return stages
 
 
@@ -84,61 +89,11 @@ def preflight(config: ml_collections.ConfigDict) -> None:
 
   A pipeline must not train for an hour and then fail on a bad PPO setting: sizes (heads dividing the width,
   batches dividing the devices, sequences fitting the context) and choices (guard, too_long, sampling) are
-  checked here from the config alone, without data or devices beyond the mesh. Each stage still checks what
-  only its data can tell (over-long records, bad rankings) when it loads it.
+  checked by each stage's `check` from the config alone, without data or devices beyond the mesh. Each stage
+  still checks what only its data can tell (over-long records, bad rankings) when it loads it.
   """
-  stages = _stages_to_run(config)
-  trained = [s for s in stages if s in ("pretrain", "sft", "rm", "ppo")]
-  if not trained:
-    return
-  from rlhf_jax import configs, evaluation, model, sampling, sharding  # pylint: disable=g-import-not-at-top
-  guard = config.get("guard")
-  if guard is not None and guard.on_nonfinite not in ("stop", "skip"):
-    raise ValueError(f"guard.on_nonfinite={guard.on_nonfinite!r}: expected 'stop' or 'skip'")
-  # vocab_size 0 means "from the tokenizer"; any positive stand-in checks the other fields.
-  policy = configs.to_model_config(config.model, config.model.vocab_size or 1)
-  mesh = sharding.mesh_from_config(config.mesh)
-  rules = sharding.rules_from_config(config)
-
-  def fits(seq_len: int, field: str, cfg: model.ModelConfig = policy, extra: int = 1) -> None:
-    if seq_len + extra > cfg.max_len:
-      raise ValueError(f"{field}={seq_len}{' (+1 for the shifted target)' if extra else ''} exceeds "
-                       f"model.max_len={cfg.max_len}")
-
-  for name in ("pretrain", "sft"):
-    if name in trained:
-      tc = config[name].train
-      if tc.steps < 1:
-        raise ValueError(f"{name}.train.steps={tc.steps}: expected a positive number of steps")
-      sharding.check_batch(tc.batch_size, mesh, rules, field=f"{name}.train.batch_size")
-      fits(tc.seq_len, f"{name}.train.seq_len")
-  if "sft" in trained and config.sft.too_long not in ("truncate", "error"):
-    raise ValueError(f"sft.too_long={config.sft.too_long!r}: expected 'truncate' or 'error'")
-  if "rm" in trained:
-    rc = config.rm
-    size = rc.get("model_size", "")
-    rm_cfg = configs.to_model_config(configs.model_config(size), 1) if size else policy
-    sharding.check_batch(rc.train.batch_size, mesh, rules, field="rm.train.batch_size")
-    fits(rc.seq_len, "rm.seq_len", rm_cfg, extra=0)
-    if rc.too_long not in ("truncate", "error"):
-      raise ValueError(f"rm.too_long={rc.too_long!r}: expected 'truncate' or 'error'")
-    if rc.source not in ("policy", "offline", "policy+offline", "file"):
-      raise ValueError(f"rm.source={rc.source!r}: expected 'policy', 'offline', 'policy+offline' or 'file'")
-    if not 2 <= rc.k_min <= rc.k_max:
-      raise ValueError(f"rm.k_min={rc.k_min}, rm.k_max={rc.k_max}: expected 2 <= k_min <= k_max")
-  if "ppo" in trained:
-    from rlhf_jax import losses  # pylint: disable=g-import-not-at-top
-    pc = config.ppo
-    sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, top_k=pc.top_k,
-                            top_p=pc.top_p)
-    if pc.n_minibatches < 1 or pc.batch_size % pc.n_minibatches:
-      raise ValueError(f"ppo.batch_size={pc.batch_size} must divide into ppo.n_minibatches={pc.n_minibatches}")
-    sharding.check_batch(pc.batch_size, mesh, rules, field="ppo.batch_size")
-    sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
-    losses.check_whitenable(pc.batch_size // pc.n_minibatches, min_elements=pc.min_whiten)
-    fits(pc.max_prompt_len + pc.max_new_tokens, "ppo.max_prompt_len + ppo.max_new_tokens", extra=0)
-    # The evaluation runs after training: its settings are checked now, not after the PPO iterations.
-    evaluation.samples_per_prompt(config)
+  for name in stages_to_run(config):
+    STAGES[name].module.check(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import model
+from rlhf_jax.models import transformer
 
 Params = dict[str, Any]
 
@@ -163,27 +163,27 @@ def _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id)
   b, p = prompt_bp.shape
   total = p + sampling_cfg.max_new_tokens
   if sampling_cfg.use_cache:
-    h_bpd, cache = model.prefill(params, prompt_bp, model_cfg, length=total, mask_bt=prompt_mask_bp)
+    h_bpd, cache = transformer.prefill(params, prompt_bp, model_cfg, length=total, mask_bt=prompt_mask_bp)
     # Prompts are left-padded: the last column holds every row's last real token; unembed only that one.
-    return model.unembed(params, h_bpd[:, -1:], model_cfg)[:, 0], cache
+    return transformer.unembed(params, h_bpd[:, -1:], model_cfg)[:, 0], cache
   tokens_bs = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(prompt_bp)
   mask_bs = jnp.zeros((b, total), jnp.bool_).at[:, :p].set(prompt_mask_bp)
   # Slots after the prompt are masked and causally in the future, so they do not change these logits.
-  logits_bsv, _ = model.forward(params, tokens_bs, model_cfg, mask_bt=mask_bs)
+  logits_bsv, _ = transformer.forward(params, tokens_bs, model_cfg, mask_bt=mask_bs)
   return logits_bsv[:, p - 1], (tokens_bs, mask_bs)
 
 
 def _feed(params, model_state, token_b, step, prompt_len, model_cfg, sampling_cfg):
   """Appends token_b (the token sampled at `step`) and returns (next logits [b, v], new model state)."""
   if sampling_cfg.use_cache:
-    logits_b1v, cache = model.forward(params, token_b[:, None], model_cfg, cache=model_state)
+    logits_b1v, cache = transformer.forward(params, token_b[:, None], model_cfg, cache=model_state)
     return logits_b1v[:, 0], cache
   tokens_bs, mask_bs = model_state
   slot = prompt_len + step
   tokens_bs = jax.lax.dynamic_update_slice_in_dim(tokens_bs, token_b[:, None], slot, 1)
   mask_bs = jax.lax.dynamic_update_slice_in_dim(mask_bs, jnp.ones_like(token_b, jnp.bool_)[:, None], slot, 1)
   # The whole buffer again, on purpose: this path measures what the KV cache saves.
-  logits_bsv, _ = model.forward(params, tokens_bs, model_cfg, mask_bt=mask_bs)
+  logits_bsv, _ = transformer.forward(params, tokens_bs, model_cfg, mask_bt=mask_bs)
   logits_bv = jax.lax.dynamic_index_in_dim(logits_bsv, slot, axis=1, keepdims=False)
   return logits_bv, (tokens_bs, mask_bs)
 
@@ -193,7 +193,7 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
   n = sampling_cfg.max_new_tokens
   logits_bv, model_state = _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id)
   if sampling_cfg.use_cache:
-    params = model.unstack_layers(params)  # sliced once here, not at every step of the loop
+    params = transformer.unstack_layers(params)  # sliced once here, not at every step of the loop
 
   def cond(state: _LoopState):
     return (state.step < n) & ~jnp.all(state.done_b)
@@ -201,7 +201,7 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
   def body(state: _LoopState) -> _LoopState:
     # fold_in(step) rather than splitting a carried key: the cached and uncached paths draw the same numbers.
     sampled_b = sample_token(state.logits_bv, jax.random.fold_in(rng, state.step), sampling_cfg)
-    logprob_b = model.token_logprobs(state.logits_bv[:, None], sampled_b[:, None],
+    logprob_b = transformer.token_logprobs(state.logits_bv[:, None], sampled_b[:, None],
                                      sampling_cfg.logprob_temperature)[:, 0]
     live_b = ~state.done_b
     token_b = jnp.where(live_b, sampled_b, pad_id)
@@ -237,7 +237,7 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
 _generate_jit = jax.jit(_generate, static_argnames=("model_cfg", "sampling_cfg", "eos_id", "pad_id"))
 
 
-def _check_prompt(prompt_bt, prompt_mask_bt, model_cfg: model.ModelConfig, new_tokens: int, what: str):
+def _check_prompt(prompt_bt, prompt_mask_bt, model_cfg: transformer.ModelConfig, new_tokens: int, what: str):
   if prompt_bt.ndim != 2 or prompt_bt.shape[1] < 1:
     raise ValueError(f"{what}: prompt_bt must be [batch, length>=1], got shape {prompt_bt.shape}")
   if prompt_mask_bt.shape != prompt_bt.shape:
@@ -253,7 +253,7 @@ def generate(
     prompt_bt: jax.Array,
     prompt_mask_bt: jax.Array,
     rng: jax.Array,
-    model_cfg: model.ModelConfig,
+    model_cfg: transformer.ModelConfig,
     sampling_cfg: SamplingConfig,
     *,
     eos_id: int,
@@ -286,10 +286,10 @@ def _sequence_logprobs(params, prompt_bp, prompt_mask_bp, response_bn, response_
   p, n = prompt_bp.shape[1], response_bn.shape[1]
   tokens_bs = jnp.concatenate([prompt_bp, response_bn], axis=1)
   mask_bs = jnp.concatenate([prompt_mask_bp, response_mask_bn], axis=1)
-  h_bsd, _ = model.backbone(params, tokens_bs, model_cfg, mask_bt=mask_bs)
+  h_bsd, _ = transformer.backbone(params, tokens_bs, model_cfg, mask_bt=mask_bs)
   # Position p - 1 + i predicts response token i; unembed only those n positions.
-  logits_bnv = model.unembed(params, h_bsd[:, p - 1:p - 1 + n], model_cfg)
-  logprobs_bn = model.token_logprobs(logits_bnv, response_bn, temperature)
+  logits_bnv = transformer.unembed(params, h_bsd[:, p - 1:p - 1 + n], model_cfg)
+  logprobs_bn = transformer.token_logprobs(logits_bnv, response_bn, temperature)
   return jnp.where(response_mask_bn, logprobs_bn, 0.0)
 
 
@@ -299,7 +299,7 @@ def sequence_logprobs(
     prompt_mask_bt: jax.Array,
     response_bn: jax.Array,
     response_mask_bn: jax.Array,
-    model_cfg: model.ModelConfig,
+    model_cfg: transformer.ModelConfig,
     *,
     temperature: float | jax.Array,
 ) -> jax.Array:

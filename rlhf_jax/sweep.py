@@ -23,7 +23,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
+
+from rlhf_jax import checkpoint, pipeline
 
 # The rows of sweep.md, in order, when present (sweep.json has every shared number).
 HEADLINE = (
@@ -126,7 +129,6 @@ def read_summaries(workdirs: Sequence[str], labels: Sequence[str] | None = None)
 
 
 def write(out_dir: str, agg: Mapping[str, Any]) -> None:
-  from rlhf_jax import checkpoint  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   checkpoint.write_json_atomic(os.path.join(out_dir, "sweep.json"), agg)
   checkpoint.write_text_atomic(os.path.join(out_dir, "sweep.md"), markdown(agg))
@@ -138,8 +140,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int]) -
   Every process runs every seed (the stages are multi-host); process 0, which writes the summaries, aggregates
   and returns the aggregate, the others return None.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
   if config.stage != "pipeline":
     raise ValueError(f"--seeds sweeps a pipeline; experiment.stage={config.stage!r} runs one stage. Set "
                      "--experiment.stage=pipeline and choose stages with --experiment.stages")

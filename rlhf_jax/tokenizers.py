@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import sentencepiece
 
 PAD_ID = 0
 BOS_ID = 1
@@ -139,8 +140,6 @@ class SentencePieceTokenizer(Tokenizer):
   """
 
   def __init__(self, model_proto: bytes, path: str | None = None):
-    import sentencepiece  # pylint: disable=g-import-not-at-top
-
     self._model_proto = bytes(model_proto)
     self._sp = sentencepiece.SentencePieceProcessor(model_proto=self._model_proto)
     self.path = path
@@ -169,8 +168,6 @@ class SentencePieceTokenizer(Tokenizer):
     Deterministic: one thread and no sampling of the input, so the same corpus gives the same model bytes.
     Texts are split into lines, since the trainer treats each input as one sentence.
     """
-    import sentencepiece  # pylint: disable=g-import-not-at-top
-
     if vocab_size < 256 + NUM_SPECIALS + 2:
       raise ValueError(
           f"SentencePiece vocab_size={vocab_size} is too small: byte fallback alone needs 256 + "
@@ -331,3 +328,30 @@ def encode_chat(
 def encode_prompt(tok: Tokenizer, turns: Sequence[Mapping[str, str]]) -> list[int]:
   """The ids a policy continues: the dialogue so far, then [ASSISTANT]."""
   return encode_chat(tok, turns, add_generation_prompt=True)[0]
+
+
+def save_to_dir(tok: Tokenizer, directory: str) -> dict[str, Any]:
+  """Writes what it takes to rebuild `tok` into `directory` (a SentencePiece model as tokenizer.model) and
+  returns its description for a manifest (`load_from_dir` reads it back)."""
+  if isinstance(tok, ByteTokenizer):
+    return {"kind": "byte"}
+  if isinstance(tok, SentencePieceTokenizer):
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tokenizer.model")
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    with open(tmp, "wb") as f:
+      f.write(tok.model_proto)
+    os.replace(tmp, path)
+    return {"kind": "sentencepiece", "file": "tokenizer.model", "vocab_size": tok.vocab_size}
+  raise ValueError(f"cannot save a tokenizer of type {type(tok).__name__}")
+
+
+def load_from_dir(directory: str, info: Mapping[str, Any]) -> Tokenizer:
+  """The tokenizer `save_to_dir` described with `info`, from `directory`."""
+  kind = info.get("kind")
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "sentencepiece":
+    return SentencePieceTokenizer.load(os.path.join(directory, str(info.get("file", "tokenizer.model"))))
+  raise ValueError(f"{directory}: unknown tokenizer kind {kind!r} in its manifest; expected 'byte' or "
+                   "'sentencepiece'")

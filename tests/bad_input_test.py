@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from helpers import stage_runner
+from helpers import experiments, stage_runner
 from rlhf_jax import pipeline
 from rlhf_jax.data import real
 
@@ -34,12 +34,7 @@ def _digest(workdir):
 def _config(stage="pretrain", **overrides):
   """The tiny experiment with the reference's step counts (stage_runner.TINY_FLAGS) and `overrides`
   ("a.b": value)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(stage_runner.ROOT, "experiments", "instructgpt.py")
-  spec = importlib.util.spec_from_file_location("instructgpt_experiment", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config("tiny")
+  config = experiments.config("instructgpt", "tiny")
   for flag in stage_runner.TINY_FLAGS[1:]:
     key, value = flag[len("--experiment."):].split("=")
     overrides.setdefault(key, int(value))
@@ -165,7 +160,7 @@ def test_reward_ranking_size_out_of_range(done_workdir):
 def test_missing_rankings_dataset(done_workdir, tmp_path):
   _expect_pipeline_error(done_workdir[0], _config(stage="rm", **{"rm.source": "file",
                                                                  "rm.file": str(tmp_path / "nothing")}),
-                         "rm.file=", "expected a rankings dataset directory")
+                         "rm.file=", "expected a K-way rankings .jsonl file", "or a dataset folder")
 
 
 def test_over_long_ranking_rejected(done_workdir, tmp_path):
@@ -175,9 +170,20 @@ def test_over_long_ranking_rejected(done_workdir, tmp_path):
           for i in range(12)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   ds = real.prepare_rankings(str(path), str(tmp_path / "ds"))
-  _expect_pipeline_error(done_workdir[0], _config(stage="rm", **{"rm.source": "file", "rm.file": ds,
-                                                                 "rm.too_long": "error", "rm.seq_len": 96}),
-                         "record 1", "longer than rm.seq_len=96", "rm.too_long='truncate'")
+  for given in (ds, str(path)):  # the prepared dataset, or the .jsonl itself (converted by the stage)
+    _expect_pipeline_error(done_workdir[0], _config(stage="rm", **{"rm.source": "file", "rm.file": given,
+                                                                   "rm.too_long": "error", "rm.seq_len": 96}),
+                           "record 1", "longer than rm.seq_len=96", "rm.too_long='truncate'")
+
+
+def test_a_bad_rankings_line_fails_before_pretraining(tmp_path):
+  """In a pipeline, the preflight reads every line of rm.file: a bad one stops the run before the first stage."""
+  path = tmp_path / "rankings.jsonl"
+  path.write_text(json.dumps(_GOOD) + "\n" + json.dumps({"prompt": "x", "responses": ["a", "b"]}) + "\n")
+  fresh = str(tmp_path / "fresh")
+  with pytest.raises(ValueError, match=f"{path}:2: missing field 'ranking'"):
+    pipeline.run(_config(stage="pipeline", **{"rm.source": "file", "rm.file": str(path)}), fresh)
+  assert not os.path.exists(os.path.join(fresh, "pretrain"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,18 +17,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from rlhf_jax import model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rlhf_jax.models import presets, transformer
 
 
 def _bench_model(size):
   sz = common.SIZES[size]
-  return sz, model.preset(size, vocab_size=sz.vocab_size, pos_embedding="learned", dropout_rate=0.0)
+  return sz, presets.preset(size, vocab_size=sz.vocab_size, pos_embedding="learned", dropout_rate=0.0)
 
 
 @pytest.mark.parametrize("size", ["small", "base"])
 def test_matmul_params_match_the_model_parameter_tree(size):
   sz, cfg = _bench_model(size)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), cfg))
+  shapes = jax.eval_shape(lambda: transformer.init(jax.random.PRNGKey(0), cfg))
   # Every weight matrix: the per-layer projections and the unembedding; embeddings and norms are not matmuls.
   n = sum(int(np.prod(x.shape)) for name, x in shapes["layers"].items() if not name.endswith("norm"))
   n += int(np.prod(shapes["unembed"].shape))
@@ -38,9 +38,9 @@ def test_matmul_params_match_the_model_parameter_tree(size):
 @pytest.mark.parametrize("seq_len", [64, 128])
 def test_min_forward_flops_is_a_tight_lower_bound_on_xla_cost_analysis(seq_len):
   sz, cfg = _bench_model("small")
-  params = model.init(jax.random.PRNGKey(0), cfg)
+  params = transformer.init(jax.random.PRNGKey(0), cfg)
   tokens = jnp.zeros((2, seq_len), jnp.int32)
-  compiled = jax.jit(lambda p, t: model.forward(p, t, cfg)[0]).lower(params, tokens).compile()
+  compiled = jax.jit(lambda p, t: transformer.forward(p, t, cfg)[0]).lower(params, tokens).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if not cost or "flops" not in cost:

@@ -4,7 +4,7 @@ A train state (params, Adam state, step, rng) saved by `checkpoint.Checkpointer`
 tensor=2 is restored onto a 1-device mesh, trained there, saved again and restored onto data=8. The restored
 leaves must equal what was saved bit for bit and carry the target mesh's shardings, and the run stitched from
 the three meshes must give the losses of an uninterrupted 1-device run. The exported-parameters path
-(`pretrain.export_params` / `pretrain.load_params`, how one stage hands its model to the next) moves the same
+(`training.export_params` / `training.load_params`, how one stage hands its model to the next) moves the same
 way. Uses the tiny SFT trainers of tests/helpers_multihost/tiny_stages.py (compiled once per process).
 """
 
@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, model, optim, pretrain, sharding
+from rlhf_jax import checkpoint, optim, sharding, training
+from rlhf_jax.models import transformer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers_multihost"))
 import tiny_stages as ts  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -83,22 +84,22 @@ def test_exported_params_move_8_to_1_and_back(tmp_path):
   _, state = ts.sft_run(SPLIT)
   params = state["params"]
   saved = jax.device_get(params)
-  axes = model.param_axes(ts.CFG)
-  abstract = jax.eval_shape(lambda k: model.init(k, ts.CFG), jax.random.PRNGKey(0))
+  axes = transformer.param_axes(ts.CFG)
+  abstract = jax.eval_shape(lambda k: transformer.init(k, ts.CFG), jax.random.PRNGKey(0))
   mesh_one = ts.make_mesh(ONE)
   mesh_split = ts.make_mesh(SPLIT)
 
-  pretrain.export_params(str(tmp_path / "from8"), params)
+  training.export_params(str(tmp_path / "from8"), params)
   one_sh = sharding.tree_shardings(axes, abstract, mesh_one, ts.RULES)
-  on_one = pretrain.load_params(str(tmp_path / "from8"), abstract, one_sh)
+  on_one = training.load_params(str(tmp_path / "from8"), abstract, one_sh)
   _assert_restored(on_one, saved, one_sh)
 
-  pretrain.export_params(str(tmp_path / "from1"), on_one)
+  training.export_params(str(tmp_path / "from1"), on_one)
   split_sh = sharding.tree_shardings(axes, abstract, mesh_split, ts.RULES)
-  on_split = pretrain.load_params(str(tmp_path / "from1"), abstract, split_sh)
+  on_split = training.load_params(str(tmp_path / "from1"), abstract, split_sh)
   _assert_restored(on_split, saved, split_sh)
   for name in ("wq", "wo", "w_in", "w_out"):
     assert sharding.largest_shard_fraction(on_split["layers"][name]) <= 0.25, name
 
   with pytest.raises(FileNotFoundError, match="no exported parameters"):
-    pretrain.load_params(str(tmp_path / "missing"), abstract, one_sh)
+    training.load_params(str(tmp_path / "missing"), abstract, one_sh)

@@ -1,8 +1,14 @@
-"""Test-wide setup: 8 simulated CPU devices (set before JAX is imported), so sharding tests run in-process."""
+"""Test-wide setup: 8 simulated CPU devices (set before JAX is imported), so sharding tests run in-process.
+
+The repository root (for `rlhf_jax`) and tests/ (for `helpers`) are put on sys.path: test files live in folders
+mirroring rlhf_jax/ and import `from helpers import ...` from any of them.
+"""
 
 import os
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_TESTS))
+sys.path.insert(0, _TESTS)

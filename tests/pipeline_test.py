@@ -3,14 +3,15 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from rlhf_jax import metrics
+from rlhf_jax.data import sources
+from rlhf_jax.stages import rm
+from rlhf_jax.tasks.world import FAMILIES
 
-from helpers import stage_runner  # tests/ is on sys.path (pytest rootdir insertion), as in kill_resume_test
+from helpers import experiments, stage_runner  # tests/ is on sys.path (tests/conftest.py)
 
 ROOT = stage_runner.ROOT
 REQUIRED = ["pretrain.val_loss", "sft.val_loss", "rm.val_accuracy", "rm.gold_ceiling_accuracy", "sft.gold_score",
@@ -66,12 +67,9 @@ def test_pipeline_writes_every_summary_key_and_the_report(tiny_run):
   n = {f: on_disk[f"rm.{f}.val_gold_pairs_clear"] for f in fams}
   assert sum(n.values()) == on_disk["rm.val_gold_pairs_clear"]  # this tiny draw may have no clear pair
   # The families come from the RM stage's own policy comparisons (prompt text only, parsed by the world).
-  from experiments import instructgpt  # pylint: disable=g-import-not-at-top
-  from rlhf_jax import data_sources, reward  # pylint: disable=g-import-not-at-top
-  from rlhf_jax.tasks.world import FAMILIES  # pylint: disable=g-import-not-at-top
-  config = instructgpt.get_config("tiny")
-  _, val_records = data_sources.comparison_records(config, workdir, data_sources.tokenizer(config, workdir))
-  families = reward.suite_families(config, workdir, val_records)
+  config = experiments.config("instructgpt", "tiny")
+  _, val_records = rm.comparison_records(config, workdir, sources.tokenizer(config, workdir))
+  families = rm.suite_families(config, workdir, val_records)
   assert families is not None and len(families) == len(val_records) and set(families) <= set(FAMILIES)
   assert set(fams) <= set(families)
   for metric in ("val_gold_accuracy_clear", "val_policy_logprob_gold_accuracy_clear") if n else ():
@@ -95,42 +93,15 @@ def test_rerun_resumes_instead_of_starting_over(tiny_run, tmp_path):
   assert before == after  # every stage was complete: nothing was redone
 
 
-def _run_py(*args, timeout=120):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], capture_output=True, text=True,
-                        timeout=timeout, env=env, cwd=ROOT)
-
-
-def test_run_py_rejects_unknown_keys_and_wrong_types(tmp_path):
-  bad_key = _run_py("--experiment=experiments/pretrain.py:tiny", "--experiment.pretrain.optimizer.lrr=1",
-                    f"--workdir={tmp_path}")
-  assert bad_key.returncode != 0 and "lrr" in bad_key.stderr
-  bad_type = _run_py("--experiment=experiments/pretrain.py:tiny", "--experiment.pretrain.train.steps=abc",
-                     f"--workdir={tmp_path}")
-  assert bad_type.returncode != 0 and "abc" in bad_type.stderr
-  assert not os.listdir(tmp_path)  # rejected before any work
-
-
-def test_run_py_applies_overrides(tmp_path):
-  out = _run_py("--experiment=experiments/data.py:tiny", "--experiment.data.n_sft=37", f"--workdir={tmp_path}")
-  assert out.returncode == 0, out.stderr[-2000:]
-  stats = json.load(open(os.path.join(tmp_path, "data", "stats.json")))
-  assert stats["n_sft"] == 37
-  assert "data.n_sft: 37" in out.stdout
-
-
 def test_policy_plus_offline_comparisons_add_the_suite_split_to_training_only(tiny_run):
-  from rlhf_jax import data_sources  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import instructgpt  # pylint: disable=g-import-not-at-top
   workdir, _, _ = tiny_run
-  config = instructgpt.get_config("tiny")
+  config = experiments.config("instructgpt", "tiny")
   config.rm.n_prompts, config.rm.n_val_prompts = 16, 8  # the shared run's sizes (stage_runner.FLAGS)
-  tok = data_sources.tokenizer(config, workdir)
-  policy_tr, policy_va = data_sources.policy_comparisons(config, workdir, tok)
-  offline = data_sources.split(config, workdir, "comparisons")
+  tok = sources.tokenizer(config, workdir)
+  policy_tr, policy_va = rm.policy_comparisons(config, workdir, tok)
+  offline = sources.split(config, workdir, "comparisons")
   config.rm.source = "policy+offline"
-  tr, va = data_sources.comparison_records(config, workdir, tok)
+  tr, va = rm.comparison_records(config, workdir, tok)
   assert len(policy_tr) == 16 and len(offline) > 0
   assert [r["responses"] for r in tr] == [r["responses"] for r in policy_tr] + [
       offline[i]["responses"] for i in range(len(offline))]

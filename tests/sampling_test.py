@@ -14,20 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import model
 from rlhf_jax import sampling
+from rlhf_jax.models import transformer
 
 VOCAB = 16
 PAD = 0
 PROMPT_LEN = 6
 NEW = 8
-CFG = model.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=16)
+CFG = transformer.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=16)
 REMOVED = float(np.finfo(np.float32).min)
 
 
-def _spread_params(cfg: model.ModelConfig, seed: int = 0) -> model.Params:
+def _spread_params(cfg: transformer.ModelConfig, seed: int = 0) -> transformer.Params:
   """`init`'s pytree with weights at std 1/sqrt(fan_in) (embeddings std 1), so logits are O(1)."""
-  params = model.init(jax.random.key(seed), cfg)
+  params = transformer.init(jax.random.key(seed), cfg)
   d, f = cfg.d_model, cfg.d_ff
   fan_in = {"wq": d, "wk": d, "wv": d, "wo": d, "w_in": d, "w_out": f}
   layers = {name: (w / 0.02 / math.sqrt(fan_in[name]) if name in fan_in else w)
@@ -50,7 +50,7 @@ def _prompts(seed: int = 0, lengths=(6, 4, 3, 1)) -> tuple[np.ndarray, np.ndarra
 
 
 PROMPTS_BP, PROMPT_MASK_BP = _prompts()
-_forward = jax.jit(model.forward, static_argnames=("cfg",))
+_forward = jax.jit(transformer.forward, static_argnames=("cfg",))
 
 
 def _reference_greedy(prompt_bp, mask_bp, steps):

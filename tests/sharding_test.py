@@ -1,13 +1,13 @@
 """Sharded training equals single-device training; parameters and optimizer state are really split."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from rlhf_jax import configs, model, optim, pretrain, sharding
+from rlhf_jax import configs, optim, sharding, training
+from rlhf_jax.models import presets, transformer
 
-CFG = model.preset("tiny", vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=32)
+CFG = presets.preset("tiny", vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=32)
 
 
 def _batches(n, b=8, t=17, seed=0):
@@ -30,13 +30,13 @@ def _batches(n, b=8, t=17, seed=0):
 def _train(mesh, batches, steps=10):
   rules = sharding.DEFAULT_RULES
   opt_cfg = configs.optimizer_config(lr=3e-3, warmup_steps=2)
-  axes = model.param_axes(CFG)
+  axes = transformer.param_axes(CFG)
   optimizer = optim.make_optimizer(opt_cfg, steps, optim.decay_mask_from_axes(axes))
-  state, state_sh = optim.create_state(lambda k: model.init(k, CFG), axes, optimizer, jax.random.PRNGKey(0),
+  state, state_sh = optim.create_state(lambda k: transformer.init(k, CFG), axes, optimizer, jax.random.PRNGKey(0),
                                        mesh, rules)
   batch_sh = {k: sharding.batch_sharding(mesh, rules, 2) for k in batches[0]}
   with sharding.activate(mesh, rules):
-    step = jax.jit(pretrain.make_train_step(CFG, optimizer), in_shardings=(state_sh, batch_sh),
+    step = jax.jit(training.make_train_step(training.lm_loss_fn(CFG), optimizer), in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, None))
     losses = []
     for batch in batches[:steps]:

@@ -65,7 +65,7 @@ def test_read_summaries_names_the_bad_file(tmp_path):
 def test_two_seed_sweep_of_the_data_stage(tmp_path):
   """run.py --seeds runs the experiment per seed into WORKDIR/seed_<n> and aggregates what the runs wrote."""
   wd = tmp_path / "sweep"
-  cmd = [sys.executable, "run.py", "--experiment=experiments/instructgpt.py:tiny", "--experiment.stages=data",
+  cmd = [sys.executable, "run.py", "--experiment=experiments/instructgpt/config.py:tiny", "--experiment.stages=data",
          "--seeds=3,5", f"--workdir={wd}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -187,7 +187,8 @@ def _sft_record(obj: Mapping[str, Any]) -> dict[str, Any]:
   return {"turns": turns}
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The hex SHA-256 of a file's bytes (the cache fingerprint of a converted file)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -234,7 +235,7 @@ def _prepare(
   for path in paths.values():
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: file not found")
-  fingerprint = ",".join(f"{split}={_file_sha256(p)}" for split, p in sorted(paths.items()))
+  fingerprint = ",".join(f"{split}={file_sha256(p)}" for split, p in sorted(paths.items()))
   return tfds_io.prepare_dataset(
       name, data_dir, features, splits, version=version, metadata=stats, overwrite=overwrite,
       fingerprint=f"{kind}:{on_error}:{fingerprint}",
@@ -267,6 +268,24 @@ def prepare_rankings(
   """K-way ranking JSONL ({"prompt", "responses", "ranking"}) -> comparison records."""
   return _prepare("rankings", _ranking_record, COMPARISON_FEATURES, jsonl_paths, data_dir, name, version,
                   on_error, overwrite)
+
+
+def check_rankings(path: str) -> int:
+  """Parses every line of a K-way ranking JSONL file as `prepare_rankings` would, writing nothing; returns the
+  number of records. A bad line raises ValueError naming file:line, the field and what was expected."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: file not found")
+  n = 0
+  for lineno, obj in _iter_lines(path):
+    try:
+      _ranking_record(obj)
+    except _LineError as e:
+      raise ValueError(f"{path}:{lineno}: {e}") from None
+    n += 1
+  if not n:
+    raise ValueError(f"{path}: no records; expected one JSON object per line with 'prompt', 'responses' and "
+                     "'ranking'")
+  return n
 
 
 def prepare_sft(

@@ -50,8 +50,7 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _tfds():
-  # Imported lazily: tensorflow_datasets takes ~0.5 s to import and most of the library never needs it.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # lazy: ~0.5 s to import, and most of the library never needs it
 
   return tfds
 
@@ -196,8 +195,8 @@ def _write_split(
     records_per_shard: int,
 ) -> tuple[list[int], int]:
   """Writes one split's shards; returns (records per shard, total serialized bytes)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # lazy: with tensorflow_datasets, see _tfds
+  from tensorflow_datasets.core import example_serializer  # lazy: see _tfds
 
   features = _tfds_features(schema)
   serializer = example_serializer.ExampleSerializer(features.get_serialized_info())

@@ -4,9 +4,9 @@
     gold = GoldScorer(world)                           # gold.score(prompt, response) -> float (gold.py)
     pool = LabelerPool(n_labelers=8, noise=0.65)       # pool.rank(gold_scores, labeler_id, rng) (labelers.py)
     splits, stats = generate_splits(config)            # every split, deterministic in config.seed (suite.py)
-    stats = stage.run(config, workdir)                 # the data stage: TFDS ArrayRecord + stats.json (stage.py)
+    stats = storage.ensure_suite(config, workdir)      # TFDS ArrayRecord + stats.json (storage.py)
 
-`stage` is not imported here: it needs tensorflow_datasets, the rest is pure Python/NumPy.
+`storage` is not imported here: it needs tensorflow_datasets, the rest is pure Python/NumPy.
 """
 
 from rlhf_jax.tasks.curation import curate, has_pii

@@ -12,7 +12,7 @@ Bradley-Terry model: P(i preferred to j) = sigmoid(u_i - u_j).
 Labelers differ: temperature_l = noise * exp(noise_spread * z_l) and length_bias_l = length_bias * z'_l with
 z, z' standard normal draws fixed by the pool's seed (some labelers are noisier, some like long answers and
 some short ones). `noise` sets the agreement of two labelers. On the default comparisons data (responses of
-demonstrators of varying skill, the `small` preset of experiments/data.py; mean of seeds 0, 1, 2, whose
+demonstrators of varying skill, the `small` preset of experiments/data/config.py; mean of seeds 0, 1, 2, whose
 values spread by about +-0.01) the measured pairwise agreement and gold ceiling are:
 
     noise            0.25   0.5    0.65   0.75   1.0    1.5

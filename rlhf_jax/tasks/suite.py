@@ -56,7 +56,7 @@ _PII_TEMPLATES = ("My email is {email}. {q}", "{q} My phone is {phone}.", "{q} C
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Every size and knob of the suite. Defaults are the `small` preset of experiments/data.py."""
+  """Every size and knob of the suite. Defaults are the `small` preset of experiments/data/config.py."""
 
   # The world.
   n_entities: int = 64
@@ -344,7 +344,7 @@ def _prompt_record(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def generate_splits(config: Any) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-  """(splits, stats) for an experiment config with `.seed` and `.data` (see experiments/data.py)."""
+  """(splits, stats) for an experiment config with `.seed` and `.data` (see experiments/data/config.py)."""
   return generate(int(config.seed), DataConfig.from_config(config.data))
 
 

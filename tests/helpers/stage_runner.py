@@ -27,7 +27,7 @@ RUN_PY = os.path.join(ROOT, "run.py")
 # The tiny pipeline cut to a few steps per stage. log_every=1 prints a progress line at every step (the kill
 # harness triggers on them) and save_every=1 checkpoints every step, so kills land in async saves often.
 TINY_FLAGS = (
-    f"--experiment={os.path.join(ROOT, 'experiments', 'instructgpt.py')}:tiny",
+    f"--experiment={os.path.join(ROOT, 'experiments', 'instructgpt', 'config.py')}:tiny",
     "--experiment.pretrain.train.steps=8", "--experiment.pretrain.train.log_every=1",
     "--experiment.sft.train.steps=6", "--experiment.sft.train.log_every=1",
     "--experiment.rm.train.steps=4", "--experiment.rm.train.log_every=1",

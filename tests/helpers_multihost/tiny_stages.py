@@ -10,8 +10,8 @@ library's loaders do (each reads its shard by `jax.process_index()`); `sharding.
 global array with `jax.make_array_from_process_local_data`. Results come back to the host with `to_host`, which
 gathers the other processes' rows.
 
-The trainers mirror the stages: `LMTrainer` is `pretrain.train_lm`'s step (SFT starts from given "pretrained"
-parameters with `optim.state_from_params`), `RMTrainer` is `reward.run`'s, and `ppo_run` is `ppo.run`'s
+The trainers mirror the stages: `LMTrainer` is `training.train_lm`'s step (SFT starts from given "pretrained"
+parameters with `optim.state_from_params`), `RMTrainer` is `rm.run`'s, and `ppo_run` is `rl.run`'s
 iteration (four parameter sets, rollout, update), without data files, checkpoints or logging.
 """
 
@@ -25,19 +25,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import configs, model, optim, ppo, pretrain, reward, sampling, sharding, tokenizers
+from rlhf_jax import configs, optim, sampling, sharding, tokenizers, training
+from rlhf_jax.data import comparisons
+from rlhf_jax.models import heads, presets, transformer
+from rlhf_jax.rl import learner
+from rlhf_jax.rl import rollout as rl_rollout
+from rlhf_jax.stages import rm
 
 TOK = tokenizers.ByteTokenizer()
 # One layer, width 32: compiles in seconds on a laptop CPU. 4 heads / 2 kv heads split over tensor=2; the
 # byte tokenizer's 264 ids split over tensor=2 and 8.
-CFG = model.preset("tiny", vocab_size=TOK.vocab_size, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=1,
+CFG = presets.preset("tiny", vocab_size=TOK.vocab_size, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=1,
                    max_len=48)
 RULES = sharding.DEFAULT_RULES
 
 SFT_STEPS, SFT_BATCH, SFT_LEN = 6, 8, 40
 RM_STEPS, RM_BATCH, RM_K, RM_LEN = 3, 8, 4, 24
 PPO_ITERATIONS, PPO_BATCH, PROMPT_LEN = 2, 16, 12
-PPO = ppo.PPOSettings(
+PPO = rl_rollout.PPOSettings(
     sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0), eos_id=TOK.eos_id, pad_id=TOK.pad_id,
     no_eos_penalty=-1.0, whiten_rewards=True, gamma=1.0, lam=0.95, clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1,
     entropy_coef=0.01, ptx_coef=0.0, epochs=2, n_minibatches=2, algorithm="ppo", min_whiten=8)
@@ -86,7 +91,7 @@ def host_params(init_fn, seed: int, scale: float = 1.0):
 
 def place(host_tree, axes, mesh):
   """Host arrays laid out on the mesh by their logical axes (each process fills only its own devices), as
-  `pretrain.load_params` restores an exported stage."""
+  `training.load_params` restores an exported stage."""
   shardings = sharding.tree_shardings(axes, host_tree, mesh, RULES)
   return jax.tree.map(lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx]), host_tree,
                       shardings)
@@ -137,9 +142,9 @@ def rm_batches(n: int = RM_STEPS, seed: int = 1) -> list[dict[str, np.ndarray]]:
         responses, ranks = responses[:3], ranks[:3]
       records.append({"prompt_turns": [{"role": "user", "content": f"{a}+{b}?"}], "responses": responses,
                       "ranks": ranks})
-    comps, _ = reward.tokenize_comparisons(records, TOK, seq_len=RM_LEN, too_long="error", source="scale test")
-    groups = reward.make_groups(comps, grouping="prompt", pair_weighting="uniform")
-    out.append(reward.group_batch(comps, groups, k=RM_K, seq_len=RM_LEN, pad_id=TOK.pad_id))
+    comps, _ = comparisons.tokenize_comparisons(records, TOK, seq_len=RM_LEN, too_long="error", source="scale test")
+    groups = comparisons.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+    out.append(comparisons.group_batch(comps, groups, k=RM_K, seq_len=RM_LEN, pad_id=TOK.pad_id))
   return out
 
 
@@ -160,20 +165,20 @@ def ppo_prompts(iteration: int) -> dict[str, np.ndarray]:
 
 
 class LMTrainer:
-  """SFT: `pretrain.make_train_step` jitted with the state's shardings, from sharded "pretrained" params."""
+  """SFT: `training.make_train_step` jitted with the state's shardings, from sharded "pretrained" params."""
 
   def __init__(self, shape):
     self.mesh = make_mesh(shape)
-    axes = model.param_axes(CFG)
+    axes = transformer.param_axes(CFG)
     self.axes = axes
     self.optimizer = optim.make_optimizer(configs.optimizer_config(lr=3e-3, warmup_steps=1), SFT_STEPS,
                                           optim.decay_mask_from_axes(axes))
-    self.pretrained = place(host_params(lambda k: model.init(k, CFG), seed=1), axes, self.mesh)
+    self.pretrained = place(host_params(lambda k: transformer.init(k, CFG), seed=1), axes, self.mesh)
     batch_sh = {k: sharding.batch_sharding(self.mesh, RULES, 2) for k in ("tokens", "mask", "loss_mask")}
     self._spare, self.state_sh = self._new_state()  # the first fresh_state() hands this one out
     with sharding.activate(self.mesh, RULES):
-      self.step = jax.jit(pretrain.make_train_step(CFG, self.optimizer), in_shardings=(self.state_sh, batch_sh),
-                          out_shardings=(self.state_sh, None), donate_argnums=0)
+      self.step = jax.jit(training.make_train_step(training.lm_loss_fn(CFG), self.optimizer),
+                          in_shardings=(self.state_sh, batch_sh), out_shardings=(self.state_sh, None), donate_argnums=0)
 
   def _new_state(self):
     return optim.state_from_params(self.pretrained, self.axes, self.optimizer, jax.random.PRNGKey(0), self.mesh,
@@ -195,21 +200,21 @@ class LMTrainer:
 
 
 class RMTrainer:
-  """The reward model: `reward.make_train_step` on group batches, as `reward.run` jits it."""
+  """The reward model: `training.make_train_step` of `rm.ranking_loss_fn` on group batches, as `rm.run` jits it."""
 
   def __init__(self, shape):
     self.mesh = make_mesh(shape)
-    axes = reward.rm_param_axes(CFG)
+    axes = heads.rm_param_axes(CFG)
     self.optimizer = optim.make_optimizer(configs.optimizer_config(lr=3e-3, warmup_steps=1), RM_STEPS,
                                           optim.decay_mask_from_axes(axes))
-    # Like `reward.run` with rm.init_from="sft": given backbone parameters, then `optim.state_from_params`.
+    # Like `rm.run` with rm.init_from="sft": given backbone parameters, then `optim.state_from_params`.
     params = place(_rm_host(), axes, self.mesh)
     self.state, self.state_sh = optim.state_from_params(params, axes, self.optimizer, jax.random.PRNGKey(4),
                                                         self.mesh, RULES)
-    bsh = reward.batch_shardings(self.mesh, RULES)
+    bsh = comparisons.batch_shardings(self.mesh, RULES)
     with sharding.activate(self.mesh, RULES):
-      self.step = jax.jit(reward.make_train_step(CFG, self.optimizer), in_shardings=(self.state_sh, bsh),
-                          out_shardings=(self.state_sh, None), donate_argnums=0)
+      self.step = jax.jit(training.make_train_step(rm.ranking_loss_fn(CFG), self.optimizer),
+                          in_shardings=(self.state_sh, bsh), out_shardings=(self.state_sh, None), donate_argnums=0)
 
   def train(self, batches):
     out = []
@@ -241,33 +246,33 @@ def rm_run(shape):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PPO: four parameter sets on one mesh, rollout and update as in `ppo.run`.
+# PPO: four parameter sets on one mesh, rollout and update as in `rl.run`.
 
 
 def _policy_host():
   # Larger weights make the samples diverse, and a bias towards EOS makes about half the responses stop
   # early, so both reward paths run: the RM score at EOS and the fixed penalty for never stopping.
-  params = host_params(lambda k: model.init(k, CFG), seed=10, scale=8.0)
+  params = host_params(lambda k: transformer.init(k, CFG), seed=10, scale=8.0)
   params["unembed"][:, TOK.eos_id] += 0.4
   return params
 
 
 def _rm_host():
-  params = host_params(lambda k: reward.init_rm_params(k, CFG), seed=13)
-  params["head"]["w"] *= 5.0  # about the std 1/sqrt(d+1) of reward.init_rm_params
+  params = host_params(lambda k: heads.init_rm_params(k, CFG), seed=13)
+  params["head"]["w"] *= 5.0  # about the std 1/sqrt(d+1) of heads.init_rm_params
   params["norm"] = {"gain": np.float32(2.0), "bias": np.float32(-0.5)}
   return params
 
 
 def ppo_sets(mesh):
   """(train state holding policy and value, its shardings, frozen reference, frozen RM, optimizer): the four
-  parameter sets of `ppo.run`, all laid out by the same rules on one mesh."""
-  axes = {"policy": model.param_axes(CFG), "value": ppo.value_axes(CFG)}
-  value = host_params(lambda k: {"backbone": model.init(k, CFG), "head": model.init_scalar_head(k, CFG)}, seed=11)
+  parameter sets of `rl.run`, all laid out by the same rules on one mesh."""
+  axes = {"policy": transformer.param_axes(CFG), "value": heads.value_axes(CFG)}
+  value = host_params(lambda k: {"backbone": transformer.init(k, CFG), "head": heads.init_scalar_head(k, CFG)}, seed=11)
   value["head"]["w"] *= 5.0  # a non-zero head (as when the value model starts from the RM): values vary
   trainable = {"policy": place(_policy_host(), axes["policy"], mesh), "value": place(value, axes["value"], mesh)}
-  ref = place(host_params(lambda k: model.init(k, CFG), seed=12), model.param_axes(CFG), mesh)
-  rm = place(_rm_host(), reward.rm_param_axes(CFG), mesh)
+  ref = place(host_params(lambda k: transformer.init(k, CFG), seed=12), transformer.param_axes(CFG), mesh)
+  rm = place(_rm_host(), heads.rm_param_axes(CFG), mesh)
   optimizer = optim.make_optimizer(configs.optimizer_config(lr=1e-3, warmup_steps=0, weight_decay=0.0),
                                    PPO_ITERATIONS * PPO.epochs * PPO.n_minibatches, optim.decay_mask_from_axes(axes))
   state, state_sh = optim.state_from_params(trainable, axes, optimizer, jax.random.PRNGKey(2), mesh, RULES)
@@ -285,7 +290,7 @@ def _layout(tree) -> dict[str, tuple[float, str]]:
 
 @functools.lru_cache(maxsize=None)
 def ppo_run(shape):
-  """PPO_ITERATIONS iterations as `ppo.run` does them. Returns per iteration the gathered rollout (and RM
+  """PPO_ITERATIONS iterations as `rl.run` does them. Returns per iteration the gathered rollout (and RM
   scores), the rollout stats and the update metrics; and the layout of the four parameter sets and of Adam's
   first moment as created (`_layout`), before the update donates their buffers."""
   mesh = make_mesh(shape)
@@ -295,8 +300,8 @@ def ppo_run(shape):
              "adam_mu": _layout(state["opt_state"][1].mu)}  # chain: (clip, adam, lr)
   iterations = []
   with sharding.activate(mesh, RULES):
-    rollout_fn = jax.jit(ppo.make_rollout(CFG, CFG, PPO))
-    update_fn = jax.jit(ppo.make_update(optimizer, CFG, PPO), donate_argnums=0)
+    rollout_fn = jax.jit(rl_rollout.make_rollout(CFG, CFG, PPO))
+    update_fn = jax.jit(learner.make_update(optimizer, CFG, PPO), donate_argnums=0)
     for it in range(PPO_ITERATIONS):
       prompts = put(ppo_prompts(it), mesh)
       rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), 1)

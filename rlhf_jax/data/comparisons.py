@@ -1,0 +1,173 @@
+"""Comparison records -> groups of tokenised prompt + response sequences, batched for the reward model.
+
+A comparison is one prompt with K >= 2 responses and their ranks (0 = best, equal ranks are ties). Training
+units are groups: all K responses of a prompt (`grouping="prompt"`, InstructGPT's arrangement) or one ranked pair
+(`"pairs"`, the ablation). `GroupIterator` gives deterministic shuffled epochs of them, checkpointable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax import sharding, tokenizers
+
+Batch = dict[str, np.ndarray]
+
+
+
+@dataclasses.dataclass
+class Comparison:
+  prompt_ids: list[int]
+  response_ids: list[list[int]]  # each ends with EOS
+  ranks: list[int]  # 0 = best; equal ranks are ties
+  gold: list[float] | None = None
+  labeler: int = -1
+
+
+def tokenize_comparisons(records: Sequence[dict], tok, *, seq_len: int, too_long: str, source: str,
+                         allow_empty: bool = False) -> tuple[list[Comparison], int]:
+  """Tokenises records {prompt_turns, responses, ranks[, gold_scores, labeler_id]}; returns (comparisons,
+  number truncated). Over-long sequences lose prompt tokens from the left (`too_long="truncate"`) or raise.
+  Empty responses are an error in labelled data; policy samples may be empty (just EOS): `allow_empty`."""
+  out, truncated = [], 0
+  for i, r in enumerate(records):
+    responses = list(r["responses"])
+    ranks = [int(x) for x in np.asarray(r["ranks"]).tolist()]
+    if len(responses) < 2 or len(ranks) != len(responses):
+      raise ValueError(f"{source}: record {i}: field 'ranks' must rank at least 2 responses, one rank each; got "
+                       f"{len(responses)} responses and {len(ranks)} ranks")
+    for j, text in enumerate(responses):
+      if not allow_empty and not str(text).strip():
+        raise ValueError(f"{source}: record {i}: field 'responses[{j}]' is empty")
+    prompt = tokenizers.encode_prompt(tok, r["prompt_turns"])
+    resp = [tok.encode(str(text)) + [tok.eos_id] for text in responses]
+    longest = max(len(x) for x in resp)
+    if len(prompt) + longest > seq_len:
+      if too_long == "error":
+        raise ValueError(f"{source}: record {i}: prompt + response is {len(prompt) + longest} tokens, longer "
+                         f"than rm.seq_len={seq_len} (set rm.too_long='truncate' to cut the prompt)")
+      keep = seq_len - longest
+      if keep < 2:
+        raise ValueError(f"{source}: record {i}: a response alone is {longest} tokens, longer than "
+                         f"rm.seq_len={seq_len}")
+      prompt = prompt[:1] + prompt[len(prompt) - keep + 1:]  # keep BOS, drop the oldest prompt tokens
+      truncated += 1
+    gold = r.get("gold_scores")
+    out.append(Comparison(prompt, resp, ranks, None if gold is None else [float(g) for g in np.asarray(gold)],
+                          int(r.get("labeler_id", -1))))
+  return out, truncated
+
+
+def _pack(prompt: list[int], response: list[int], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = prompt + response
+  tokens = np.full((seq_len,), pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  mask = np.zeros((seq_len,), np.int32)
+  mask[:len(ids)] = 1
+  return tokens, mask
+
+
+def num_strict_pairs(ranks: Sequence[int]) -> int:
+  r = np.asarray(ranks)
+  return int((r[:, None] < r[None, :]).sum())
+
+
+def make_groups(comps: Sequence[Comparison], *, grouping: str, pair_weighting: str) -> list[tuple[int, list[int],
+                                                                                                   float]]:
+  """Training units: (comparison index, response indices, weight). Grouped: one per prompt, all K responses.
+  Pairs: one per strictly ranked pair (ties make no pair)."""
+  if grouping == "prompt":
+    return [(i, list(range(len(c.response_ids))), 1.0) for i, c in enumerate(comps) if num_strict_pairs(c.ranks)]
+  if grouping != "pairs":
+    raise ValueError(f"rm.grouping must be 'prompt' or 'pairs', got {grouping!r}")
+  if pair_weighting not in ("uniform", "per_prompt"):
+    raise ValueError(f"rm.pair_weighting must be 'uniform' or 'per_prompt', got {pair_weighting!r}")
+  groups = []
+  for i, c in enumerate(comps):
+    n = num_strict_pairs(c.ranks)
+    for a in range(len(c.ranks)):
+      for b in range(a + 1, len(c.ranks)):
+        if c.ranks[a] != c.ranks[b]:
+          groups.append((i, [a, b], 1.0 / n if pair_weighting == "per_prompt" else 1.0))
+  return groups
+
+
+def bucketed_len(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[int], float]], *, seq_len: int,
+                 bucket: int) -> int:
+  """The time axis of a batch of these groups: its longest prompt+response rounded up to a multiple of `bucket`,
+  at most seq_len (bucket 0: always seq_len). Rows are right-padded and attention is causal, so the scores do
+  not depend on it; a few buckets mean a few compiled shapes, and short batches cost less."""
+  if bucket <= 0:
+    return seq_len
+  longest = max(len(comps[ci].prompt_ids) + len(comps[ci].response_ids[r]) for ci, idx, _ in groups for r in idx)
+  return min(seq_len, -(-longest // bucket) * bucket)
+
+
+def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[int], float]], *, k: int,
+                seq_len: int, pad_id: int) -> Batch:
+  b = len(groups)
+  tokens = np.full((b, k, seq_len), pad_id, np.int32)
+  mask = np.zeros((b, k, seq_len), np.int32)
+  ranks = np.zeros((b, k), np.int32)
+  valid = np.zeros((b, k), bool)
+  weight = np.zeros((b,), np.float32)
+  prompt_len = np.ones((b, k), np.int32)
+  for row, (ci, idx, w) in enumerate(groups):
+    c = comps[ci]
+    for j, r in enumerate(idx):
+      tokens[row, j], mask[row, j] = _pack(c.prompt_ids, c.response_ids[r], seq_len, pad_id)
+      prompt_len[row, j] = len(c.prompt_ids)
+      # Sequences must keep at least one real token so padded slots do not produce NaNs; invalid slots
+      # are excluded from the loss by `valid`.
+      ranks[row, j] = c.ranks[r]
+      valid[row, j] = True
+    for j in range(len(idx), k):
+      mask[row, j, 0] = 1
+    weight[row] = w
+  return {"tokens": tokens, "mask": mask, "ranks": ranks, "valid": valid, "weight": weight, "prompt_len": prompt_len}
+
+
+def batch_shardings(mesh, rules) -> dict[str, Any]:
+  """Shardings of a `group_batch` batch: rows (prompts) split over the data-parallel axes."""
+  ndims = {"tokens": 3, "mask": 3, "ranks": 2, "valid": 2, "weight": 1, "prompt_len": 2}
+  return {key: sharding.batch_sharding(mesh, rules, n) for key, n in ndims.items()}
+
+
+class GroupIterator:
+  """Deterministic shuffled epochs over training groups, checkpointable as {"epoch", "pos"}."""
+
+  def __init__(self, comps, groups, *, batch_size: int, k: int, seq_len: int, pad_id: int, seed: int,
+               shard_index: int = 0, shard_count: int = 1, length_bucket: int = 0):
+    if len(groups) < batch_size:
+      raise ValueError(f"rm.train.batch_size={batch_size} is larger than the {len(groups)} training groups")
+    self.comps, self.groups = comps, groups
+    self.batch_size, self.k, self.seq_len, self.pad_id, self.seed = batch_size, k, seq_len, pad_id, seed
+    self.shard_index, self.shard_count, self.length_bucket = shard_index, shard_count, length_bucket
+    self.epoch, self.pos = 0, 0
+
+  def _order(self):
+    return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.groups))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    if self.pos + self.batch_size > len(self.groups):
+      self.epoch, self.pos = self.epoch + 1, 0
+    idx = self._order()[self.pos:self.pos + self.batch_size]
+    self.pos += self.batch_size
+    # The length comes from the global batch, so every process builds slices of one shape.
+    t = bucketed_len(self.comps, [self.groups[i] for i in idx], seq_len=self.seq_len, bucket=self.length_bucket)
+    per_host = self.batch_size // self.shard_count  # each process builds only its slice of the global batch
+    idx = idx[self.shard_index * per_host:(self.shard_index + 1) * per_host]
+    return group_batch(self.comps, [self.groups[i] for i in idx], k=self.k, seq_len=t, pad_id=self.pad_id)
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "pos": self.pos}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch, self.pos = int(state["epoch"]), int(state["pos"])

@@ -1,0 +1,272 @@
+"""Where each stage's data comes from: the task suite's TFDS datasets, turned into batches.
+
+This is the one place that knows the suite's split names. Stages ask for iterators (`pretrain_iters`,
+`sft_iters`), records (`offline_comparisons`, `file_comparisons`, `rl_prompts`, `benchmark`) or the simulated
+humans (`gold_scorer`, `labelers`); the suite is generated on first use into WORKDIR/data (or `data.data_dir`)
+and cached after.
+Every iterator has get_state()/set_state() so its position is part of a checkpoint. With several processes,
+each reads its own shard (`jax.process_index()`), and the global batch is assembled on the mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from rlhf_jax import tokenizers
+from rlhf_jax.data import pipeline, tfds_io
+from rlhf_jax.data.batching import fit_prompt, left_pad
+from rlhf_jax.tasks import gold, storage, suite
+
+
+def data_dir(config, workdir: str) -> str:
+  """config.data.data_dir, or WORKDIR/data."""
+  return storage.data_dir_for(config, workdir)
+
+
+_ENSURED: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def ensure_suite(config, workdir: str) -> dict[str, Any]:
+  """Generates the suite's datasets if missing (cached by a fingerprint of config.data and the seed)."""
+  key = (workdir, config.data.to_json() + str(config.seed))
+  if key not in _ENSURED:
+    _ENSURED[key] = storage.ensure_suite(config, workdir)
+  return _ENSURED[key]
+
+
+def split(config, workdir: str, name: str):
+  """A random-access source of one suite split (see rlhf_jax/tasks/suite.py for the record formats)."""
+  ensure_suite(config, workdir)
+  return storage.load_suite(data_dir(config, workdir))[name]
+
+
+def tokenizer(config, workdir: str) -> tokenizers.Tokenizer:
+  """Byte-level, or SentencePiece trained once on the pretraining corpus (tokenizer.path or
+  DATA_DIR/tokenizer-<vocab>.model)."""
+  tc = config.tokenizer
+  if tc.kind == "byte":
+    return tokenizers.ByteTokenizer()
+  path = tc.path or os.path.join(data_dir(config, workdir), f"tokenizer-{tc.vocab_size}.model")
+  corpus = None
+  if not os.path.exists(path):
+    src = split(config, workdir, "pretrain")
+    corpus = (src[i]["text"] for i in range(len(src)))
+  return tokenizers.make_tokenizer(tc.kind, path=path, vocab_size=tc.vocab_size, corpus=corpus)
+
+
+def _shard():
+  return jax.process_index(), jax.process_count()
+
+
+def _per_process(batch_size: int) -> int:
+  n = jax.process_count()
+  if batch_size % n:
+    raise ValueError(f"batch size {batch_size} does not divide over {n} processes")
+  return batch_size // n
+
+
+def pretrain_iters(config, workdir: str, tok, *, stage_cfg=None):
+  """(train_iter_fn(shard_index, shard_count), eval_iter_fn()) of packed next-token batches."""
+  tc = (stage_cfg or config.pretrain).train
+  train_src = split(config, workdir, "pretrain")
+  val_src = split(config, workdir, "pretrain_val")
+
+  def train_iter_fn(shard_index: int, shard_count: int):
+    return pipeline.lm_loader(train_src, tok, seq_len=tc.seq_len, batch_size=_per_process(tc.batch_size),
+                              seed=config.seed, shard_index=shard_index, shard_count=shard_count)
+
+  def eval_iter_fn():
+    i, n = _shard()
+    return pipeline.lm_loader(val_src, tok, seq_len=tc.seq_len, batch_size=_per_process(tc.batch_size),
+                              seed=0, shuffle=False, num_epochs=1, shard_index=i, shard_count=n)
+
+  return train_iter_fn, eval_iter_fn
+
+
+class NamedIterators:
+  """Several checkpointable iterators whose positions are saved and restored together, as {name: state}."""
+
+  def __init__(self, iterators: dict[str, Any]):
+    self.iterators = iterators
+
+  def get_state(self) -> dict[str, Any]:
+    return {name: it.get_state() for name, it in self.iterators.items()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for name, it in self.iterators.items():
+      it.set_state(state[name])
+
+
+class MixIterator:
+  """Rows from two iterators in one batch (SFT with a fraction of pretraining text); checkpointable."""
+
+  def __init__(self, a, b, n_a: int):
+    self.a, self.b, self.n_a = a, b, n_a
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    x, y = next(self.a), next(self.b)
+    keys = ("tokens", "mask", "loss_mask")
+    return {k: np.concatenate([np.asarray(x[k])[:self.n_a], np.asarray(y[k])]) for k in keys}
+
+  def get_state(self):
+    return {"a": self.a.get_state(), "b": self.b.get_state()}
+
+  def set_state(self, state):
+    self.a.set_state(state["a"])
+    self.b.set_state(state["b"])
+
+
+def sft_iters(config, workdir: str, tok):
+  """Chat batches (loss on assistant tokens), optionally mixed with pretraining rows (sft.pretrain_mix)."""
+  tc = config.sft.train
+  train_src = split(config, workdir, "sft")
+  val_src = split(config, workdir, "sft_val")
+  mix = float(config.sft.pretrain_mix)
+  if not 0.0 <= mix < 1.0:
+    raise ValueError(f"sft.pretrain_mix={mix}: expected a fraction in [0, 1)")
+  per_proc = _per_process(tc.batch_size)
+  n_pt = int(round(per_proc * mix))
+
+  def train_iter_fn(shard_index: int, shard_count: int):
+    chat = pipeline.chat_loader(train_src, tok, seq_len=tc.seq_len, batch_size=per_proc, seed=config.seed,
+                                too_long=config.sft.too_long, shard_index=shard_index, shard_count=shard_count)
+    if not n_pt:
+      return chat
+    pt = pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=tc.seq_len, batch_size=n_pt,
+                            seed=config.seed + 1, shard_index=shard_index, shard_count=shard_count)
+    return MixIterator(chat, pt, per_proc - n_pt)
+
+  def eval_iter_fn():
+    i, n = _shard()
+    return pipeline.chat_loader(val_src, tok, seq_len=tc.seq_len, batch_size=per_proc, seed=0, shuffle=False,
+                                num_epochs=1, too_long="truncate", shard_index=i, shard_count=n)
+
+  return train_iter_fn, eval_iter_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts, the simulated humans, the benchmark.
+
+
+def gold_scorer(config, workdir: str):
+  """The simulated humans' hidden preference over the suite's world (the same seed and config.data)."""
+  del workdir
+  return gold.GoldScorer(suite.make_world(config.seed, suite.DataConfig.from_config(config.data)))
+
+
+def labelers(config):
+  """The simulated labeler pool of the suite (its noise and number of labelers from config.data)."""
+  return suite.make_labelers(config.seed, suite.DataConfig.from_config(config.data))
+
+
+def rl_prompts(config, workdir: str, tok, *, which: str = "train") -> list[dict]:
+  """Prompt records with their token ids: {"ids", "turns", "prompt"}; which = "train" or "validation"."""
+  if which not in ("train", "validation"):
+    raise ValueError(f"rl_prompts: which={which!r}, expected 'train' or 'validation'")
+  name = "prompts" if which == "train" else "prompts_val"
+  src = split(config, workdir, name)
+  out = []
+  for i in range(len(src)):
+    r = src[i]
+    out.append({"ids": tokenizers.encode_prompt(tok, r["turns"]), "turns": r["turns"], "prompt": r["prompt"]})
+  return out
+
+
+def benchmark(config, workdir: str) -> list[dict]:
+  src = split(config, workdir, "benchmark")
+  return [src[i] for i in range(len(src))]
+
+
+class PromptIterator:
+  """Shuffled epochs of left-padded prompt batches for RL; checkpointable as {"epoch", "pos"}.
+
+  Prompts longer than `max_len` tokens keep their last `max_len` tokens behind BOS (the question is at the end).
+  """
+
+  def __init__(self, prompts: Sequence[dict], *, batch_size: int, pad_id: int, seed: int, max_len: int):
+    if len(prompts) < batch_size:
+      raise ValueError(f"ppo.batch_size={batch_size} is larger than the {len(prompts)} RL prompts")
+    self.prompts, self.batch_size, self.pad_id, self.seed, self.max_len = prompts, batch_size, pad_id, seed, max_len
+    self.epoch, self.pos = 0, 0
+    self.n_truncated = sum(len(p["ids"]) > max_len for p in prompts)
+    if self.n_truncated:
+      logging.warning("%d of %d RL prompts are longer than ppo.max_prompt_len=%d and are cut from the left",
+                      self.n_truncated, len(prompts), max_len)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.pos + self.batch_size > len(self.prompts):
+      self.epoch, self.pos = self.epoch + 1, 0
+    order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+    idx = order[self.pos:self.pos + self.batch_size]
+    self.pos += self.batch_size
+    i, n = _shard()
+    idx = idx[i * (len(idx) // n):(i + 1) * (len(idx) // n)]
+    ids = [fit_prompt(self.prompts[j]["ids"], self.max_len) for j in idx]
+    tokens, mask = left_pad(ids, self.pad_id, self.max_len)
+    return tokens, mask, [self.prompts[j]["prompt"] for j in idx]
+
+  def get_state(self):
+    return {"epoch": self.epoch, "pos": self.pos}
+
+  def set_state(self, state):
+    self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+def ptx_iter(config, workdir: str, tok):
+  """Pretraining batches for PPO-ptx: ppo.ptx.ratio rows per RL episode, split into the update's minibatches."""
+  pc = config.ppo
+  rows = pc.batch_size * pc.ptx.ratio
+  return pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=pc.ptx.seq_len,
+                            batch_size=_per_process(rows), seed=config.seed + 3,
+                            shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def ptx_minibatches(it, n_minibatches: int) -> dict[str, np.ndarray]:
+  """[n_minibatches, rows, t+1] arrays: minibatch i of every epoch sees the same pretraining rows."""
+  batch = next(it)
+  out = {}
+  for k in ("tokens", "mask", "loss_mask"):
+    x = np.asarray(batch[k])
+    out[k] = x.reshape(n_minibatches, x.shape[0] // n_minibatches, *x.shape[1:])
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparisons for the reward model.
+
+
+def offline_comparisons(config, workdir: str) -> tuple[list[dict], list[dict]]:
+  """The suite's own comparisons (train, validation), records {prompt_turns, prompt, responses, ranks,
+  gold_scores, labeler_id}, cut to rm.n_prompts / rm.n_val_prompts (0 = all)."""
+  rc = config.rm
+  tr, va = split(config, workdir, "comparisons"), split(config, workdir, "comparisons_val")
+  return ([tr[i] for i in range(len(tr))][:rc.n_prompts or None],
+          [va[i] for i in range(len(va))][:rc.n_val_prompts or None])
+
+
+def file_comparisons(path: str) -> tuple[list[dict], list[dict]]:
+  """A user's rankings dataset directory (rlhf_jax.data.real.prepare_rankings / prepare_hh_pairs): its train
+  and validation splits, or the last 10% of train held out when it has no validation split."""
+  if not path or not os.path.isdir(path):
+    raise ValueError(f"rm.file={path!r}: expected a rankings dataset directory written by "
+                     "rlhf_jax.data.real.prepare_rankings / prepare_hh_pairs")
+  tr = tfds_io.load_split_dir(path, "train")
+  try:
+    va = tfds_io.load_split_dir(path, "validation")
+  except Exception:  # pylint: disable=broad-except
+    n_val = max(1, len(tr) // 10)  # no validation split: hold out the last 10%
+    records = [tr[i] for i in range(len(tr))]
+    return records[:-n_val], records[-n_val:]
+  return [tr[i] for i in range(len(tr))], [va[i] for i in range(len(va))]

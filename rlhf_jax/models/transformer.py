@@ -1,0 +1,527 @@
+"""A pure-function decoder-only Transformer: init, forward, KV cache.
+
+The parameters are a plain pytree of arrays; every function here is a pure function of them and of a frozen
+`ModelConfig`, which is static under `jax.jit`. One backbone serves pretraining, SFT, the reward model (a scalar
+head read at the last real token) and PPO (policy logits plus a value head).
+
+Shapes are named by their axes: b batch, t query time, s key time, d model width, h query heads, k key/value
+heads, g query heads per kv head, e head width, f MLP width, v vocabulary, l layers.
+
+Layers are stored stacked along a leading `layers` axis (checkpoints and shardings keep that layout) and
+applied unrolled, each layer's weights sliced inside the jitted function: XLA:CPU copies a layer's slice of a
+stacked array before every matmul that reads it under `lax.scan`. Decoding with a KV cache keeps one cache
+array per layer (see `backbone`), and `prefill` fills a fresh cache from the uncached pass over the prompt.
+Every parameter carries logical axis names (`param_axes`), mapped to mesh axes by one rules table
+(`rlhf_jax.sharding`).
+
+Left padding: positions are counted over real tokens only (`cumsum(mask) - 1`), and padded keys are masked,
+so a left-padded prompt produces the same logits on its real tokens as the unpadded prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import sharding
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+# A finite "minus infinity": a fully masked attention row (a left-pad query) then gives a uniform average
+# instead of NaN, and its output is never used.
+_MASK_VALUE = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and choices of the Transformer. Frozen and hashable: static under jit."""
+
+  vocab_size: int = 264
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 4  # < n_heads gives grouped-query attention
+  d_ff: int = 256
+  max_len: int = 128
+  pos_embedding: str = "rope"  # "rope" or "learned"
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dropout_rate: float = 0.0  # no dropout unless asked (RL needs a first ratio of exactly 1)
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  remat: bool = False  # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
+    if self.pos_embedding not in ("rope", "learned"):
+      raise ValueError(f"model.pos_embedding must be 'rope' or 'learned', got {self.pos_embedding!r}")
+    if self.pos_embedding == "rope" and self.d_head % 2:
+      raise ValueError(f"RoPE needs an even head width, got d_model/n_heads={self.d_head}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+    for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+  @property
+  def d_head(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    return sum(math.prod(s) for s, _, _ in _param_specs(self).values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters: one table of (shape, logical axes, initialiser) drives init, sharding and the parameter count.
+
+
+def _normal(std):
+  return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _ones(key, shape):
+  del key
+  return jnp.ones(shape, jnp.float32)
+
+
+def _zeros(key, shape):
+  del key
+  return jnp.zeros(shape, jnp.float32)
+
+
+def _param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...], Any]]:
+  d, l, h, k, e, f, v = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_ff, cfg.vocab_size
+  std = 0.02
+  out_std = std / math.sqrt(2 * l)  # GPT-2: residual projections scaled by depth
+  specs = {
+      "embed": ((v, d), ("vocab", "embed"), _normal(std)),
+      "layers/attn_norm": ((l, d), ("layers", "norm"), _ones),
+      "layers/wq": ((l, d, h, e), ("layers", "embed", "heads", "head_dim"), _normal(std)),
+      "layers/wk": ((l, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), _normal(std)),
+      "layers/wv": ((l, d, k, e), ("layers", "embed", "kv_heads", "head_dim"), _normal(std)),
+      "layers/wo": ((l, h, e, d), ("layers", "heads", "head_dim", "embed"), _normal(out_std)),
+      "layers/mlp_norm": ((l, d), ("layers", "norm"), _ones),
+      "layers/w_in": ((l, d, f), ("layers", "embed", "mlp"), _normal(std)),
+      "layers/w_out": ((l, f, d), ("layers", "mlp", "embed"), _normal(out_std)),
+      "final_norm": ((d,), ("norm",), _ones),
+  }
+  if cfg.pos_embedding == "learned":
+    specs["pos_embed"] = ((cfg.max_len, d), ("length", "embed"), _normal(std))
+  if not cfg.tie_embeddings:
+    specs["unembed"] = ((d, v), ("embed", "vocab"), _normal(std))
+  return specs
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def init(rng: jax.Array, cfg: ModelConfig) -> Params:
+  """Fresh parameters. Wrap in `jax.jit(..., out_shardings=...)` to create them already sharded."""
+  specs = _param_specs(cfg)
+  keys = jax.random.split(rng, len(specs))
+  return _unflatten({name: fn(key, shape) for key, (name, (shape, _, fn)) in zip(keys, sorted(specs.items()))})
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+  """The logical axis names of every parameter, as a pytree shaped like `init`'s output."""
+  return _unflatten({name: axes for name, (_, axes, _) in _param_specs(cfg).items()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward pass.
+
+
+def _rms_norm(x_btd, scale_d, eps):
+  x32 = x_btd.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale_d).astype(x_btd.dtype)
+
+
+def _rope(x_bthe, positions_bt, theta):
+  e = x_bthe.shape[-1]
+  freq_e = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  angle_bte = positions_bt[..., None].astype(jnp.float32) * freq_e  # [b, t, e/2]
+  sin, cos = jnp.sin(angle_bte)[:, :, None, :], jnp.cos(angle_bte)[:, :, None, :]
+  x1, x2 = jnp.split(x_bthe.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_bthe.dtype)
+
+
+def _dropout(x, rate, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rate):
+  """Masked softmax attention, heads-first: [b, k, n, e] outputs for n = g * t queries (the g query heads of
+  each kv head stacked along time) over s keys.
+
+  The numbers of `jax.nn.softmax(jnp.where(allowed, q k / sqrt(e), _MASK_VALUE))` (float32), cast to the
+  compute dtype, dropped out where `keep_bkgts` is False (None: no dropout) at `rate`, times v. The backward
+  is written out (FlashAttention's): the score gradient is p * (dp - D) with D = rowsum(do * o) taken over the
+  head width instead of the keys, and the 1/sqrt(e) scale is applied to dq and dk ([b, k, n, e], t/e times
+  smaller than the scores). Differentiating the masking, scaling and normalisation step by step made
+  XLA:CPU run several more passes over [b, k, g, t, s] arrays in both directions.
+  """
+  return _attention_fwd(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rate)[0]
+
+
+def _attention_fwd(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, rate):
+  b, k, n, e = q_bkne.shape
+  scores_bkns = jnp.einsum("bkne,bkse->bkns", q_bkne, k_bkse).astype(jnp.float32) / math.sqrt(e)
+  scores_bkgts = jnp.where(allowed_bts[:, None, None], scores_bkns.reshape(b, k, g, n // g, -1), _MASK_VALUE)
+  unnormalized_bkgts = jnp.exp(scores_bkgts - jnp.max(scores_bkgts, axis=-1, keepdims=True))
+  probs_bkgts = (unnormalized_bkgts / jnp.sum(unnormalized_bkgts, axis=-1, keepdims=True)).astype(q_bkne.dtype)
+  dropped_bkgts = probs_bkgts if keep_bkgts is None else jnp.where(keep_bkgts, probs_bkgts / (1.0 - rate), 0)
+  out_bkne = jnp.einsum("bkns,bkse->bkne", dropped_bkgts.reshape(b, k, n, -1), v_bkse)
+  return out_bkne, (q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, probs_bkgts, out_bkne)
+
+
+def _attention_bwd(g, rate, res, dout_bkne):
+  q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, probs_bkgts, out_bkne = res
+  b, k, n, e = q_bkne.shape
+  dt = q_bkne.dtype
+  dropped_bkns = probs_bkgts if keep_bkgts is None else jnp.where(keep_bkgts, probs_bkgts / (1.0 - rate), 0)
+  dropped_bkns = dropped_bkns.reshape(b, k, n, -1)
+  dv_bkse = jnp.einsum("bkns,bkne->bkse", dropped_bkns, dout_bkne)
+  dprobs_bkgts = jnp.einsum("bkne,bkse->bkns", dout_bkne, v_bkse).reshape(probs_bkgts.shape)
+  if keep_bkgts is not None:
+    dprobs_bkgts = jnp.where(keep_bkgts, dprobs_bkgts / (1.0 - rate), 0)
+  # sum_s p * dp = sum_e do * o: the softmax's row term from [b, k, n, e] instead of the [.., t, s] scores.
+  rows_bkn = jnp.sum(dout_bkne.astype(jnp.float32) * out_bkne.astype(jnp.float32), axis=-1)
+  rows_bkgt1 = rows_bkn.reshape(b, k, g, n // g, 1)
+  dscores_bkgts = probs_bkgts.astype(jnp.float32) * (dprobs_bkgts.astype(jnp.float32) - rows_bkgt1)
+  dscores_bkns = dscores_bkgts.reshape(b, k, n, -1).astype(dt)
+  # Masked keys have weight exactly 0, hence gradient 0, except in a row with no allowed key (a left-pad
+  # query: uniform weights), where the masking select passes no gradient to the scores; those rows are zeroed
+  # on the [b, k, n, e] side instead of the scores.
+  row_ok_bkn1 = jnp.tile(jnp.any(allowed_bts, axis=-1), (1, g))[:, None, :, None]
+  scale = 1.0 / math.sqrt(e)
+  dq_bkne = jnp.where(row_ok_bkn1, jnp.einsum("bkns,bkse->bkne", dscores_bkns, k_bkse) * scale, 0)
+  dk_bkse = jnp.einsum("bkns,bkne->bkse", dscores_bkns, jnp.where(row_ok_bkn1, q_bkne, 0)) * scale
+  return dq_bkne.astype(dt), dk_bkse.astype(dt), dv_bkse.astype(dt), None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+# Causal self-attention over more than this many positions runs in query blocks (see _causal_attention).
+QUERY_BLOCK = 64
+
+
+def _causal_attention(q_bkne, k_bkte, v_bkte, allowed_bts, keep_bkgts, g, rate, block=QUERY_BLOCK):
+  """`_attention` for causal self-attention (queries = keys = t positions), skipping the masked upper blocks:
+  the queries of block [a, b) attend over keys [0, b) only. With t = 256 and blocks of 64 that is 10/16 of the
+  score, softmax and value work, forward and backward. Real queries get the same numbers (their keys beyond b
+  are masked); a query with no allowed key at all (a left-pad position) averages over its block's keys
+  instead of all t, and its gradient is zero either way."""
+  b, k, n, e = q_bkne.shape
+  t = n // g
+  if t <= block:
+    return _attention(q_bkne, k_bkte, v_bkte, allowed_bts, keep_bkgts, g, rate)
+  q_bkgte = q_bkne.reshape(b, k, g, t, e)
+  outs = []
+  for lo in range(0, t, block):
+    hi = min(t, lo + block)
+    keep = None if keep_bkgts is None else keep_bkgts[:, :, :, lo:hi, :hi]
+    out_bkne = _attention(q_bkgte[:, :, :, lo:hi].reshape(b, k, g * (hi - lo), e), k_bkte[:, :, :hi],
+                          v_bkte[:, :, :hi], allowed_bts[:, lo:hi, :hi], keep, g, rate)
+    outs.append(out_bkne.reshape(b, k, g, hi - lo, e))
+  return jnp.concatenate(outs, axis=3).reshape(b, k, n, e)
+
+
+def _constrain(x, axes):
+  # A no-op unless a mesh and logical rules are active (see rlhf_jax.sharding.activate).
+  return sharding.constrain(x, axes)
+
+
+def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng):
+  """One pre-norm Transformer block.
+
+  kv_cache is None (attend over the block's own keys) or (k_cache_bkse, v_cache_bkse, write_at), this layer's
+  cache: the new keys/values are written at slot `write_at` and the attention runs over the whole cache.
+  Returns the new x and the updated cache, or without one the block's own keys and values [b, k, t, e].
+  """
+  dt = cfg.compute_dtype
+  b, t, _ = x_btd.shape
+  g = cfg.n_heads // cfg.n_kv_heads
+  rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+
+  h_btd = _rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
+  q_bthe = jnp.einsum("btd,dhe->bthe", h_btd, layer["wq"].astype(dt))
+  k_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wk"].astype(dt))
+  v_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wv"].astype(dt))
+  if cfg.pos_embedding == "rope":
+    q_bthe = _rope(q_bthe, positions_bt, cfg.rope_theta)
+    k_btke = _rope(k_btke, positions_bt, cfg.rope_theta)
+  q_bthe = _constrain(q_bthe, ("batch", "length", "heads", "head_dim"))
+  k_bkte, v_bkte = k_btke.transpose(0, 2, 1, 3), v_btke.transpose(0, 2, 1, 3)
+
+  self_attention = kv_cache is None  # over the block's own t positions, causal
+  if kv_cache is not None:
+    k_cache_bkse, v_cache_bkse, write_at = kv_cache
+    k_cache_bkse = jax.lax.dynamic_update_slice_in_dim(k_cache_bkse, k_bkte.astype(k_cache_bkse.dtype), write_at, 2)
+    v_cache_bkse = jax.lax.dynamic_update_slice_in_dim(v_cache_bkse, v_bkte.astype(v_cache_bkse.dtype), write_at, 2)
+    k_bkse, v_bkse = k_cache_bkse.astype(dt), v_cache_bkse.astype(dt)
+    kv_cache = (k_cache_bkse, v_cache_bkse)
+  else:
+    k_bkse, v_bkse = k_bkte, v_bkte
+    kv_cache = (k_bkte, v_bkte)
+
+  # Heads-first batched matmuls ([b, k, g*t, e] x [b, k, s, e]): the layout XLA:CPU runs fastest; the g query
+  # heads of one kv head share its keys without copying them. The cache is stored in this layout too.
+  q_bkne = q_bthe.reshape(b, t, cfg.n_kv_heads, g, cfg.d_head).transpose(0, 2, 3, 1, 4).reshape(
+      b, cfg.n_kv_heads, g * t, cfg.d_head)
+  keep_bkgts = None
+  if rngs[0] is not None and cfg.dropout_rate > 0.0:
+    keep_bkgts = jax.random.bernoulli(rngs[0], 1.0 - cfg.dropout_rate, (b, cfg.n_kv_heads, g, t, k_bkse.shape[2]))
+  if self_attention:
+    attn_bkne = _causal_attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, cfg.dropout_rate)
+  else:
+    attn_bkne = _attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, cfg.dropout_rate)
+  attn_bthe = attn_bkne.reshape(b, cfg.n_kv_heads, g, t, cfg.d_head).transpose(0, 3, 1, 2, 4).reshape(
+      b, t, cfg.n_heads, cfg.d_head)
+  x_btd = x_btd + jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt))
+  x_btd = _constrain(x_btd, ("batch", "length", "embed"))
+
+  h_btd = _rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
+  # The MLP on [b*t, d] rows: plain 2-D matmuls give XLA:CPU better layouts for the backward pass.
+  h_nd = h_btd.reshape(b * t, -1)
+  h_nf = jax.nn.gelu(h_nd @ layer["w_in"].astype(dt))
+  h_nf = _constrain(h_nf.reshape(b, t, -1), ("batch", "length", "mlp")).reshape(b * t, -1)
+  h_btd = (h_nf @ layer["w_out"].astype(dt)).reshape(b, t, -1)
+  x_btd = x_btd + _dropout(h_btd, cfg.dropout_rate, rngs[1])
+  x_btd = _constrain(x_btd, ("batch", "length", "embed"))
+  return x_btd, kv_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+  """An empty KV cache for `length` positions (prompt plus new tokens).
+
+  k, v:    one [b, k, s, e] array per layer (a tuple of n_layers): keys and values written so far, heads-first
+           (the layout attention reads).
+  mask:    [b, s] which cache slots hold a real (non-pad) token.
+  index:   [] the next slot to write (the same for every row: prompts are left-padded).
+  lengths: [b] how many real tokens each row has seen, so the next position is known.
+  """
+  if length > cfg.max_len:
+    raise ValueError(f"a KV cache of {length} positions exceeds model.max_len={cfg.max_len}")
+  dtype = dtype or cfg.compute_dtype
+  shape = (batch, cfg.n_kv_heads, length, cfg.d_head)
+  return {
+      "k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+      "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+      "mask": jnp.zeros((batch, length), jnp.bool_),
+      "index": jnp.zeros((), jnp.int32),
+      "lengths": jnp.zeros((batch,), jnp.int32),
+  }
+
+
+def backbone(
+    params: Params,
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    *,
+    mask_bt: jax.Array | None = None,
+    cache: Cache | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, Cache | None]:
+  """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache.
+
+  mask_bt marks real tokens (1) against padding (0); it defaults to all ones. With a cache, the tokens are
+  appended after what the cache holds and attend to it, and `params` may have unstacked layers
+  (`unstack_layers`).
+  """
+  h_btd, new_cache, _ = _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, keep_kv=False)
+  return h_btd, new_cache
+
+
+def prefill(
+    params: Params,
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    *,
+    length: int,
+    mask_bt: jax.Array | None = None,
+) -> tuple[jax.Array, Cache]:
+  """Hidden states [b, t, d] of a prompt and a new cache of `length` slots holding it.
+
+  The same as `backbone(..., cache=init_cache(cfg, b, length))`, but cheaper: the prompt attends over its own
+  t keys (the uncached path) instead of all `length` slots, most of them still empty.
+  """
+  b, t = tokens_bt.shape
+  if t > length:
+    raise ValueError(f"{t} prompt tokens do not fit a KV cache of {length} positions")
+  cache = init_cache(cfg, b, length)
+  mask_bt = jnp.ones((b, t), jnp.bool_) if mask_bt is None else mask_bt.astype(jnp.bool_)
+  h_btd, _, (k_lbkte, v_lbkte) = _backbone(params, tokens_bt, cfg, mask_bt, None, None, keep_kv=True)
+  # The prompt fills slots [0, t), as backbone with the empty cache would write them; the rest stay zero.
+  fill = lambda x_bkte: jnp.pad(x_bkte.astype(cache["k"][0].dtype), ((0, 0), (0, 0), (0, length - t), (0, 0)))
+  cache["k"] = tuple(fill(k_lbkte[i]) for i in range(cfg.n_layers))
+  cache["v"] = tuple(fill(v_lbkte[i]) for i in range(cfg.n_layers))
+  cache["mask"] = jnp.pad(mask_bt, ((0, 0), (0, length - t)))
+  cache["index"] = jnp.asarray(t, jnp.int32)
+  cache["lengths"] = mask_bt.sum(axis=1, dtype=jnp.int32)
+  return h_btd, cache
+
+
+def unstack_layers(params: Params) -> Params:
+  """`params` with "layers" as a tuple of per-layer dicts instead of arrays stacked along a leading axis.
+
+  Only the cached path (decoding) accepts it. `generate` unstacks once before its decoding loop: XLA:CPU
+  would otherwise copy every layer's weights out of the stacked arrays at every step. Costs one copy of the
+  layer weights while it lives.
+  """
+  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  layers = tuple(jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n_layers))
+  return {**params, "layers": layers}
+
+
+def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
+  """backbone, plus (without a cache and with keep_kv) every layer's keys and values [l, b, k, t, e]."""
+  b, t = tokens_bt.shape
+  mask_bt = jnp.ones((b, t), jnp.bool_) if mask_bt is None else mask_bt.astype(jnp.bool_)
+  seen_b = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
+  positions_bt = seen_b[:, None] + jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1
+  positions_bt = jnp.maximum(positions_bt, 0)
+
+  if cache is None:
+    if t > cfg.max_len:
+      raise ValueError(f"sequence length {t} exceeds model.max_len={cfg.max_len}")
+    causal_ts = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    allowed_bts = causal_ts[None] & mask_bt[:, None, :]
+    write_at = None
+  else:
+    s = cache["mask"].shape[1]
+    if t > s:
+      raise ValueError(f"{t} new tokens do not fit a KV cache of {s} positions")
+    # The caller keeps index + t <= s (generate sizes its cache so); a traced index cannot be checked here.
+    write_at = cache["index"]
+    key_mask_bs = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask_bt, write_at, 1)
+    # Query i (cache slot write_at + i) may see slots <= write_at + i that hold real tokens.
+    causal_ts = jnp.arange(s)[None, :] <= (write_at + jnp.arange(t))[:, None]
+    allowed_bts = causal_ts[None] & key_mask_bs[:, None, :]
+
+  x_btd = params["embed"].astype(cfg.compute_dtype)[tokens_bt]
+  if cfg.pos_embedding == "learned":
+    x_btd = x_btd + params["pos_embed"].astype(cfg.compute_dtype)[positions_bt]
+  x_btd = _constrain(x_btd, ("batch", "length", "embed"))
+
+  layer_rngs = (None if dropout_rng is None or cfg.dropout_rate == 0.0
+                else jax.random.split(dropout_rng, cfg.n_layers))
+
+  kv = None
+  if cache is None:
+    if isinstance(params["layers"], tuple):
+      raise ValueError("parameters with unstacked layers (model.unstack_layers) need a KV cache; pass the "
+                       "stacked parameters for a pass without one")
+
+    def step(x, layer, rng):
+      return _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
+
+    if cfg.remat:
+      step = jax.checkpoint(step, prevent_cse=False)
+    # Unrolled over the layers, sliced from the stacked parameters inside the jitted function (the stored
+    # layout keeps its "layers" axis). Under a scan, XLA:CPU copies each layer's slice of the stacked weights
+    # before the matmuls that read it, and stacks every layer's activations for the backward pass.
+    kvs = []
+    for i in range(cfg.n_layers):
+      layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+      x_btd, kv_bkte = step(x_btd, layer, None if layer_rngs is None else layer_rngs[i])
+      kvs.append(kv_bkte)
+    if keep_kv:
+      kv = jax.tree.map(lambda *xs: jnp.stack(xs), *kvs)
+  else:
+    # Unrolled, with one cache array per layer. A scan would have to stack the layers' caches, and XLA:CPU
+    # copies a layer's slice of a stacked array before every matmul that reads it (or, scanning over the cache
+    # as xs / ys, the whole cache): at batch 64 those copies cost several times the attention itself. Each
+    # layer's arrays are loop carries of the decoding loop, so the one-slot write is done in place.
+    k_out, v_out = list(cache["k"]), list(cache["v"])
+    layers = params["layers"]
+    for i in range(cfg.n_layers):
+      layer = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda w, i=i: w[i], layers)
+      rng = None if layer_rngs is None else layer_rngs[i]
+      x_btd, (k_out[i], v_out[i]) = _block(cfg, x_btd, layer, positions_bt, allowed_bts,
+                                           (k_out[i], v_out[i], write_at), rng)
+    k_out, v_out = tuple(k_out), tuple(v_out)
+  h_btd = _rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
+
+  new_cache = None
+  if cache is not None:
+    new_cache = {
+        "k": k_out,
+        "v": v_out,
+        "mask": key_mask_bs,
+        "index": cache["index"] + t,
+        "lengths": cache["lengths"] + mask_bt.sum(axis=1, dtype=jnp.int32),
+    }
+  return h_btd, new_cache, kv
+
+
+def unembed(params: Params, h_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Logits [b, t, v] in float32."""
+  w_dv = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+  logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv.astype(cfg.compute_dtype))
+  return _constrain(logits_btv.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def forward(
+    params: Params,
+    tokens_bt: jax.Array,
+    cfg: ModelConfig,
+    *,
+    mask_bt: jax.Array | None = None,
+    cache: Cache | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, Cache | None]:
+  """Next-token logits [b, t, v] (float32) and the updated cache (None without one)."""
+  h_btd, cache = backbone(params, tokens_bt, cfg, mask_bt=mask_bt, cache=cache, dropout_rng=dropout_rng)
+  return unembed(params, h_btd, cfg), cache
+
+
+def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """log p(target) under softmax(logits / temperature), float32 [b, t]."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+
+
+def response_hidden(params: Params, prompt_bp, prompt_mask_bp, response_bn, response_mask_bn,
+                    cfg: ModelConfig) -> jax.Array:
+  """Hidden states [b, n, d] at the positions that predict each response token (position p - 1 + i) of a
+  left-padded prompt followed by its response."""
+  p, n = prompt_bp.shape[1], response_bn.shape[1]
+  tokens_bs = jnp.concatenate([prompt_bp, response_bn], axis=1)
+  mask_bs = jnp.concatenate([prompt_mask_bp, response_mask_bn], axis=1)
+  h_bsd, _ = backbone(params, tokens_bs, cfg, mask_bt=mask_bs)
+  return h_bsd[:, p - 1:p - 1 + n]
+
+
+def last_token_index(mask_bt: jax.Array) -> jax.Array:
+  """Index of the last real token of each row [b] (right- or left-padded)."""
+  t = mask_bt.shape[1]
+  idx_bt = jnp.where(mask_bt.astype(bool), jnp.arange(t)[None, :], -1)
+  return jnp.max(idx_bt, axis=1)

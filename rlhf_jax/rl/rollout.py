@@ -1,0 +1,124 @@
+"""The RL rollout shared by every RL algorithm: sample responses, score them, recompute log-probs and values.
+
+One jitted function per iteration (`make_rollout`): left-padded prompts are sampled with the KV cache at the
+RL temperature; the reward model scores each response at its last real token (a response that never emits EOS
+gets `no_eos_penalty` instead); the policy's and the frozen reference's log-probs are recomputed by a full
+forward pass at the sampling temperature (RLHF_NOTES PPO 4 and 5); the value model estimates each state; then
+the per-token rewards (-beta * KL + the score at the last token) and advantages come from
+`rewards_and_advantages` (whitening without mean shift, GAE).
+
+Shapes: b episodes, p prompt length, n response length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import losses, sampling
+from rlhf_jax.models import heads, transformer
+
+Params = dict[str, Any]
+
+
+class Rollout(NamedTuple):
+  """One batch of episodes; every array has the batch on its leading axis (b episodes, p prompt, n response)."""
+
+  prompt_bp: jax.Array
+  prompt_mask_bp: jax.Array
+  response_bn: jax.Array
+  response_mask_bn: jax.Array
+  old_logp_bn: jax.Array
+  ref_logp_bn: jax.Array
+  old_values_bn: jax.Array
+  rewards_bn: jax.Array
+  advantages_bn: jax.Array
+  returns_bn: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSettings:
+  """The static hyperparameters of the jitted functions (from config.ppo)."""
+
+  sampling: sampling.SamplingConfig
+  eos_id: int
+  pad_id: int
+  no_eos_penalty: float
+  whiten_rewards: bool
+  gamma: float
+  lam: float
+  clip_eps: float
+  vf_clip_eps: float
+  vf_coef: float
+  entropy_coef: float
+  ptx_coef: float
+  epochs: int
+  n_minibatches: int
+  algorithm: str
+  min_whiten: int
+  inject_nan_at_step: int = -1  # plants a NaN in the advantages at this iteration (tests the guard)
+  skip_nonfinite: bool = False  # a non-finite iteration keeps the old policy and value (else the stage stops)
+
+
+def policy_logprobs(params, rollout_like, cfg, temperature: float, *, with_entropy: bool = False):
+  """log pi(response token) at the sampling temperature [b, n] (and the mean entropy over the response)."""
+  h_bnd = transformer.response_hidden(params, rollout_like.prompt_bp, rollout_like.prompt_mask_bp,
+                                      rollout_like.response_bn, rollout_like.response_mask_bn, cfg)
+  logits_bnv = transformer.unembed(params, h_bnd, cfg)
+  logp_bn = transformer.token_logprobs(logits_bnv, rollout_like.response_bn, temperature)
+  logp_bn = jnp.where(rollout_like.response_mask_bn, logp_bn, 0.0)
+  if not with_entropy:
+    return logp_bn
+  entropy = losses.entropy_from_logits(logits_bnv, rollout_like.response_mask_bn, temperature=temperature)
+  return logp_bn, entropy
+
+
+def value_estimates(value_params, rollout_like, cfg):
+  """V(state before each response token) [b, n] of the value model (rlhf_jax.models.heads.value_estimates)."""
+  return heads.value_estimates(value_params, rollout_like.prompt_bp, rollout_like.prompt_mask_bp,
+                               rollout_like.response_bn, rollout_like.response_mask_bn, cfg)
+
+
+def rewards_and_advantages(score_b, old_logp_bn, ref_logp_bn, values_bn, mask_bn, beta, s: PPOSettings):
+  """Per-token rewards (KL penalty + score at the last real token), optionally whitened without mean shift, then
+  GAE. Returns (rewards, kl, advantages, returns), each [b, n]."""
+  rewards_bn, kl_bn = losses.kl_penalized_rewards(score_b, old_logp_bn, ref_logp_bn, mask_bn, beta=beta)
+  if s.whiten_rewards:
+    rewards_bn = losses.whiten(rewards_bn, mask_bn, shift_mean=False)
+  advantages_bn, returns_bn = losses.compute_gae(rewards_bn, values_bn, mask_bn, gamma=s.gamma, lam=s.lam)
+  return rewards_bn, kl_bn, advantages_bn, returns_bn
+
+
+def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
+  """rollout(policy, value, ref, rm, prompts, prompt_mask, rng, beta) -> (Rollout, scores, stats)."""
+
+  def rollout_fn(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, beta):
+    out = sampling.generate(policy, prompt_bp, prompt_mask_bp, rng, policy_cfg, s.sampling, eos_id=s.eos_id,
+                            pad_id=s.pad_id)
+    temp = s.sampling.logprob_temperature
+    partial = Rollout(prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, *([None] * 6))
+    old_logp_bn = policy_logprobs(policy, partial, policy_cfg, temp)
+    ref_logp_bn = policy_logprobs(ref, partial, policy_cfg, temp)
+    values_bn = value_estimates(value, partial, policy_cfg)
+    rm_b = heads.response_scores(rm, prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, rm_cfg)
+    score_b = jnp.where(out.ended_b, rm_b, s.no_eos_penalty)  # a response that never stops gets a fixed score
+    rewards_bn, kl_bn, advantages_bn, returns_bn = rewards_and_advantages(
+        score_b, old_logp_bn, ref_logp_bn, values_bn, out.mask_bn, beta, s)
+    ro = Rollout(prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, old_logp_bn, ref_logp_bn, values_bn,
+                 rewards_bn, advantages_bn, returns_bn)
+    kl_b = kl_bn.sum(axis=1)
+    stats = {
+        "kl_seq": kl_b.mean(),  # nats per sequence: what the KL target refers to
+        "kl_token": losses.masked_mean(kl_bn, out.mask_bn),
+        "rm_score": rm_b.mean(),
+        "score": score_b.mean(),
+        "ended_frac": out.ended_b.mean(),
+        "response_len": out.lengths_b.mean(),
+        "sampler_logp_maxdiff": jnp.max(jnp.abs(jnp.where(out.mask_bn, out.logprobs_bn - old_logp_bn, 0.0))),
+    }
+    return ro, rm_b, stats
+
+  return rollout_fn

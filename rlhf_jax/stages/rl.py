@@ -1,0 +1,219 @@
+"""RL from human feedback (InstructGPT step 3): PPO, PPO-ptx and A2C against the reward model.
+
+Objective (InstructGPT eq. 2):  E[r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x))] + gamma * E_pretrain[log pi(x)].
+
+Four parameter sets: the policy (from `ppo.init_from`, SFT) and the value model (from the RM, or from SFT with a
+zero head) are trained; the reference (SFT) and the reward model (`ppo.rm_from`) are frozen. One iteration, read
+top to bottom in `run`:
+  1. rollout (rlhf_jax.rl.rollout): sampling at `ppo.temperature`, RM scores (a fixed `ppo.no_eos_penalty` for
+     responses that never stop), old and reference log-probs, values, KL-penalised rewards and GAE advantages;
+  2. update (rlhf_jax.rl.learner): `ppo.epochs` passes over shuffled minibatches inside one jit, the policy loss
+     of `ppo.algorithm` ("ppo" clipped, "a2c" unclipped with one pass), and for PPO-ptx gamma * the next-token
+     loss on pretraining text;
+  3. the adaptive KL controller updates beta from the measured KL (Ziegler et al. sec 2.2), or beta stays fixed.
+Then the policy is evaluated on held-out prompts against SFT and best-of-n (rlhf_jax.evals.policy).
+
+Checkpoints hold the policy, value, optimizer state, step, rng, beta and the prompt iterator's position; the
+frozen reference and reward model are re-read from their stages' exports. The stage writes
+WORKDIR/<ppo.stage_dir> (ppo, or a variant's ppo_ptx, ppo_kl0, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, losses, metrics, optim, runtime, sampling, sharding, training
+from rlhf_jax.data import sources
+from rlhf_jax.data.batching import decode_responses
+from rlhf_jax.evals import lm as lm_evals
+from rlhf_jax.evals import policy as policy_evals
+from rlhf_jax.models import heads, transformer
+from rlhf_jax.rl import learner
+from rlhf_jax.rl.rollout import PPOSettings, make_rollout
+
+
+def sampling_config(pc) -> sampling.SamplingConfig:
+  """How the RL stage samples (checked by SamplingConfig)."""
+  return sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, top_k=pc.top_k,
+                                 top_p=pc.top_p)
+
+
+def check_settings(pc) -> None:
+  """What config.ppo must satisfy before anything is built: a known algorithm, minibatches that divide the batch
+  and are large enough to whiten, valid sampling settings."""
+  runtime.check_choice(pc.algorithm, "ppo.algorithm", tuple(learner.ALGORITHMS))
+  if pc.n_minibatches < 1 or pc.batch_size % pc.n_minibatches:
+    raise ValueError(f"ppo.batch_size={pc.batch_size} must divide into ppo.n_minibatches={pc.n_minibatches}")
+  losses.check_whitenable(pc.batch_size // pc.n_minibatches, min_elements=pc.min_whiten)
+  sampling_config(pc)
+
+
+def settings_from_config(pc, tok, guard=None) -> PPOSettings:
+  """The jitted functions' static settings from config.ppo (and config.guard)."""
+  check_settings(pc)
+  return PPOSettings(
+      sampling=sampling_config(pc),
+      eos_id=tok.eos_id, pad_id=tok.pad_id, no_eos_penalty=pc.no_eos_penalty, whiten_rewards=pc.whiten_rewards,
+      gamma=pc.gamma, lam=pc.lam, clip_eps=pc.clip_eps, vf_clip_eps=pc.vf_clip_eps, vf_coef=pc.vf_coef,
+      entropy_coef=pc.entropy_coef, ptx_coef=pc.ptx.coef, epochs=pc.epochs if pc.algorithm == "ppo" else 1,
+      n_minibatches=pc.n_minibatches, algorithm=pc.algorithm, min_whiten=pc.min_whiten,
+      inject_nan_at_step=guard.inject_nan_at_step if guard is not None else -1,
+      skip_nonfinite=guard is not None and guard.on_nonfinite == "skip")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  pc = config.ppo
+  policy = runtime.check_shared(config)
+  mesh, rules = runtime.mesh_and_rules(config)
+  check_settings(pc)
+  runtime.check_choice(pc.value_init, "ppo.value_init", ("rm", "sft"))
+  sharding.check_batch(pc.batch_size, mesh, rules, field="ppo.batch_size")
+  sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
+  runtime.check_seq_len(pc.max_prompt_len + pc.max_new_tokens, policy, "ppo.max_prompt_len + ppo.max_new_tokens",
+                        extra=0)
+  # The evaluation runs after training: its settings are checked now, not after the PPO iterations.
+  if config.eval.samples_per_prompt < 1:
+    raise ValueError(f"eval.samples_per_prompt={config.eval.samples_per_prompt}: expected at least 1 sample per "
+                     "held-out prompt")
+
+
+def init_value_params(value_init: str, policy_cfg, rm_cfg, rm_params, sft_params):
+  """The value model: the RM's backbone (and head) when it has the policy's size and value_init="rm",
+  else the SFT backbone with a zero head (first value estimates exactly 0)."""
+  runtime.check_choice(value_init, "ppo.value_init", ("rm", "sft"))
+  if value_init == "rm" and dataclasses.asdict(rm_cfg) == dataclasses.asdict(policy_cfg):
+    return {"backbone": rm_params["backbone"], "head": dict(rm_params["head"])}
+  return heads.init_value_params(jax.random.PRNGKey(0), policy_cfg, sft_params)
+
+
+def _sft_baseline_key(seed: int) -> jax.Array:
+  """The key of the SFT samples every win rate compares with (the same samples for PPO and best-of-n)."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed + 11), 1)
+
+
+def evaluate(config, workdir: str, tok, policy_cfg, policy_params, sft_params, rm_params, rm_cfg, mesh, rules,
+             stage_dir: str) -> dict[str, Any]:
+  """The policy against SFT on held-out prompts (rlhf_jax.evals.policy), and best-of-n of SFT for each
+  eval.best_of_n, at the RL sampling settings; the first samples go to STAGE_DIR/samples.jsonl."""
+  ec, pc = config.eval, config.ppo
+  prompts = sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
+  gold = sources.gold_scorer(config, workdir)
+  # The evaluation samples at the RL temperature without top-k / top-p, as the evaluation always has.
+  scfg = sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature)
+  _, pretrain_eval = sources.pretrain_iters(config, workdir, tok)
+  kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
+
+  def pretrain_loss(params) -> float:
+    return lm_evals.held_out_loss(params, policy_cfg, pretrain_eval(), mesh, rules, config.pretrain.train.eval_batches)
+
+  summary, rows = policy_evals.policy_eval(
+      policy_params, sft_params, policy_cfg, tok, prompts, gold, rm_params=rm_params, rm_cfg=rm_cfg, scfg=scfg,
+      samples_per_prompt=ec.samples_per_prompt, rng=jax.random.PRNGKey(config.seed + 11),
+      sft_rng=_sft_baseline_key(config.seed), benchmark=sources.benchmark(config, workdir)[:ec.n_benchmark],
+      pretrain_loss=pretrain_loss, n_samples_table=ec.n_samples_table, **kw)
+  if jax.process_index() == 0:
+    policy_evals.write_samples(os.path.join(stage_dir, "samples.jsonl"), rows)
+  for n in ec.best_of_n:  # the cheapest baseline, on the same prompts and RM
+    bon = policy_evals.best_of_n_eval(
+        sft_params, policy_cfg, tok, prompts, gold, rm_params=rm_params, rm_cfg=rm_cfg, scfg=scfg,
+        candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(n)],
+        samples_per_prompt=ec.samples_per_prompt, sft_rng=_sft_baseline_key(config.seed),
+        no_eos_penalty=pc.no_eos_penalty, **kw)
+    summary.update({f"bon{n}.{k}": v for k, v in bon.items() if k != "n"})
+  return summary
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  t0 = time.time()
+  pc = config.ppo
+  stage_dir = runtime.stage_dir(config, workdir, "ppo")
+  tok = sources.tokenizer(config, workdir)
+  policy_cfg = runtime.policy_config(config, tok.vocab_size)
+  mesh, rules = runtime.mesh_and_rules(config)
+  sharding.check_batch(pc.batch_size, mesh, rules, field="ppo.batch_size")
+  sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
+  s = settings_from_config(pc, tok, config.guard)
+
+  # Four parameter sets, all on the mesh with the same rules.
+  sft_params, _ = runtime.load_policy(workdir, pc.init_from, mesh, rules, expect=policy_cfg, field="ppo.init_from")
+  ref_params = sft_params  # frozen; jax arrays are immutable, so sharing the buffers is safe
+  rm_params, rm_cfg, manifest = training.load_export(os.path.join(workdir, pc.rm_from), mesh, rules)
+  if manifest["kind"] != "reward_model":
+    raise ValueError(f"ppo.rm_from={pc.rm_from!r}: {os.path.join(workdir, pc.rm_from)} holds a "
+                     f"{manifest['kind']}, not a reward model")
+  value_params = init_value_params(pc.value_init, policy_cfg, rm_cfg, rm_params, sft_params)
+  axes = {"policy": transformer.param_axes(policy_cfg), "value": heads.value_axes(policy_cfg)}
+  optimizer = optim.make_optimizer(pc.optimizer, pc.iterations * s.epochs * s.n_minibatches,
+                                   optim.decay_mask_from_axes(axes))
+  state, state_sh = optim.state_from_params({"policy": sft_params, "value": value_params}, axes, optimizer,
+                                            jax.random.PRNGKey(config.seed + 2), mesh, rules)
+  state["kl_beta"] = jnp.asarray(pc.kl.init_beta, jnp.float32)
+  state_sh["kl_beta"] = sharding.replicated(mesh)
+
+  prompts = sources.rl_prompts(config, workdir, tok, which="train")
+  prompt_it = sources.PromptIterator(prompts, batch_size=pc.batch_size, pad_id=tok.pad_id, seed=config.seed,
+                                     max_len=pc.max_prompt_len)
+  ptx_it = sources.ptx_iter(config, workdir, tok) if s.ptx_coef > 0 else None
+  data = sources.NamedIterators({"prompts": prompt_it, **({"ptx": ptx_it} if ptx_it is not None else {})})
+
+  ckpt = training.make_checkpointer(config.checkpoint, stage_dir)
+  meta = {"model": dataclasses.asdict(policy_cfg), "stage": "ppo"}
+  state, start = training.resume(ckpt, state, state_sh, meta, data, stage="ppo")
+
+  gold = sources.gold_scorer(config, workdir)
+  writer = metrics.MetricsWriter(stage_dir, stage="ppo", total_steps=pc.iterations, start_step=start,
+                                 tokens_per_step=pc.batch_size * pc.max_new_tokens)
+  with sharding.activate(mesh, rules):
+    rollout_fn = jax.jit(make_rollout(policy_cfg, rm_cfg, s))
+    update_fn = jax.jit(learner.make_update(optimizer, policy_cfg, s), donate_argnums=0)
+    for it in range(start, pc.iterations):
+      t_it = time.time()
+      prompt_bp, prompt_mask_bp, prompt_texts = next(prompt_it)
+      rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), 1)
+      ro, _, stats = rollout_fn(state["params"]["policy"], state["params"]["value"], ref_params, rm_params,
+                                *sharding.put_batch({"p": prompt_bp, "m": prompt_mask_bp}, mesh, rules).values(),
+                                rng, state["kl_beta"])
+      jax.block_until_ready(ro)  # dispatch is asynchronous: time the rollout itself
+      t_roll = time.time() - t_it
+      ptx = None
+      if ptx_it is not None:
+        # Each process holds its own pretraining rows; numpy passed to jit would be taken as the global value.
+        ptx = sharding.put_minibatches(sources.ptx_minibatches(ptx_it, s.n_minibatches), mesh, rules)
+      state, m = update_fn(state, ro, ptx)
+      checkpoint.guard_nonfinite(m, step=it, stage="ppo", on_nonfinite=config.guard.on_nonfinite, ckpt=ckpt)
+      stats = jax.device_get(stats)
+      kl = float(stats["kl_seq"])
+      if pc.kl.adaptive:
+        # On the state's sharding: an uncommitted array would change the jitted functions' input signature
+        # after the first iteration and compile the rollout and the update a second time.
+        state["kl_beta"] = jax.device_put(jnp.asarray(losses.update_kl_controller(
+            float(state["kl_beta"]), kl, pc.batch_size, target=pc.kl.target, horizon=pc.kl.horizon), jnp.float32),
+            state_sh["kl_beta"])
+      done = it + 1
+      if done % pc.log_every == 0 or done == pc.iterations:
+        # This process's rows, matching its prompt_texts (the gold score is process 0's share of the batch).
+        texts = decode_responses(tok, sharding.local_batch(ro.response_bn, mesh, rules),
+                                 sharding.local_batch(ro.response_mask_bn, mesh, rules))
+        gold_b = gold.score_batch(prompt_texts, texts)
+        row = {**{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in jax.device_get(m).items()},
+               "gold_score": float(np.mean(gold_b)), "beta": float(state["kl_beta"]),
+               "rollout_s": t_roll, "iteration_s": time.time() - t_it}
+        writer.log(done, row)
+      ckpt.save(done, state, data_state=data.get_state(), meta=meta, force=done == pc.iterations)
+    ckpt.wait()
+  training.export_params(stage_dir, state["params"]["policy"], model_cfg=policy_cfg, tokenizer=tok)
+  summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "wall_s": time.time() - t0}
+  summary.update(evaluate(config, workdir, tok, policy_cfg, state["params"]["policy"], sft_params, rm_params, rm_cfg,
+                          mesh, rules, stage_dir))
+  summary = writer.summary(summary)
+  writer.close()
+  ckpt.close()
+  return summary

@@ -1,0 +1,104 @@
+"""Tests of the evaluation helpers that every policy report uses (win rate, padding, per-family breakdown)."""
+
+import collections
+import itertools
+
+import numpy as np
+import pytest
+
+from rlhf_jax.data import batching
+from rlhf_jax.evals import policy as policy_evals
+from rlhf_jax.tasks.gold import GoldScorer
+from rlhf_jax.tasks.world import FAMILIES, World
+
+
+def test_win_rate_counts_ties_half():
+  a = np.array([1.0, 0.0, 0.5, -1.0, 2.0])
+  b = np.array([0.0, 0.0, 1.0, -1.0, 1.0])
+  wins = sum(float(x > y) + 0.5 * float(x == y) for x, y in zip(a, b))
+  assert policy_evals.win_rate(a, b) == pytest.approx(wins / len(a))
+
+
+def test_win_rate_over_several_samples_per_prompt_against_a_loop():
+  rng = np.random.default_rng(1)
+  n = 30
+  a = rng.integers(-2, 3, size=(4, n)).astype(float)  # coarse scores, so ties are common
+  b = rng.integers(-2, 3, size=(3, n)).astype(float)
+  per_prompt = []
+  for i in range(n):
+    pairs = [float(x > y) + 0.5 * float(x == y) for x in a[:, i] for y in b[:, i]]
+    per_prompt.append(sum(pairs) / len(pairs))
+  np.testing.assert_allclose(policy_evals.per_prompt_win_rates(a, b), per_prompt)
+  assert policy_evals.win_rate(a, b) == pytest.approx(np.mean(per_prompt))
+  mean = sum(per_prompt) / n
+  sd = (sum((w - mean) ** 2 for w in per_prompt) / (n - 1)) ** 0.5
+  assert policy_evals.win_rate_se(a, b) == pytest.approx(sd / n ** 0.5)
+  # One sample per prompt on either side is the plain pairwise rate.
+  assert policy_evals.win_rate(a[0], b[0]) == pytest.approx(policy_evals.win_rate(a[:1], b[0]))
+  assert policy_evals.win_rate(a[0], b) == pytest.approx(np.mean([np.mean([float(a[0, i] > y) + 0.5 * float(
+      a[0, i] == y) for y in b[:, i]]) for i in range(n)]))
+  with pytest.raises(ValueError, match="30 prompts against 29"):
+    policy_evals.win_rate(a, b[:, :29])
+
+
+def test_left_pad_puts_tokens_at_the_end_and_rejects_long_prompts():
+  tokens, mask = batching.left_pad([[5, 6, 7], [8]], pad_id=0, length=4)
+  np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 8]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
+  with pytest.raises(ValueError, match="prompt 0 has 3 tokens"):
+    batching.left_pad([[1, 2, 3]], pad_id=0, length=2)
+
+
+def test_response_breakdown_matches_a_per_family_loop():
+  world = World.generate(0)
+  gold = GoldScorer(world)
+  prompts, responses = [], []
+  for fam in FAMILIES:
+    for (prompt, task), answer in zip(itertools.islice(world.prompt_space(fam), 4),
+                                      ["I don't know.", "I can't help with that.", None, "It is blue."]):
+      prompts.append(prompt)
+      responses.append(task.reference if answer is None else answer)
+  scores = gold.score_batch(prompts, responses)
+  got = policy_evals.response_breakdown(gold, prompts, responses, scores, prefix="p_")
+
+  by_family = collections.defaultdict(list)
+  for p, r, s in zip(prompts, responses, scores):
+    by_family[world.parse(p).family].append((s, gold.is_correct(p, r)))
+  assert set(by_family) == set(FAMILIES)
+  for fam, rows in by_family.items():
+    assert got[f"p_{fam}.gold_score"] == pytest.approx(np.mean([s for s, _ in rows]))
+    assert got[f"p_{fam}.correct_frac"] == pytest.approx(np.mean([c for _, c in rows]))
+  # Every reference is correct, so each family has at least one correct response in four.
+  assert all(got[f"p_{fam}.correct_frac"] >= 0.25 for fam in FAMILIES)
+  # "I don't know." is given to every family and is also the unanswerable family's reference.
+  n_idk = sum(r == "I don't know." for r in responses)
+  assert n_idk == len(FAMILIES) + 1
+  assert got["p_top_response_frac"] == pytest.approx(n_idk / len(responses))
+  assert got["p_gold_correct_frac"] == pytest.approx(np.mean([gold.is_correct(p, r)
+                                                              for p, r in zip(prompts, responses)]))
+
+
+def test_best_of_n_summary_against_a_loop():
+  rng = np.random.default_rng(0)
+  n, p = 5, 40
+  rm = rng.normal(size=(n, p))
+  gold = rng.integers(-2, 3, size=(n, p)).astype(float)  # coarse, so picks and the baseline tie often
+  base = rng.integers(-2, 3, size=p).astype(float)
+  got = policy_evals.best_of_n_summary(rm, gold, base)
+  picked = [gold[max(range(n), key=lambda i: rm[i, j]), j] for j in range(p)]
+  best = [max(gold[i, j] for i in range(n)) for j in range(p)]
+  win = lambda xs: np.mean([float(x > y) + 0.5 * float(x == y) for x, y in zip(xs, base)])  # noqa: E731
+  assert got["gold_score"] == pytest.approx(np.mean(picked))
+  assert got["oracle_gold_score"] == pytest.approx(np.mean(best))
+  assert got["win_rate_vs_sft"] == pytest.approx(win(picked))
+  assert got["oracle_win_rate_vs_sft"] == pytest.approx(win(best))
+  assert got["rm_score"] == pytest.approx(np.mean([max(rm[:, j]) for j in range(p)]))
+  assert got["kl_to_sft"] == pytest.approx(np.log(n) - (n - 1) / n)
+  assert got["oracle_gold_score"] >= got["gold_score"]
+  # Several SFT samples per prompt: each pick is compared with every sample of its prompt.
+  bases = rng.integers(-2, 3, size=(3, p)).astype(float)
+  got_k = policy_evals.best_of_n_summary(rm, gold, bases)
+  win_k = np.mean([np.mean([float(picked[j] > y) + 0.5 * float(picked[j] == y) for y in bases[:, j]])
+                   for j in range(p)])
+  assert got_k["win_rate_vs_sft"] == pytest.approx(win_k)
+  assert got_k["gold_score"] == got["gold_score"]

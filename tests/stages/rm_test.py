@@ -1,0 +1,183 @@
+"""Reward-model data arrangement and loss: grouped (InstructGPT) vs shuffled pairs, normalisation, metrics."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import losses, tokenizers
+from rlhf_jax.data import comparisons
+from rlhf_jax.evals import rm as rm_evals
+from rlhf_jax.models import heads, presets, transformer
+from rlhf_jax.stages import rm
+from rlhf_jax.tasks import suite
+
+from helpers import experiments
+
+CFG = presets.preset("tiny", vocab_size=264, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, n_layers=1, max_len=64)
+TOK = tokenizers.ByteTokenizer()
+
+
+def _records():
+  rng = np.random.default_rng(0)
+  recs = []
+  for i, k in enumerate([4, 6, 9, 2, 5]):
+    ranks = rng.integers(0, k, size=k).tolist()  # ties allowed
+    if len(set(ranks)) == 1:
+      ranks[0] = ranks[0] + 1
+    recs.append({"prompt_turns": [{"role": "user", "content": f"question {i}?"}],
+                 "responses": [f"answer {i}.{j}" + "!" * j for j in range(k)], "ranks": ranks,
+                 "gold_scores": rng.normal(size=k).tolist()})
+  return recs
+
+
+def test_grouped_and_pairs_give_the_same_loss_when_weighted_alike():
+  comps, _ = comparisons.tokenize_comparisons(_records(), TOK, seq_len=48, too_long="error", source="test")
+  params = heads.init_rm_params(jax.random.PRNGKey(0), CFG)
+  k = max(len(c.ranks) for c in comps)
+
+  grouped = comparisons.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+  gb = comparisons.group_batch(comps, grouped, k=k, seq_len=48, pad_id=TOK.pad_id)
+  r_grouped = heads.group_rewards(params, gb, CFG)
+  loss_grouped, _ = losses.ranking_loss(r_grouped, gb["ranks"], gb["valid"], weights_b=gb["weight"])
+
+  pairs = comparisons.make_groups(comps, grouping="pairs", pair_weighting="per_prompt")
+  perm = np.random.default_rng(1).permutation(len(pairs))  # shuffled, as the ablation trains
+  pb = comparisons.group_batch(comps, [pairs[i] for i in perm], k=2, seq_len=48, pad_id=TOK.pad_id)
+  r_pairs = heads.group_rewards(params, pb, CFG)
+  loss_pairs, _ = losses.ranking_loss(r_pairs, pb["ranks"], pb["valid"], weights_b=pb["weight"])
+  np.testing.assert_allclose(float(loss_grouped), float(loss_pairs), rtol=1e-5)
+
+  # Independent reference: per prompt, the mean over strict pairs of -log sigmoid(r_w - r_l), then the mean.
+  per_prompt = []
+  for row, c in enumerate(comps):
+    r = np.asarray(r_grouped[row])
+    terms = [np.log1p(np.exp(-(r[a] - r[b]) if c.ranks[a] < c.ranks[b] else -(r[b] - r[a])))
+             for a, b in itertools.combinations(range(len(c.ranks)), 2) if c.ranks[a] != c.ranks[b]]
+    per_prompt.append(np.mean(terms))
+  np.testing.assert_allclose(float(loss_grouped), np.mean(per_prompt), rtol=1e-5)
+
+  # Uniform pair weights (the InstructGPT baseline) are a different objective on ragged K.
+  pu = comparisons.group_batch(comps, comparisons.make_groups(comps, grouping="pairs", pair_weighting="uniform"), k=2,
+                          seq_len=48, pad_id=TOK.pad_id)
+  loss_uniform, _ = losses.ranking_loss(heads.group_rewards(params, pu, CFG), pu["ranks"], pu["valid"],
+                                        weights_b=pu["weight"])
+  assert abs(float(loss_uniform) - float(loss_grouped)) > 1e-6
+
+
+def test_reward_is_read_at_the_last_real_token():
+  params = heads.init_rm_params(jax.random.PRNGKey(0), CFG)
+  toks = jnp.array([[1, 10, 11, 12, 0, 0], [1, 10, 11, 12, 13, 2]], jnp.int32)
+  mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  r = heads.raw_scores(params, toks, mask, CFG)
+  h, _ = transformer.backbone(params["backbone"], toks, CFG, mask_bt=mask)
+  expect = [float(heads.scalar_head(params["head"], h)[0, 3]), float(heads.scalar_head(params["head"], h)[1, 5])]
+  np.testing.assert_allclose(np.asarray(r), expect, rtol=1e-5)
+  # Reward head initialised with std 1/sqrt(d+1) (Ziegler et al.): check the scale on a bigger head.
+  w = heads.init_scalar_head(jax.random.PRNGKey(3), presets.preset("small", vocab_size=264))["w"]
+  assert abs(float(jnp.std(w)) * np.sqrt(128 + 1) - 1.0) < 0.2
+
+
+def test_pair_metrics_against_hand_counts():
+  comps = [comparisons.Comparison([1], [[5, 2], [6, 2], [7, 2]], [0, 1, 2], gold=[1.0, 0.0, 0.9])]
+  rewards = [np.array([0.5, 0.7, -1.0])]
+  m = rm_evals.pair_metrics(comps, rewards, clear_gold_margin=0.5)
+  # labeler pairs: (0>1) wrong, (0>2) right, (1>2) right
+  assert m["val_accuracy"] == pytest.approx(2 / 3)
+  # clear gold pairs (|diff| > 0.5): (0,1) gold 0>1, rm says 1>0 -> wrong; (1,2) gold 2>1, rm 1>2 -> wrong
+  assert m["val_gold_accuracy_clear"] == pytest.approx(0.0)
+  # gold vs labeler on labeler pairs: (0>1) yes, (0>2) yes, (1>2) no
+  assert m["gold_ceiling_accuracy"] == pytest.approx(2 / 3)
+  # Ties: equal gold scores (the gold scorer has no preference) and equal rewards count one half.
+  tied = [comparisons.Comparison([1], [[5, 2], [6, 2], [7, 2]], [0, 1, 2], gold=[0.5, 0.5, -1.0])]
+  m = rm_evals.pair_metrics(tied, [np.array([0.3, 0.3, 0.9])], clear_gold_margin=0.5)
+  assert m["val_accuracy"] == pytest.approx((0.5 + 0 + 0) / 3)
+  assert m["gold_ceiling_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+  assert m["val_gold_accuracy_clear"] == pytest.approx(0.0)  # (0,2) and (1,2): the RM ranks 2 first
+
+
+def test_clear_accuracy_by_group_against_hand_counts():
+  c = lambda gold: comparisons.Comparison([1], [[5, 2], [6, 2], [7, 2]], [0, 1, 2], gold=gold)
+  comps = [c([1.0, 0.0, -1.0]), c([0.0, 1.0, 0.2]), c([0.1, 0.0, 0.2])]
+  rewards = [np.array([3.0, 2.0, 1.0]), np.array([0.0, -1.0, 1.0]), np.array([0.0, 1.0, 2.0])]
+  m = rm_evals.clear_accuracy_by_group(comps, rewards, ["fact", "fact", "string"], clear_gold_margin=0.5)
+  # fact, first: clear pairs (0,1) (0,2) (1,2), all ordered right. second: (0,1) gold 1>0, rm 0>1 wrong;
+  # (1,2) gold 1>2, rm 2>1 wrong; (0,2) differs by 0.2, not clear. 3 right of 5.
+  assert m["fact.val_gold_accuracy_clear"] == pytest.approx(3 / 5)
+  assert m["fact.val_gold_pairs_clear"] == 5
+  assert "string.val_gold_accuracy_clear" not in m  # no pair differs by more than the margin
+  with pytest.raises(ValueError, match="2 groups for 3 comparisons"):
+    rm_evals.clear_accuracy_by_group(comps, rewards, ["fact", "fact"], clear_gold_margin=0.5)
+
+
+def test_suite_families_parse_the_prompts_the_suite_generated():
+  config = experiments.config("instructgpt", "tiny")
+  splits, _ = suite.generate(config.seed, suite.DataConfig.from_config(config.data))
+  records = splits["comparisons_val"]
+  stored = [r["family"] for r in records]
+  assert len(set(stored)) >= 3
+  # Policy comparisons carry only the prompt: the family comes from parsing it with the same world.
+  parsed = rm.suite_families(config, "unused", [{k: v for k, v in r.items() if k != "family"} for r in records])
+  assert parsed == stored
+  config.rm.source = "file"  # a user's rankings: no suite families
+  assert rm.suite_families(config, "unused", records) is None
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"responses": ["only one"], "ranks": [0]}, "at least 2 responses"),
+    ({"responses": ["a", "b"], "ranks": [0]}, "one rank each"),
+    ({"responses": ["a", "  "], "ranks": [0, 1]}, r"'responses\[1\]' is empty"),
+])
+def test_bad_comparisons_name_record_and_field(bad, match):
+  rec = {"prompt_turns": [{"role": "user", "content": "q?"}], **bad}
+  with pytest.raises(ValueError, match=match):
+    comparisons.tokenize_comparisons([rec], TOK, seq_len=48, too_long="error", source="file.jsonl")
+
+
+def test_too_long_truncates_prompt_or_raises():
+  rec = {"prompt_turns": [{"role": "user", "content": "x" * 60}], "responses": ["ok", "no"], "ranks": [0, 1]}
+  with pytest.raises(ValueError, match="longer than rm.seq_len=32"):
+    comparisons.tokenize_comparisons([rec], TOK, seq_len=32, too_long="error", source="f")
+  comps, n = comparisons.tokenize_comparisons([rec], TOK, seq_len=32, too_long="truncate", source="f")
+  assert n == 1 and len(comps[0].prompt_ids) + len(comps[0].response_ids[0]) <= 32
+  assert comps[0].prompt_ids[0] == TOK.bos_id and comps[0].prompt_ids[-1] == TOK.assistant_id
+
+
+def test_length_buckets_cut_the_padding_and_keep_the_scores():
+  comps, _ = comparisons.tokenize_comparisons(_records(), TOK, seq_len=64, too_long="error", source="test")
+  groups = comparisons.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+  k = max(len(c.ranks) for c in comps)
+  longest = max(len(c.prompt_ids) + len(r) for c in comps for r in c.response_ids)
+  assert comparisons.bucketed_len(comps, groups, seq_len=64, bucket=16) == 16 * int(np.ceil(longest / 16))
+  assert comparisons.bucketed_len(comps, groups, seq_len=64, bucket=0) == 64
+  assert comparisons.bucketed_len(comps, groups, seq_len=longest - 1 + 16, bucket=1000) == longest - 1 + 16
+
+  params = heads.init_rm_params(jax.random.PRNGKey(0), CFG)
+  full = heads.group_rewards(params, comparisons.group_batch(comps, groups, k=k, seq_len=64, pad_id=TOK.pad_id), CFG)
+  it = comparisons.GroupIterator(comps, groups, batch_size=len(groups), k=k, seq_len=64, pad_id=TOK.pad_id, seed=0,
+                            length_bucket=16)
+  batch = next(it)
+  assert batch["tokens"].shape[-1] < 64
+  # The iterator shuffles: its rows are the groups in its first epoch's order.
+  order = it._order()  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(heads.group_rewards(params, batch, CFG)), np.asarray(full)[order],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_response_logprobs_sum_the_response_tokens_of_each_sequence():
+  comps, _ = comparisons.tokenize_comparisons(_records(), TOK, seq_len=64, too_long="error", source="test")
+  groups = comparisons.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+  k = max(len(c.ranks) for c in comps)
+  params = transformer.init(jax.random.PRNGKey(1), CFG)
+  batch = comparisons.group_batch(comps, groups, k=k, seq_len=64, pad_id=TOK.pad_id)
+  got = np.asarray(rm_evals.response_logprobs(params, batch, CFG, 0.7))
+  for row, (ci, idx, _) in enumerate(groups[:1]):  # 4 sequences of different lengths
+    c = comps[ci]
+    for j, r in enumerate(idx):
+      seq = c.prompt_ids + c.response_ids[r]  # unpadded, one at a time
+      logits, _ = transformer.forward(params, jnp.asarray([seq], jnp.int32), CFG)
+      logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64) / 0.7, axis=-1)
+      want = sum(logp[i - 1, seq[i]] for i in range(len(c.prompt_ids), len(seq)))
+      np.testing.assert_allclose(got[row, j], want, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,7 @@
 
   python chat.py --workdir=workdirs/instructgpt_small                 # the latest policy of the workdir
   python chat.py --workdir=W --stage=sft --temperature=0.7 --top_p=0.9
-  python chat.py --workdir=W --prompt="How many legs does a wumblat have?"   # answer once, for scripts
+  python chat.py --workdir=W --prompt="In which place does the wumblat live?"   # answer once, for scripts
   python chat.py --workdir=W --compare=sft,ppo                         # two policies side by side
 
 In the conversation: /reset starts over, /exit (or Ctrl-D) leaves. Answers stream as they are sampled; when the

@@ -1,7 +1,7 @@
 """Config blocks with the library's defaults, and their conversion to typed objects.
 
 An experiment file (experiments/<name>/config.py) starts from `base_config()`, which holds one block per stage
-(`pretrain`, `sft`, `rm`, `ppo`) beside the shared ones (`data`, `tokenizer`, `model`, `mesh`, `checkpoint`,
+(`pretrain`, `sft`, `rm`, `ppo`, `dpo`) beside the shared ones (`data`, `tokenizer`, `model`, `mesh`, `checkpoint`,
 `guard`, `eval`), and sets the values it was tuned with. Every field exists up front, so `run.py` with
 `lock_config=True` rejects unknown keys and mistyped values before any work starts.
 
@@ -153,16 +153,36 @@ def rm_config() -> ConfigDict:
 
 
 def ppo_config(ptx_coef: float = 0.0) -> ConfigDict:
-  """The RL stage (InstructGPT / lm-human-preferences values where they carry over)."""
+  """The RL stage (InstructGPT / lm-human-preferences values where they carry over).
+
+  algorithm: "ppo", "a2c" (value model, GAE), "grpo" or "rloo" (no value model: group_size samples per prompt
+  are each other's baseline). kl.mode: "reward" (a per-token penalty, the KL controller steering beta) or
+  "loss" (GRPO's k3 term). grpo: scale_rewards and length_norm both False is Dr. GRPO.
+  """
   return ConfigDict(dict(
       stage_dir="ppo", init_from="sft", rm_from="rm", value_init="rm", algorithm="ppo",
-      iterations=100, batch_size=64, n_minibatches=4, epochs=4, min_whiten=8,
+      iterations=100, batch_size=64, n_minibatches=4, epochs=4, min_whiten=8, group_size=1,
       max_prompt_len=64, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
       clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
       whiten_rewards=True, no_eos_penalty=-1.0, log_every=5,
-      kl=ConfigDict(dict(adaptive=True, init_beta=0.02, target=6.0, horizon=10_000)),
+      kl=ConfigDict(dict(adaptive=True, init_beta=0.02, target=6.0, horizon=10_000, mode="reward")),
+      grpo=ConfigDict(dict(scale_rewards=True, length_norm=True)),
       ptx=ConfigDict(dict(coef=ptx_coef, ratio=1, seq_len=64)),
       optimizer=optimizer_config(lr=1e-5, warmup_steps=0, weight_decay=0.0),
+  ))
+
+
+def dpo_config() -> ConfigDict:
+  """Direct preference optimisation from SFT on the RM's comparisons (Rafailov et al.: beta 0.1).
+
+  loss: "dpo" or "ipo" (beta is IPO's tau); label_smoothing: conservative DPO's eps; pairs: "all" ranked pairs
+  of a K-way ranking (weighted as the grouped RM loss) or "best_vs_rest"; rm_from: a reward model scoring the
+  policy's samples in the evaluation ("" for none; DPO itself needs none).
+  """
+  return ConfigDict(dict(
+      stage_dir="dpo", init_from="sft", rm_from="rm", loss="dpo", beta=0.1, label_smoothing=0.0, pairs="all",
+      train=ConfigDict(dict(steps=0, epochs=1.0, batch_size=16, log_every=10, eval_every=0)),
+      optimizer=optimizer_config(lr=1e-5, warmup_steps=10, weight_decay=0.0),
   ))
 
 
@@ -188,5 +208,8 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   c.sft = sft_config()
   c.rm = rm_config()
   c.ppo = ppo_config()
+  c.dpo = dpo_config()
   c.eval = eval_config()
+  # name -> a partial config: the stages entry "ppo:name" runs the ppo stage with these values (pipeline.py).
+  c.variants = ConfigDict()
   return c

@@ -1,7 +1,9 @@
 """Runs one stage or a pipeline of stages, composed by config: the one registry of stages.
 
 `config.stage` names one stage (a key of STAGES) or "pipeline", in which case `config.stages` lists them in
-order. Every stage is a module with `check(config)` (its preflight, from the config alone) and
+order. An entry "stage:variant" runs the stage once more with the overrides of `config.variants.<variant>` (a
+partial config: `variants.grpo.ppo.algorithm = "grpo"`, with its own `stage_dir`), so one pipeline can train PPO,
+GRPO and RLOO from the same SFT model and reward model. Every stage is a module with `check(config)` (its preflight, from the config alone) and
 `run(config, workdir) -> summary dict`, and keeps its files in WORKDIR/<config.<block>.stage_dir>/; a stage
 whose `summary.json` exists is complete and is skipped, so a re-run of a pipeline resumes in the first
 unfinished stage (and that stage resumes from its own latest checkpoint). Every stage that will run is checked
@@ -13,6 +15,7 @@ and one line in STAGES.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -24,7 +27,7 @@ import ml_collections
 from absl import logging
 
 from rlhf_jax import checkpoint
-from rlhf_jax.stages import data, pretrain, report, rl, rm, sft
+from rlhf_jax.stages import data, dpo, pretrain, report, rl, rm, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,7 @@ STAGES: dict[str, Stage] = {
     "sft": Stage(sft, "sft"),
     "rm": Stage(rm, "rm"),
     "ppo": Stage(rl, "ppo"),
+    "dpo": Stage(dpo, "dpo"),
     "report": Stage(report, always_run=True),
 }
 
@@ -48,6 +52,34 @@ def stage_dir_name(config, stage: str) -> str:
   """Where a stage keeps its files under WORKDIR (and the prefix of its summary keys)."""
   block = STAGES[stage].block
   return config[block].stage_dir if block else stage
+
+
+def _merge(config, overrides, path: str) -> None:
+  for key, value in overrides.items():
+    where = f"{path}.{key}"
+    if key not in config or key == "variants":
+      raise ValueError(f"{where}: the config has no field {key!r} to override")
+    if hasattr(value, "items") and hasattr(config[key], "items"):
+      _merge(config[key], value, where)
+    else:
+      try:
+        config[key] = value
+      except TypeError as e:
+        raise ValueError(f"{where}={value!r}: {e}") from None
+
+
+def resolve(config, entry: str):
+  """(stage name, the config it runs with) of a stages entry "stage" or "stage:variant"."""
+  stage, _, variant = entry.partition(":")
+  if not variant:
+    return stage, config
+  variants = config.get("variants") or {}
+  if variant not in variants:
+    raise ValueError(f"stages entry {entry!r}: no variant {variant!r} in experiment.variants; expected one of "
+                     f"{sorted(variants) or 'none defined'}")
+  variant_config = copy.deepcopy(config)
+  _merge(variant_config, variants[variant], f"variants.{variant}")
+  return stage, variant_config
 
 
 def check_workdir(workdir: str) -> None:
@@ -66,6 +98,7 @@ def stage_summary_path(config, workdir: str, stage: str) -> str:
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, skip_done: bool = True) -> dict:
+  """Runs one stage (or returns the summary of its finished run)."""
   path = None if STAGES[stage].always_run else stage_summary_path(config, workdir, stage)
   if skip_done and path and os.path.exists(path):
     logging.info("stage %s is complete (%s); skipping", stage, path)
@@ -75,13 +108,23 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
   return STAGES[stage].module.run(config, workdir)
 
 
-def stages_to_run(config) -> list[str]:
-  stages = [config.stage] if config.stage != "pipeline" else list(config.stages)
+def stages_to_run(config) -> list[tuple[str, str, ml_collections.ConfigDict]]:
+  """(entry, stage, its config) for every stage that will run, in order."""
+  entries = [config.stage] if config.stage != "pipeline" else list(config.stages)
   field = "experiment.stage" if config.stage != "pipeline" else "experiment.stages"
-  for name in stages:
+  out = []
+  for entry in entries:
+    name = entry.partition(":")[0]
     if name not in STAGES:
       raise ValueError(f"unknown stage {name!r} in {field}; expected one of {sorted(STAGES)} or 'pipeline'")
-  return stages
+    out.append((entry, *resolve(config, entry)))
+  dirs = {}
+  for entry, name, cfg in out:
+    d = stage_dir_name(cfg, name)
+    if dirs.setdefault(d, entry) != entry:
+      raise ValueError(f"stages {dirs[d]!r} and {entry!r} would both write WORKDIR/{d}; give the variant its own "
+                       f"stage_dir")
+  return out
 
 
 def preflight(config: ml_collections.ConfigDict) -> None:
@@ -92,22 +135,24 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   checked by each stage's `check` from the config alone, without data or devices beyond the mesh. Each stage
   still checks what only its data can tell (over-long records, bad rankings) when it loads it.
   """
-  for name in stages_to_run(config):
-    STAGES[name].module.check(config)
+  for _, name, stage_config in stages_to_run(config):
+    STAGES[name].module.check(stage_config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   preflight(config)
   check_workdir(workdir)
+  planned = stages_to_run(config)
   if config.stage != "pipeline":
-    summary = run_stage(config, workdir, config.stage, skip_done=False)
-    return {f"{stage_dir_name(config, config.stage)}.{k}": v for k, v in summary.items()}
+    _, name, stage_config = planned[0]
+    summary = run_stage(stage_config, workdir, name, skip_done=False)
+    return {f"{stage_dir_name(stage_config, name)}.{k}": v for k, v in summary.items()}
   flat: dict[str, Any] = {}
-  for stage in config.stages:
-    if stage == "report":
+  for _, name, stage_config in planned:
+    if name == "report":
       continue  # last, after summary.json is written
-    summary = run_stage(config, workdir, stage)
-    flat.update({f"{stage_dir_name(config, stage)}.{k}": v for k, v in summary.items()
+    summary = run_stage(stage_config, workdir, name)
+    flat.update({f"{stage_dir_name(stage_config, name)}.{k}": v for k, v in summary.items()
                  if not isinstance(v, (dict, list))})
   if jax.process_index() == 0:
     path = os.path.join(workdir, "summary.json")
@@ -115,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       with open(path) as f:
         flat = {**json.load(f), **flat}
     checkpoint.write_json_atomic(path, flat)
-    if "report" in config.stages:
+    if any(name == "report" for _, name, _ in planned):
       run_stage(config, workdir, "report")
   return flat
 

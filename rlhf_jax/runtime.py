@@ -12,9 +12,13 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
-from rlhf_jax import configs, sharding, training
+from rlhf_jax import configs, sampling, sharding, training
+from rlhf_jax.data import sources
+from rlhf_jax.evals import lm as lm_evals
+from rlhf_jax.evals import policy as policy_evals
 from rlhf_jax.models import transformer
 
 
@@ -79,3 +83,42 @@ def load_policy(workdir: str, name: str, mesh, rules, *, expect: transformer.Mod
     raise ValueError(f"{field}={name!r}: {os.path.join(workdir, name)} holds a model of another config "
                      f"({detail}); use the same model config or another workdir")
   return params, cfg
+
+
+def _sft_baseline_key(seed: int) -> jax.Array:
+  """The key of the SFT samples every win rate compares with (the same samples for PPO and best-of-n)."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed + 11), 1)
+
+
+def evaluate_policy(config, workdir: str, tok, policy_cfg, policy_params, sft_params, rm_params, rm_cfg, mesh, rules,
+                    *, stage_dir: str, best_of_n: bool = False) -> dict[str, Any]:
+  """A trained policy against SFT on held-out prompts (rlhf_jax.evals.policy), and with best_of_n, best-of-n of
+  SFT for each eval.best_of_n; at the RL stage's sampling settings (ppo.temperature, ppo.max_new_tokens) whatever
+  trained the policy, so every policy is compared alike. The first samples go to STAGE_DIR/samples.jsonl.
+  rm_params None leaves out the reward model's score."""
+  ec, pc = config.eval, config.ppo
+  prompts = sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
+  gold = sources.gold_scorer(config, workdir)
+  # The evaluation samples at the RL temperature without top-k / top-p, as the evaluation always has.
+  scfg = sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature)
+  _, pretrain_eval = sources.pretrain_iters(config, workdir, tok)
+  kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
+
+  def pretrain_loss(params) -> float:
+    return lm_evals.held_out_loss(params, policy_cfg, pretrain_eval(), mesh, rules, config.pretrain.train.eval_batches)
+
+  summary, rows = policy_evals.policy_eval(
+      policy_params, sft_params, policy_cfg, tok, prompts, gold, rm_params=rm_params, rm_cfg=rm_cfg, scfg=scfg,
+      samples_per_prompt=ec.samples_per_prompt, rng=jax.random.PRNGKey(config.seed + 11),
+      sft_rng=_sft_baseline_key(config.seed), benchmark=sources.benchmark(config, workdir)[:ec.n_benchmark],
+      pretrain_loss=pretrain_loss, n_samples_table=ec.n_samples_table, **kw)
+  if jax.process_index() == 0:
+    policy_evals.write_samples(os.path.join(stage_dir, "samples.jsonl"), rows)
+  for n in (ec.best_of_n if best_of_n else ()):  # the cheapest baseline, on the same prompts and RM
+    bon = policy_evals.best_of_n_eval(
+        sft_params, policy_cfg, tok, prompts, gold, rm_params=rm_params, rm_cfg=rm_cfg, scfg=scfg,
+        candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(n)],
+        samples_per_prompt=ec.samples_per_prompt, sft_rng=_sft_baseline_key(config.seed),
+        no_eos_penalty=pc.no_eos_penalty, **kw)
+    summary.update({f"bon{n}.{k}": v for k, v in bon.items() if k != "n"})
+  return summary

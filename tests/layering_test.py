@@ -25,7 +25,7 @@ LAYERS = {
     # L2 losses and sampling: functions of arrays
     "rlhf_jax.losses": 2, "rlhf_jax.sampling": 2,
     # L3 evaluations, the supervised loop, the RL rollout and update, the stages' helpers
-    "rlhf_jax.evals": 3, "rlhf_jax.training": 3, "rlhf_jax.rl": 3, "rlhf_jax.runtime": 3,
+    "rlhf_jax.evals": 3, "rlhf_jax.training": 3, "rlhf_jax.rl": 3, "rlhf_jax.runtime": 3, "rlhf_jax.feedback": 3,
     # L4 stages
     "rlhf_jax.stages": 4,
     # L5 the registry, seed sweeps, the chat loop

@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_jax import metrics
 from rlhf_jax.data import sources
-from rlhf_jax.stages import rm
+from rlhf_jax import feedback
 from rlhf_jax.tasks.world import FAMILIES
 
 from helpers import experiments, stage_runner  # tests/ is on sys.path (tests/conftest.py)
@@ -68,8 +68,8 @@ def test_pipeline_writes_every_summary_key_and_the_report(tiny_run):
   assert sum(n.values()) == on_disk["rm.val_gold_pairs_clear"]  # this tiny draw may have no clear pair
   # The families come from the RM stage's own policy comparisons (prompt text only, parsed by the world).
   config = experiments.config("instructgpt", "tiny")
-  _, val_records = rm.comparison_records(config, workdir, sources.tokenizer(config, workdir))
-  families = rm.suite_families(config, workdir, val_records)
+  _, val_records = feedback.comparison_records(config, workdir, sources.tokenizer(config, workdir))
+  families = feedback.suite_families(config, workdir, val_records)
   assert families is not None and len(families) == len(val_records) and set(families) <= set(FAMILIES)
   assert set(fams) <= set(families)
   for metric in ("val_gold_accuracy_clear", "val_policy_logprob_gold_accuracy_clear") if n else ():
@@ -98,10 +98,10 @@ def test_policy_plus_offline_comparisons_add_the_suite_split_to_training_only(ti
   config = experiments.config("instructgpt", "tiny")
   config.rm.n_prompts, config.rm.n_val_prompts = 16, 8  # the shared run's sizes (stage_runner.FLAGS)
   tok = sources.tokenizer(config, workdir)
-  policy_tr, policy_va = rm.policy_comparisons(config, workdir, tok)
+  policy_tr, policy_va = feedback.policy_comparisons(config, workdir, tok)
   offline = sources.split(config, workdir, "comparisons")
   config.rm.source = "policy+offline"
-  tr, va = rm.comparison_records(config, workdir, tok)
+  tr, va = feedback.comparison_records(config, workdir, tok)
   assert len(policy_tr) == 16 and len(offline) > 0
   assert [r["responses"] for r in tr] == [r["responses"] for r in policy_tr] + [
       offline[i]["responses"] for i in range(len(offline))]

@@ -26,6 +26,7 @@ class Comparison:
   ranks: list[int]  # 0 = best; equal ranks are ties
   gold: list[float] | None = None
   labeler: int = -1
+  ref_logp: list[float] | None = None  # a reference policy's log-prob of each response (DPO), when known
 
 
 def tokenize_comparisons(records: Sequence[dict], tok, *, seq_len: int, too_long: str, source: str,
@@ -116,6 +117,8 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
   valid = np.zeros((b, k), bool)
   weight = np.zeros((b,), np.float32)
   prompt_len = np.ones((b, k), np.int32)
+  with_ref = all(comps[ci].ref_logp is not None for ci, _, _ in groups)
+  ref_logp = np.zeros((b, k), np.float32)
   for row, (ci, idx, w) in enumerate(groups):
     c = comps[ci]
     for j, r in enumerate(idx):
@@ -125,15 +128,23 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
       # are excluded from the loss by `valid`.
       ranks[row, j] = c.ranks[r]
       valid[row, j] = True
+      if with_ref:
+        ref_logp[row, j] = c.ref_logp[r]
     for j in range(len(idx), k):
       mask[row, j, 0] = 1
     weight[row] = w
-  return {"tokens": tokens, "mask": mask, "ranks": ranks, "valid": valid, "weight": weight, "prompt_len": prompt_len}
+  batch = {"tokens": tokens, "mask": mask, "ranks": ranks, "valid": valid, "weight": weight, "prompt_len": prompt_len}
+  if with_ref:
+    batch["ref_logp"] = ref_logp
+  return batch
 
 
-def batch_shardings(mesh, rules) -> dict[str, Any]:
-  """Shardings of a `group_batch` batch: rows (prompts) split over the data-parallel axes."""
+def batch_shardings(mesh, rules, *, with_ref: bool = False) -> dict[str, Any]:
+  """Shardings of a `group_batch` batch (with_ref: of comparisons with reference log-probs): rows (prompts)
+  split over the data-parallel axes."""
   ndims = {"tokens": 3, "mask": 3, "ranks": 2, "valid": 2, "weight": 1, "prompt_len": 2}
+  if with_ref:
+    ndims["ref_logp"] = 2
   return {key: sharding.batch_sharding(mesh, rules, n) for key, n in ndims.items()}
 
 

@@ -170,7 +170,7 @@ def policy_eval(params, sft_params, cfg: transformer.ModelConfig, tok, prompts: 
 
   prompts: held-out records {"ids", "prompt"}; gold: the gold scorer; rng / sft_rng: the keys of the policy's
   and SFT's samples (the same sft_rng for every policy compared); benchmark: records {"prompt", "answer"};
-  pretrain_loss(params): the held-out pretraining loss of a set of parameters.
+  pretrain_loss(params): the held-out pretraining loss of a set of parameters; rm_params None: no rm_score.
   """
   k, n = samples_per_prompt, len(prompts)
   if k < 1:
@@ -185,7 +185,7 @@ def policy_eval(params, sft_params, cfg: transformer.ModelConfig, tok, prompts: 
     sft = sample(sft_params, cfg, ids_k, tok, scfg, sft_rng, **kw)
     lp_pol = seq_logprob_sums(params, cfg, pol, scfg.logprob_temperature, **kw)
     lp_sft = seq_logprob_sums(sft_params, cfg, pol, scfg.logprob_temperature, **kw)
-    rm_pol = rm_scores(rm_params, rm_cfg, pol, **kw)
+    rm_pol = None if rm_params is None else rm_scores(rm_params, rm_cfg, pol, **kw)
     out_texts = decode_responses(tok, pol["response_bn"], pol["response_mask_bn"])
     sft_texts = decode_responses(tok, sft["response_bn"], sft["response_mask_bn"])
     g_pol = gold.score_batch(texts_k, out_texts)
@@ -195,7 +195,6 @@ def policy_eval(params, sft_params, cfg: transformer.ModelConfig, tok, prompts: 
     result = {
         "gold_score": float(g_pol.mean()),
         "sft_gold_score": float(g_sft.mean()),
-        "rm_score": float(rm_pol.mean()),
         "win_rate_vs_sft": win_rate(g_pol_kn, g_sft_kn),
         "win_rate_vs_sft_se": win_rate_se(g_pol_kn, g_sft_kn),
         # The gold reference answer to every prompt against the same SFT samples: no policy can win more.
@@ -209,6 +208,8 @@ def policy_eval(params, sft_params, cfg: transformer.ModelConfig, tok, prompts: 
         **response_breakdown(gold, texts_k, out_texts, g_pol),
         **response_breakdown(gold, texts_k, sft_texts, g_sft, prefix="sft_"),
     }
+    if rm_pol is not None:
+      result["rm_score"] = float(rm_pol.mean())
   rows = [{"prompt": p, "policy": a, "sft": b, "gold_policy": ga, "gold_sft": gb}
           for p, a, b, ga, gb in list(zip(texts_p, out_texts, sft_texts, g_pol, g_sft))[:n_samples_table]]
   return result, rows

@@ -34,23 +34,30 @@ PPO for language models (Ziegler et al. arXiv 1909.08593; openai/lm-human-prefer
 from rlhf_jax.losses.core import Metrics, masked_mean, masked_sum
 from rlhf_jax.losses.lm import lm_loss, next_token_loss, ptx_loss
 from rlhf_jax.losses.ranking import expand_pairs, grouped_pair_weights, pairwise_loss, ranking_loss, rm_calibration
-from rlhf_jax.losses.rl import (KLControllerState, a2c_policy_loss, a2c_value_loss, best_of_n_kl, check_whitenable,
-                                compute_gae, entropy_from_logits, explained_variance, kl_penalized_rewards,
+from rlhf_jax.losses.preference import preference_loss, preference_pairs_bkk
+from rlhf_jax.losses.rl import (AGGREGATIONS, KLControllerState, a2c_policy_loss, a2c_value_loss, aggregate,
+                                best_of_n_kl, check_whitenable, compute_gae, entropy_from_logits, explained_variance,
+                                group_advantages, k3_kl, kl_penalized_rewards, leave_one_out_advantages,
                                 ppo_policy_loss, ppo_value_loss, update_kl_controller, whiten)
 
 __all__ = [
+    "AGGREGATIONS",
     "KLControllerState",
     "Metrics",
     "a2c_policy_loss",
     "a2c_value_loss",
+    "aggregate",
     "best_of_n_kl",
     "check_whitenable",
     "compute_gae",
     "entropy_from_logits",
     "expand_pairs",
     "explained_variance",
+    "group_advantages",
     "grouped_pair_weights",
+    "k3_kl",
     "kl_penalized_rewards",
+    "leave_one_out_advantages",
     "lm_loss",
     "masked_mean",
     "masked_sum",
@@ -58,6 +65,8 @@ __all__ = [
     "pairwise_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "preference_loss",
+    "preference_pairs_bkk",
     "ptx_loss",
     "ranking_loss",
     "rm_calibration",

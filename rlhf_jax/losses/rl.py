@@ -134,6 +134,25 @@ def compute_gae(
 # Policy and value losses.
 
 
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def aggregate(x_bt: jax.Array, mask_bt: jax.Array, how: str = "token") -> jax.Array:
+  """A per-token loss reduced to a scalar: "token" the mean over every response token of the batch (PPO);
+  "sequence" the mean over responses of each response's token mean (GRPO, DeepSeekMath eq. 3); "constant" the
+  mean over responses of each response's token sum divided by the token budget t (Dr. GRPO, arXiv 2503.20783,
+  which removes GRPO's length normalisation)."""
+  if how == "token":
+    return masked_mean(x_bt, mask_bt)
+  mask_bt = _f32(mask_bt)
+  sum_b = jnp.sum(_f32(x_bt) * mask_bt, axis=1)
+  if how == "sequence":
+    return jnp.mean(sum_b / jnp.maximum(jnp.sum(mask_bt, axis=1), 1.0))
+  if how == "constant":
+    return jnp.mean(sum_b / x_bt.shape[1])
+  raise ValueError(f"aggregation={how!r}: expected one of {AGGREGATIONS}")
+
+
 def ppo_policy_loss(
     logp_bt: jax.Array,
     old_logp_bt: jax.Array,
@@ -141,11 +160,12 @@ def ppo_policy_loss(
     mask_bt: jax.Array,
     *,
     clip_eps: float | jax.Array,
+    aggregation: str = "token",
 ) -> tuple[jax.Array, Metrics]:
   """PPO clipped surrogate (Schulman et al. arXiv 1707.06347, eq. 7), as a loss to minimise.
 
       ratio_t = exp(logp_t - old_logp_t)
-      loss = masked_mean( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)) )
+      loss = aggregate( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)) )
 
   Args:
     logp_bt: [b, t] log-probs under the current policy (differentiated).
@@ -153,6 +173,8 @@ def ppo_policy_loss(
     advantages_bt: [b, t] advantages (constants; usually whitened per minibatch).
     mask_bt: [b, t] response tokens.
     clip_eps: clipping range eps (0.2).
+    aggregation: how token terms become the loss (`aggregate`): "token" (PPO), "sequence" (GRPO), "constant"
+      (Dr. GRPO).
 
   Returns:
     (loss, metrics). metrics:
@@ -167,7 +189,7 @@ def ppo_policy_loss(
   adv_bt = jax.lax.stop_gradient(_f32(advantages_bt))
   pg_unclipped_bt = -adv_bt * ratio_bt
   pg_clipped_bt = -adv_bt * jnp.clip(ratio_bt, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(pg_unclipped_bt, pg_clipped_bt), mask_bt)
+  loss = aggregate(jnp.maximum(pg_unclipped_bt, pg_clipped_bt), mask_bt, aggregation)
   log_ratio_bt = jax.lax.stop_gradient(log_ratio_bt)
   ratio_bt = jax.lax.stop_gradient(ratio_bt)
   metrics = {
@@ -237,6 +259,43 @@ def a2c_value_loss(
   err_bt = jnp.square(_f32(values_bt) - jax.lax.stop_gradient(_f32(returns_bt)))
   loss = 0.5 * masked_mean(err_bt, mask_bt)
   return loss, {"value_loss": loss}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Critic-free advantages from groups of samples of one prompt (GRPO, RLOO) and the k3 KL term.
+
+
+def _groups(x_b: jax.Array, group_size: int) -> jax.Array:
+  if group_size < 2 or x_b.shape[0] % group_size:
+    raise ValueError(f"group_size={group_size}: expected at least 2 samples per prompt, dividing the batch of "
+                     f"{x_b.shape[0]}")
+  return _f32(x_b).reshape(-1, group_size)
+
+
+def group_advantages(score_b: jax.Array, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> jax.Array:
+  """GRPO's outcome advantages (DeepSeekMath, arXiv 2402.03300, sec. 4.1.2): rows [g * G, (g + 1) * G) are the G
+  samples of one prompt, and A_i = (r_i - mean_g) / (std_g + eps) with the sample standard deviation (TRL's and
+  DeepSeekMath's); scale=False drops the division (Dr. GRPO). Returns [b]."""
+  r_gk = _groups(score_b, group_size)
+  centred_gk = r_gk - jnp.mean(r_gk, axis=1, keepdims=True)
+  if scale:
+    centred_gk = centred_gk / (jnp.std(r_gk, axis=1, keepdims=True, ddof=1) + eps)
+  return centred_gk.reshape(-1)
+
+
+def leave_one_out_advantages(score_b: jax.Array, group_size: int) -> jax.Array:
+  """RLOO (Ahmadian et al., arXiv 2402.14740, eq. 5): A_i = r_i - 1/(k-1) sum_{j != i} r_j over the k samples of
+  one prompt (rows grouped as in `group_advantages`). Returns [b]."""
+  r_gk = _groups(score_b, group_size)
+  k = group_size
+  return (r_gk - (jnp.sum(r_gk, axis=1, keepdims=True) - r_gk) / (k - 1)).reshape(-1)
+
+
+def k3_kl(logp_bt: jax.Array, ref_logp_bt: jax.Array) -> jax.Array:
+  """Per-token k3 estimator of KL(pi || ref) from samples of pi (Schulman's; DeepSeekMath eq. 4):
+  exp(ref - logp) - (ref - logp) - 1 >= 0, differentiable in logp. [b, t]."""
+  diff_bt = jax.lax.stop_gradient(_f32(ref_logp_bt)) - _f32(logp_bt)
+  return jnp.exp(diff_bt) - diff_bt - 1.0
 
 
 def entropy_from_logits(logits_btv: jax.Array, mask_bt: jax.Array, *, temperature: float = 1.0) -> jax.Array:

@@ -1,9 +1,12 @@
 """The RL update: epochs x shuffled minibatches inside one jit (a `lax.scan` over epochs of a `lax.scan` over
-minibatches), the policy loss chosen by `PPOSettings.algorithm`.
+minibatches), the losses chosen by `PPOSettings.algorithm` from one table.
 
 "ppo": clipped policy loss on per-minibatch-whitened advantages and a clipped value loss (InstructGPT,
-lm-human-preferences); "a2c": the same objective without clipping, one pass (DeepMind's choice for Gopher).
-Both add an optional entropy bonus and, for PPO-ptx, gamma * the next-token loss on pretraining text.
+lm-human-preferences); "a2c": the same objective without clipping, one pass (DeepMind's choice for Gopher);
+"grpo": the clipped loss on group-normalised advantages, each response's tokens averaged before the responses
+(DeepSeekMath; Dr. GRPO sums them over a constant budget), no critic, and the KL to the reference as a k3 loss
+term when `kl_in_loss`; "rloo": the clipped loss on leave-one-out advantages, no critic. All add an optional
+entropy bonus and, for PPO-ptx, gamma * the next-token loss on pretraining text.
 """
 
 from __future__ import annotations
@@ -20,30 +23,46 @@ from rlhf_jax.rl.rollout import PPOSettings, Rollout, policy_logprobs, value_est
 
 Params = dict[str, Any]
 
-# algorithm -> (policy loss, value loss): the only difference between the algorithms of this update.
+def _clipped(logp, mb, adv, s):
+  return losses.ppo_policy_loss(logp, mb.old_logp_bn, adv, mb.response_mask_bn, clip_eps=s.clip_eps,
+                                aggregation=s.aggregation)
+
+
+# algorithm -> (policy loss, value loss or None for critic-free ones): what differs between the algorithms.
 ALGORITHMS = {
-    "ppo": (lambda logp, mb, adv, s: losses.ppo_policy_loss(logp, mb.old_logp_bn, adv, mb.response_mask_bn,
-                                                            clip_eps=s.clip_eps),
+    "ppo": (_clipped,
             lambda values, mb, s: losses.ppo_value_loss(values, mb.old_values_bn, mb.returns_bn,
                                                         mb.response_mask_bn, clip_eps=s.vf_clip_eps)),
     "a2c": (lambda logp, mb, adv, s: losses.a2c_policy_loss(logp, adv, mb.response_mask_bn),
             lambda values, mb, s: losses.a2c_value_loss(values, mb.returns_bn, mb.response_mask_bn)),
+    "grpo": (_clipped, None),
+    "rloo": (_clipped, None),
 }
 
 
-def ppo_loss(trainable: Params, mb: Rollout, ptx_batch, policy_cfg, s: PPOSettings):
-  """Policy + value (+ entropy, + ptx) loss of one minibatch, and its metrics."""
+def ppo_loss(trainable: Params, mb: Rollout, ptx_batch, policy_cfg, s: PPOSettings, beta=0.0):
+  """Policy (+ value, + entropy, + KL, + ptx) loss of one minibatch, and its metrics. `beta` weighs the k3 KL
+  term when the KL is a loss term (s.kl_in_loss)."""
   temp = s.sampling.logprob_temperature
   logp_bn, entropy = policy_logprobs(trainable["policy"], mb, policy_cfg, temp, with_entropy=True)
-  values_bn = value_estimates(trainable["value"], mb, policy_cfg)
-  # Whiten advantages per minibatch (RLHF_NOTES PPO 6).
-  adv_bn = losses.whiten(mb.advantages_bn, mb.response_mask_bn)
   policy_loss, value_loss = ALGORITHMS[s.algorithm]
-  pg_loss, pg_m = policy_loss(logp_bn, mb, adv_bn, s)
-  vf_loss, vf_m = value_loss(values_bn, mb, s)
-  loss = pg_loss + s.vf_coef * vf_loss - s.entropy_coef * entropy
-  m = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_m, **vf_m,
-       "explained_variance": losses.explained_variance(values_bn, mb.returns_bn, mb.response_mask_bn)}
+  if value_loss is not None:
+    values_bn = value_estimates(trainable["value"], mb, policy_cfg)
+    # Whiten advantages per minibatch (RLHF_NOTES PPO 6).
+    adv_bn = losses.whiten(mb.advantages_bn, mb.response_mask_bn)
+    pg_loss, pg_m = policy_loss(logp_bn, mb, adv_bn, s)
+    vf_loss, vf_m = value_loss(values_bn, mb, s)
+    loss = pg_loss + s.vf_coef * vf_loss - s.entropy_coef * entropy
+    m = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_m, **vf_m,
+         "explained_variance": losses.explained_variance(values_bn, mb.returns_bn, mb.response_mask_bn)}
+  else:  # the advantages are already relative to the prompt's other samples
+    pg_loss, pg_m = policy_loss(logp_bn, mb, mb.advantages_bn, s)
+    loss = pg_loss - s.entropy_coef * entropy
+    m = {"policy_loss": pg_loss, "entropy": entropy, **pg_m}
+  if s.kl_in_loss:
+    kl = losses.aggregate(losses.k3_kl(logp_bn, mb.ref_logp_bn), mb.response_mask_bn, s.aggregation)
+    loss = loss + beta * kl
+    m["kl_k3"] = kl
   if s.ptx_coef > 0:
     ptx, _ = losses.lm_loss(trainable["policy"], ptx_batch, policy_cfg)
     loss = loss + s.ptx_coef * ptx
@@ -52,21 +71,21 @@ def ppo_loss(trainable: Params, mb: Rollout, ptx_batch, policy_cfg, s: PPOSettin
   return loss, m
 
 
-def minibatch_step(carry, mb_and_ptx, *, optimizer, policy_cfg, s: PPOSettings):
+def minibatch_step(carry, mb_and_ptx, *, optimizer, policy_cfg, s: PPOSettings, beta=0.0):
   trainable, opt_state = carry
   mb, ptx_batch = mb_and_ptx
-  (_, m), grads = jax.value_and_grad(ppo_loss, has_aux=True)(trainable, mb, ptx_batch, policy_cfg, s)
+  (_, m), grads = jax.value_and_grad(ppo_loss, has_aux=True)(trainable, mb, ptx_batch, policy_cfg, s, beta)
   m["grad_norm"] = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   return (optax.apply_updates(trainable, updates), opt_state), m
 
 
-def ppo_epoch(carry, epoch_rng, *, rollout: Rollout, ptx, optimizer, policy_cfg, s: PPOSettings):
+def ppo_epoch(carry, epoch_rng, *, rollout: Rollout, ptx, optimizer, policy_cfg, s: PPOSettings, beta=0.0):
   """One pass over the rollout in shuffled minibatches."""
   b = rollout.prompt_bp.shape[0]
   perm = jax.random.permutation(epoch_rng, b).reshape(s.n_minibatches, b // s.n_minibatches)
   minibatches = jax.tree.map(lambda x: x[perm], rollout)  # [n_minibatches, mb, ...]
-  step = functools.partial(minibatch_step, optimizer=optimizer, policy_cfg=policy_cfg, s=s)
+  step = functools.partial(minibatch_step, optimizer=optimizer, policy_cfg=policy_cfg, s=s, beta=beta)
   carry, m = jax.lax.scan(step, carry, (minibatches, ptx))
   return carry, jax.tree.map(jnp.mean, m)
 
@@ -80,7 +99,8 @@ def make_update(optimizer, policy_cfg, s: PPOSettings):
     if s.inject_nan_at_step >= 0:
       rollout = rollout._replace(advantages_bn=jnp.where(state["step"] == s.inject_nan_at_step, jnp.nan,
                                                          rollout.advantages_bn))
-    epoch = functools.partial(ppo_epoch, rollout=rollout, ptx=ptx, optimizer=optimizer, policy_cfg=policy_cfg, s=s)
+    epoch = functools.partial(ppo_epoch, rollout=rollout, ptx=ptx, optimizer=optimizer, policy_cfg=policy_cfg, s=s,
+                              beta=state.get("kl_beta", 0.0))
     (trainable, opt_state), m = jax.lax.scan(epoch, (state["params"], state["opt_state"]), epoch_rngs)
     finite = jnp.all(jnp.isfinite(m["loss"])) & jnp.all(jnp.isfinite(m["grad_norm"]))
     if s.skip_nonfinite:

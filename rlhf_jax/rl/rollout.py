@@ -61,6 +61,15 @@ class PPOSettings:
   min_whiten: int
   inject_nan_at_step: int = -1  # plants a NaN in the advantages at this iteration (tests the guard)
   skip_nonfinite: bool = False  # a non-finite iteration keeps the old policy and value (else the stage stops)
+  group_size: int = 1  # samples per prompt, consecutive rows of the batch (GRPO's G, RLOO's k)
+  kl_in_loss: bool = False  # the KL is a k3 loss term (GRPO) instead of a per-token penalty in the reward
+  scale_rewards: bool = True  # GRPO divides by the group's std; False is Dr. GRPO
+  aggregation: str = "token"  # how the policy loss reduces its tokens (losses.aggregate)
+
+  @property
+  def uses_critic(self) -> bool:
+    """PPO and A2C learn a value model; GRPO and RLOO take their baselines from the other samples of a prompt."""
+    return self.algorithm in ("ppo", "a2c")
 
 
 def policy_logprobs(params, rollout_like, cfg, temperature: float, *, with_entropy: bool = False):
@@ -83,9 +92,22 @@ def value_estimates(value_params, rollout_like, cfg):
 
 
 def rewards_and_advantages(score_b, old_logp_bn, ref_logp_bn, values_bn, mask_bn, beta, s: PPOSettings):
-  """Per-token rewards (KL penalty + score at the last real token), optionally whitened without mean shift, then
-  GAE. Returns (rewards, kl, advantages, returns), each [b, n]."""
+  """Per-token rewards (KL penalty + score at the last real token) and advantages; (rewards, kl, advantages,
+  returns), each [b, n].
+
+  PPO and A2C: the rewards, optionally whitened without mean shift, then GAE with the value model's estimates.
+  GRPO and RLOO: one sequence reward per response (the score, minus beta times its summed KL unless the KL is a
+  loss term), its advantage against the other samples of the same prompt (group-normalised, or leave-one-out)
+  given to every token of the response; no returns (there is no critic)."""
   rewards_bn, kl_bn = losses.kl_penalized_rewards(score_b, old_logp_bn, ref_logp_bn, mask_bn, beta=beta)
+  if not s.uses_critic:
+    seq_b = score_b if s.kl_in_loss else score_b - beta * kl_bn.sum(axis=1)
+    if s.algorithm == "grpo":
+      adv_b = losses.group_advantages(seq_b, s.group_size, scale=s.scale_rewards)
+    else:
+      adv_b = losses.leave_one_out_advantages(seq_b, s.group_size)
+    advantages_bn = jnp.where(mask_bn, adv_b[:, None], 0.0)
+    return rewards_bn, kl_bn, advantages_bn, jnp.zeros_like(advantages_bn)
   if s.whiten_rewards:
     rewards_bn = losses.whiten(rewards_bn, mask_bn, shift_mean=False)
   advantages_bn, returns_bn = losses.compute_gae(rewards_bn, values_bn, mask_bn, gamma=s.gamma, lam=s.lam)
@@ -93,7 +115,8 @@ def rewards_and_advantages(score_b, old_logp_bn, ref_logp_bn, values_bn, mask_bn
 
 
 def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
-  """rollout(policy, value, ref, rm, prompts, prompt_mask, rng, beta) -> (Rollout, scores, stats)."""
+  """rollout(policy, value, ref, rm, prompts, prompt_mask, rng, beta) -> (Rollout, scores, stats); `value` is
+  None for the critic-free algorithms."""
 
   def rollout_fn(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, beta):
     out = sampling.generate(policy, prompt_bp, prompt_mask_bp, rng, policy_cfg, s.sampling, eos_id=s.eos_id,
@@ -102,7 +125,7 @@ def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
     partial = Rollout(prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, *([None] * 6))
     old_logp_bn = policy_logprobs(policy, partial, policy_cfg, temp)
     ref_logp_bn = policy_logprobs(ref, partial, policy_cfg, temp)
-    values_bn = value_estimates(value, partial, policy_cfg)
+    values_bn = value_estimates(value, partial, policy_cfg) if s.uses_critic else jnp.zeros_like(old_logp_bn)
     rm_b = heads.response_scores(rm, prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, rm_cfg)
     score_b = jnp.where(out.ended_b, rm_b, s.no_eos_penalty)  # a response that never stops gets a fixed score
     rewards_bn, kl_bn, advantages_bn, returns_bn = rewards_and_advantages(

@@ -24,9 +24,19 @@ def _rows(workdir: str, stage_dir: str) -> list[dict[str, Any]]:
   return metrics.read_jsonl(path) if os.path.exists(path) else []
 
 
-def _ppo_dirs(workdir: str) -> list[str]:
-  found = [os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(workdir, "ppo*", "metrics.jsonl"))]
+def _rl_dirs(workdir: str) -> list[str]:
+  """Stage directories written by the RL stage (ppo, ppo_ptx, grpo, rloo, ...): their metrics have kl_seq."""
+  found = []
+  for path in glob.glob(os.path.join(workdir, "*", "metrics.jsonl")):
+    rows = metrics.read_jsonl(path)
+    if rows and "kl_seq" in rows[0]:
+      found.append(os.path.basename(os.path.dirname(path)))
   return sorted(found)
+
+
+def _policy_dirs(summary: dict[str, Any]) -> list[str]:
+  """Every stage evaluated against SFT (RL variants, DPO, IPO, ...), by its summary keys."""
+  return sorted({k.split(".")[0] for k in summary if k.count(".") == 1 and k.endswith(".win_rate_vs_sft")})
 
 
 def _series(rows, key):
@@ -40,7 +50,7 @@ def learning_curves(workdir: str, path: str) -> bool:
   import matplotlib.pyplot as plt  # lazy: as above
 
   panels = [("pretrain", ["loss", "val_loss"]), ("sft", ["loss", "val_loss"]), ("rm", ["loss", "val_accuracy"])]
-  panels += [(d, ["rm_score", "gold_score"]) for d in _ppo_dirs(workdir)]
+  panels += [(d, ["rm_score", "gold_score"]) for d in _rl_dirs(workdir)]
   panels = [(d, keys) for d, keys in panels if _rows(workdir, d)]
   if not panels:
     return False
@@ -66,7 +76,7 @@ def reward_vs_kl(workdir: str, summary: dict[str, Any], path: str) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # lazy: as above
 
-  dirs = _ppo_dirs(workdir)
+  dirs = _rl_dirs(workdir)
   if not dirs:
     return False
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -109,7 +119,7 @@ def best_of_n_table(summary: dict[str, Any]) -> str:
     return ""
   row = lambda name, kl, gold, win: f"| {name} | {kl:.2f} | {gold:+.2f} | {win:.2f} |"  # noqa: E731
   lines = ["| policy | KL to SFT | gold score | win rate vs SFT |", "|---|---|---|---|"]
-  for d in sorted({k.split(".")[0] for k in summary if k.startswith("ppo") and k.endswith(".win_rate_vs_sft")}):
+  for d in _policy_dirs(summary):
     lines.append(row(d, summary[f"{d}.kl_to_sft"], summary[f"{d}.gold_score"], summary[f"{d}.win_rate_vs_sft"]))
   for n in ns:
     pre = f"ppo.bon{n}."
@@ -128,7 +138,7 @@ def family_table(summary: dict[str, Any]) -> str:
   share of the most common response (1.0 = the policy says one thing to every prompt)."""
   # The SFT stage samples at eval.temperature; PPO's evaluation samples the policy and SFT at ppo.temperature.
   columns = [("pretrained", "sft.pretrain_"), ("SFT", "sft."), ("SFT at the RL temperature", "ppo.sft_")]
-  columns += [(d, f"{d}.") for d in sorted({k.split(".")[0] for k in summary if k.startswith("ppo")})]
+  columns += [(d, f"{d}.") for d in _policy_dirs(summary)]
   columns = [(name, pre) for name, pre in columns if f"{pre}top_response_frac" in summary]
   if not columns:
     return ""
@@ -158,6 +168,65 @@ def rm_family_table(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def policies_table(summary: dict[str, Any]) -> str:
+  """One row per policy evaluated against SFT, beside SFT itself and best-of-n: gold score, win rate with its
+  standard error, KL to SFT, RM score, held-out pretraining loss, the most common response's share, wall time."""
+  dirs = _policy_dirs(summary)
+  if not dirs:
+    return ""
+  f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else "-"  # noqa: E731
+  lines = ["| policy | gold score | win rate vs SFT | KL to SFT | RM score | pretraining loss | most common "
+           "response | wall time |", "|---|---|---|---|---|---|---|---|"]
+  first = dirs[0]
+  if f"{first}.sft_gold_score" in summary:  # SFT at the same sampling settings (the same samples for every row)
+    lines.append(f"| SFT | {f(summary[f'{first}.sft_gold_score'], '+.2f')} | 0.50 | 0 | - | "
+                 f"{f(summary.get(f'{first}.sft_pretrain_val_loss'), '.3f')} | "
+                 f"{f(summary.get(f'{first}.sft_top_response_frac'), '.0%')} | - |")
+  for d in dirs:
+    g = lambda k: summary.get(f"{d}.{k}")  # noqa: E731
+    lines.append(f"| {d} | {f(g('gold_score'), '+.2f')} | {f(g('win_rate_vs_sft'), '.3f')} +- "
+                 f"{f(g('win_rate_vs_sft_se'), '.3f')} | {f(g('kl_to_sft'), '.2f')} | {f(g('rm_score'), '+.2f')} | "
+                 f"{f(g('pretrain_val_loss'), '.3f')} | {f(g('top_response_frac'), '.0%')} | "
+                 f"{f(g('wall_s'), '.0f')} s |")
+  for key in sorted(k for k in summary if ".bon" in k and k.endswith(".kl_to_sft")):
+    pre = key[:-len("kl_to_sft")]
+    name = pre.split(".")[1].replace("bon", "best-of-")
+    lines.append(f"| {name} (RM picks) | {f(summary.get(pre + 'gold_score'), '+.2f')} | "
+                 f"{f(summary.get(pre + 'win_rate_vs_sft'), '.3f')} | {f(summary[key], '.2f')} | "
+                 f"{f(summary.get(pre + 'rm_score'), '+.2f')} | - | - | - |")
+  return "\n".join(lines)
+
+
+def policies_vs_kl(summary: dict[str, Any], path: str) -> bool:
+  """Gold score against KL to SFT of every evaluated policy, with best-of-n of SFT and its oracle."""
+  import matplotlib  # lazy: a heavy plotting library, needed only when the report is drawn
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # lazy: as above
+
+  dirs = [d for d in _policy_dirs(summary) if isinstance(summary.get(f"{d}.kl_to_sft"), (int, float))]
+  if not dirs:
+    return False
+  fig, ax = plt.subplots(figsize=(6, 4))
+  sft = summary.get(f"{dirs[0]}.sft_gold_score")
+  if isinstance(sft, (int, float)):
+    ax.scatter([0.0], [sft], marker="o", color="black", label="SFT")
+  for d in dirs:
+    ax.scatter([summary[f"{d}.kl_to_sft"]], [summary[f"{d}.gold_score"]], marker="D", label=d)
+  bon = sorted((summary[k], k[:-len("kl_to_sft")]) for k in summary if ".bon" in k and k.endswith(".kl_to_sft"))
+  if bon:
+    ax.plot([kl for kl, _ in bon], [summary.get(p + "gold_score") for _, p in bon], "s--", label="best-of-n (RM)")
+    if all(p + "oracle_gold_score" in summary for _, p in bon):
+      ax.plot([kl for kl, _ in bon], [summary[p + "oracle_gold_score"] for _, p in bon], "^:", color="gray",
+              label="best-of-n (gold picks)")
+  ax.set_xlabel("KL(policy || SFT), nats per response")
+  ax.set_ylabel("gold score")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
 def check(config) -> None:
   del config  # reads only what the other stages wrote
 
@@ -172,12 +241,20 @@ def run(config, workdir: str) -> dict[str, Any]:
   keys = ["pretrain.val_loss", "pretrain.unigram_entropy", "sft.val_loss", "sft.gold_score",
           "sft.pretrain_gold_score", "rm.val_accuracy",
           "rm.gold_ceiling_accuracy", "rm.val_gold_accuracy_clear"]
-  for d in _ppo_dirs(workdir):
+  for d in _policy_dirs(summary):
     keys += [f"{d}.{k}" for k in ("gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "win_rate_vs_sft_se",
                                   "pretrain_val_loss", "benchmark_accuracy", "final_beta")]
   lines += ["| metric | value |", "|---|---|"]
   lines += [f"| {k} | {summary[k]:.4g} |" if isinstance(summary[k], float) else f"| {k} | {summary[k]} |"
             for k in keys if k in summary]
+  table = policies_table(summary)
+  if table:
+    lines += ["", "## Every policy against SFT", "",
+              "On the same held-out prompts, sampled at the RL temperature; the win rate (ties half) is against the "
+              "same SFT samples for every row, with its standard error over prompts. KL to SFT is measured on each "
+              "policy's own samples; best-of-n's is log n - (n - 1) / n.", "", table]
+  if policies_vs_kl(summary, os.path.join(workdir, "policies_vs_kl.png")):
+    lines += ["", "![gold score against KL for every policy](policies_vs_kl.png)"]
   table = family_table(summary)
   if table:
     lines += ["", "## Gold score by task family (correct fraction in brackets)", "",
@@ -204,7 +281,7 @@ def run(config, workdir: str) -> dict[str, Any]:
               "The reward model is a proxy trained on noisy labels; the gold scorer is the simulated humans' "
               "hidden preference. Over-optimisation shows as the proxy rising while the gold score falls.", "",
               "![reward vs KL](reward_vs_kl.png)"]
-  for d in _ppo_dirs(workdir):
+  for d in _policy_dirs(summary):
     table = policy_evals.samples_markdown(os.path.join(workdir, d, "samples.jsonl"))
     if table:
       lines += ["", f"## Samples on held-out prompts: {d} against SFT", "", table]

@@ -33,8 +33,6 @@ import numpy as np
 from rlhf_jax import checkpoint, losses, metrics, optim, runtime, sampling, sharding, training
 from rlhf_jax.data import sources
 from rlhf_jax.data.batching import decode_responses
-from rlhf_jax.evals import lm as lm_evals
-from rlhf_jax.evals import policy as policy_evals
 from rlhf_jax.models import heads, transformer
 from rlhf_jax.rl import learner
 from rlhf_jax.rl.rollout import PPOSettings, make_rollout
@@ -48,11 +46,24 @@ def sampling_config(pc) -> sampling.SamplingConfig:
 
 def check_settings(pc) -> None:
   """What config.ppo must satisfy before anything is built: a known algorithm, minibatches that divide the batch
-  and are large enough to whiten, valid sampling settings."""
+  (and are large enough to whiten, with a critic), groups of samples per prompt for the critic-free algorithms,
+  a non-negative KL coefficient, valid sampling settings."""
   runtime.check_choice(pc.algorithm, "ppo.algorithm", tuple(learner.ALGORITHMS))
   if pc.n_minibatches < 1 or pc.batch_size % pc.n_minibatches:
     raise ValueError(f"ppo.batch_size={pc.batch_size} must divide into ppo.n_minibatches={pc.n_minibatches}")
-  losses.check_whitenable(pc.batch_size // pc.n_minibatches, min_elements=pc.min_whiten)
+  if pc.algorithm in ("ppo", "a2c"):
+    losses.check_whitenable(pc.batch_size // pc.n_minibatches, min_elements=pc.min_whiten)
+  if pc.group_size < 1 or pc.batch_size % pc.group_size:
+    raise ValueError(f"ppo.group_size={pc.group_size}: expected a number of samples per prompt that divides "
+                     f"ppo.batch_size={pc.batch_size}")
+  if pc.algorithm in ("grpo", "rloo") and pc.group_size < 2:
+    raise ValueError(f"ppo.algorithm={pc.algorithm!r} needs ppo.group_size >= 2 samples per prompt (its baseline "
+                     f"is the prompt's other samples), got {pc.group_size}")
+  if pc.kl.init_beta < 0:
+    raise ValueError(f"ppo.kl.init_beta={pc.kl.init_beta}: expected a KL coefficient >= 0")
+  runtime.check_choice(pc.kl.mode, "ppo.kl.mode", ("reward", "loss"))
+  if pc.kl.mode == "loss" and pc.algorithm != "grpo":
+    raise ValueError(f"ppo.kl.mode='loss' (GRPO's k3 KL term) needs ppo.algorithm='grpo', got {pc.algorithm!r}")
   sampling_config(pc)
 
 
@@ -66,7 +77,10 @@ def settings_from_config(pc, tok, guard=None) -> PPOSettings:
       entropy_coef=pc.entropy_coef, ptx_coef=pc.ptx.coef, epochs=pc.epochs if pc.algorithm == "ppo" else 1,
       n_minibatches=pc.n_minibatches, algorithm=pc.algorithm, min_whiten=pc.min_whiten,
       inject_nan_at_step=guard.inject_nan_at_step if guard is not None else -1,
-      skip_nonfinite=guard is not None and guard.on_nonfinite == "skip")
+      skip_nonfinite=guard is not None and guard.on_nonfinite == "skip",
+      group_size=pc.group_size, kl_in_loss=pc.kl.mode == "loss", scale_rewards=pc.grpo.scale_rewards,
+      # GRPO averages each response's tokens (Dr. GRPO: sums over the token budget); PPO, A2C, RLOO every token.
+      aggregation=("sequence" if pc.grpo.length_norm else "constant") if pc.algorithm == "grpo" else "token")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -94,43 +108,6 @@ def init_value_params(value_init: str, policy_cfg, rm_cfg, rm_params, sft_params
   return heads.init_value_params(jax.random.PRNGKey(0), policy_cfg, sft_params)
 
 
-def _sft_baseline_key(seed: int) -> jax.Array:
-  """The key of the SFT samples every win rate compares with (the same samples for PPO and best-of-n)."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed + 11), 1)
-
-
-def evaluate(config, workdir: str, tok, policy_cfg, policy_params, sft_params, rm_params, rm_cfg, mesh, rules,
-             stage_dir: str) -> dict[str, Any]:
-  """The policy against SFT on held-out prompts (rlhf_jax.evals.policy), and best-of-n of SFT for each
-  eval.best_of_n, at the RL sampling settings; the first samples go to STAGE_DIR/samples.jsonl."""
-  ec, pc = config.eval, config.ppo
-  prompts = sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
-  gold = sources.gold_scorer(config, workdir)
-  # The evaluation samples at the RL temperature without top-k / top-p, as the evaluation always has.
-  scfg = sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature)
-  _, pretrain_eval = sources.pretrain_iters(config, workdir, tok)
-  kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
-
-  def pretrain_loss(params) -> float:
-    return lm_evals.held_out_loss(params, policy_cfg, pretrain_eval(), mesh, rules, config.pretrain.train.eval_batches)
-
-  summary, rows = policy_evals.policy_eval(
-      policy_params, sft_params, policy_cfg, tok, prompts, gold, rm_params=rm_params, rm_cfg=rm_cfg, scfg=scfg,
-      samples_per_prompt=ec.samples_per_prompt, rng=jax.random.PRNGKey(config.seed + 11),
-      sft_rng=_sft_baseline_key(config.seed), benchmark=sources.benchmark(config, workdir)[:ec.n_benchmark],
-      pretrain_loss=pretrain_loss, n_samples_table=ec.n_samples_table, **kw)
-  if jax.process_index() == 0:
-    policy_evals.write_samples(os.path.join(stage_dir, "samples.jsonl"), rows)
-  for n in ec.best_of_n:  # the cheapest baseline, on the same prompts and RM
-    bon = policy_evals.best_of_n_eval(
-        sft_params, policy_cfg, tok, prompts, gold, rm_params=rm_params, rm_cfg=rm_cfg, scfg=scfg,
-        candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(n)],
-        samples_per_prompt=ec.samples_per_prompt, sft_rng=_sft_baseline_key(config.seed),
-        no_eos_penalty=pc.no_eos_penalty, **kw)
-    summary.update({f"bon{n}.{k}": v for k, v in bon.items() if k != "n"})
-  return summary
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   pc = config.ppo
@@ -149,18 +126,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if manifest["kind"] != "reward_model":
     raise ValueError(f"ppo.rm_from={pc.rm_from!r}: {os.path.join(workdir, pc.rm_from)} holds a "
                      f"{manifest['kind']}, not a reward model")
-  value_params = init_value_params(pc.value_init, policy_cfg, rm_cfg, rm_params, sft_params)
-  axes = {"policy": transformer.param_axes(policy_cfg), "value": heads.value_axes(policy_cfg)}
+  trainable = {"policy": sft_params}
+  axes = {"policy": transformer.param_axes(policy_cfg)}
+  if s.uses_critic:  # GRPO and RLOO have no value model
+    trainable["value"] = init_value_params(pc.value_init, policy_cfg, rm_cfg, rm_params, sft_params)
+    axes["value"] = heads.value_axes(policy_cfg)
   optimizer = optim.make_optimizer(pc.optimizer, pc.iterations * s.epochs * s.n_minibatches,
                                    optim.decay_mask_from_axes(axes))
-  state, state_sh = optim.state_from_params({"policy": sft_params, "value": value_params}, axes, optimizer,
-                                            jax.random.PRNGKey(config.seed + 2), mesh, rules)
+  state, state_sh = optim.state_from_params(trainable, axes, optimizer, jax.random.PRNGKey(config.seed + 2), mesh,
+                                            rules)
   state["kl_beta"] = jnp.asarray(pc.kl.init_beta, jnp.float32)
   state_sh["kl_beta"] = sharding.replicated(mesh)
 
   prompts = sources.rl_prompts(config, workdir, tok, which="train")
-  prompt_it = sources.PromptIterator(prompts, batch_size=pc.batch_size, pad_id=tok.pad_id, seed=config.seed,
-                                     max_len=pc.max_prompt_len)
+  # batch_size episodes: batch_size / group_size prompts, each sampled group_size times (consecutive rows).
+  prompt_it = sources.PromptIterator(prompts, batch_size=pc.batch_size // pc.group_size, pad_id=tok.pad_id,
+                                     seed=config.seed, max_len=pc.max_prompt_len)
   ptx_it = sources.ptx_iter(config, workdir, tok) if s.ptx_coef > 0 else None
   data = sources.NamedIterators({"prompts": prompt_it, **({"ptx": ptx_it} if ptx_it is not None else {})})
 
@@ -177,8 +158,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for it in range(start, pc.iterations):
       t_it = time.time()
       prompt_bp, prompt_mask_bp, prompt_texts = next(prompt_it)
+      if pc.group_size > 1:
+        prompt_bp, prompt_mask_bp = (np.repeat(x, pc.group_size, axis=0) for x in (prompt_bp, prompt_mask_bp))
+        prompt_texts = [t for t in prompt_texts for _ in range(pc.group_size)]
       rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), 1)
-      ro, _, stats = rollout_fn(state["params"]["policy"], state["params"]["value"], ref_params, rm_params,
+      ro, _, stats = rollout_fn(state["params"]["policy"], state["params"].get("value"), ref_params, rm_params,
                                 *sharding.put_batch({"p": prompt_bp, "m": prompt_mask_bp}, mesh, rules).values(),
                                 rng, state["kl_beta"])
       jax.block_until_ready(ro)  # dispatch is asynchronous: time the rollout itself
@@ -211,8 +195,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.wait()
   training.export_params(stage_dir, state["params"]["policy"], model_cfg=policy_cfg, tokenizer=tok)
   summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "wall_s": time.time() - t0}
-  summary.update(evaluate(config, workdir, tok, policy_cfg, state["params"]["policy"], sft_params, rm_params, rm_cfg,
-                          mesh, rules, stage_dir))
+  summary.update(runtime.evaluate_policy(config, workdir, tok, policy_cfg, state["params"]["policy"], sft_params,
+                                         rm_params, rm_cfg, mesh, rules, stage_dir=stage_dir, best_of_n=True))
   summary = writer.summary(summary)
   writer.close()
   ckpt.close()

@@ -1,6 +1,6 @@
 """Reward model (InstructGPT step 2): a scalar head on a Transformer backbone, trained on K-way rankings.
 
-Data: for each prompt, K responses (K from rm.k_min to rm.k_max) sampled from the SFT policy and ranked by the
+Data (rlhf_jax.feedback, shared with DPO): for each prompt, K responses (K from rm.k_min to rm.k_max) sampled from the SFT policy and ranked by the
 task suite's simulated labelers (`rm.source = "policy"`, what InstructGPT did), or the suite's offline
 comparisons (`"offline"`), both (`"policy+offline"`: validation on the SFT samples), or a user's ranking file
 prepared by `rlhf_jax.data.real` (`"file"`).
@@ -27,9 +27,7 @@ Exported (`WORKDIR/rm/params`, kind "reward_model"): {"backbone": model params, 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -38,15 +36,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import configs, losses, metrics, optim, runtime, sampling, sharding, tokenizers, training
-from rlhf_jax.data import comparisons, real, sources, tfds_io
-from rlhf_jax.data.batching import decode_responses
-from rlhf_jax.evals import policy as policy_evals
+from rlhf_jax import configs, feedback, losses, metrics, optim, runtime, sharding, training
+from rlhf_jax.data import comparisons, sources
 from rlhf_jax.evals import rm as rm_evals
 from rlhf_jax.models import heads, transformer
-
-SOURCES = ("policy", "offline", "policy+offline", "file")
-
 
 def check(config: ml_collections.ConfigDict) -> None:
   rc = config.rm
@@ -55,18 +48,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   rm_cfg = configs.to_model_config(configs.model_config(rc.model_size), 1) if rc.model_size else policy
   sharding.check_batch(rc.train.batch_size, mesh, rules, field="rm.train.batch_size")
   runtime.check_seq_len(rc.seq_len, rm_cfg, "rm.seq_len", extra=0)
-  runtime.check_choice(rc.too_long, "rm.too_long", ("truncate", "error"))
-  runtime.check_choice(rc.source, "rm.source", SOURCES)
   runtime.check_choice(rc.grouping, "rm.grouping", ("prompt", "pairs"))
   runtime.check_choice(rc.pair_weighting, "rm.pair_weighting", ("uniform", "per_prompt"))
-  if not 2 <= rc.k_min <= rc.k_max:
-    raise ValueError(f"rm.k_min={rc.k_min}, rm.k_max={rc.k_max}: expected 2 <= k_min <= k_max")
-  if rc.source == "file":
-    if os.path.isfile(rc.file):
-      real.check_rankings(rc.file)  # every line, now: a bad line 900 lines in must not wait for pretraining
-    elif not os.path.isdir(rc.file):
-      raise ValueError(f"rm.file={rc.file!r}: expected a K-way rankings .jsonl file ({{\"prompt\", \"responses\", "
-                       "\"ranking\"} per line) or a dataset folder written by rlhf_jax.data.real.prepare_rankings")
+  feedback.check(config)
 
 
 def rm_model_config(config, vocab_size: int) -> transformer.ModelConfig:
@@ -90,96 +74,6 @@ def ranking_loss_fn(model_cfg: transformer.ModelConfig) -> training.LossFn:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Comparisons.
-
-
-def policy_comparisons(config, workdir: str, tok) -> tuple[list[dict], list[dict]]:
-  """K samples of the SFT policy per prompt, ranked by the simulated labelers (what InstructGPT did).
-  Written once as a TFDS dataset under WORKDIR/rm/comparisons, so a resumed RM stage reads the same data."""
-  rc = config.rm
-  out_dir = os.path.join(runtime.stage_dir(config, workdir, "rm"), "comparisons")
-  name = "policy_comparisons"
-  fp = f"seed={config.seed};n={rc.n_prompts},{rc.n_val_prompts};k={rc.k_min}-{rc.k_max};" \
-       f"T={rc.sample_temperature};new={rc.max_new_tokens};from={rc.init_from}"
-  ds_dir = os.path.join(out_dir, name, "1.0.0")
-  if not os.path.isdir(ds_dir):
-    mesh, rules = runtime.mesh_and_rules(config)
-    params, policy_cfg = runtime.load_policy(workdir, rc.init_from, mesh, rules,
-                                             expect=runtime.policy_config(config, tok.vocab_size),
-                                             field="rm.init_from")
-    gold = sources.gold_scorer(config, workdir)
-    pool = sources.labelers(config)
-    scfg = sampling.SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.sample_temperature)
-    splits = {}
-    for split_name, src_name, n in (("train", "comparisons", rc.n_prompts),
-                                    ("validation", "comparisons_val", rc.n_val_prompts)):
-      src = sources.split(config, workdir, src_name)
-      recs = [src[i] for i in range(min(n, len(src)))]
-      prompt_ids = [tokenizers.encode_prompt(tok, r["prompt_turns"]) for r in recs]
-      rng = np.random.default_rng([config.seed, 17, len(splits)])
-      ks = rng.integers(rc.k_min, rc.k_max + 1, size=len(recs))
-      texts = []
-      with sharding.activate(mesh, rules):
-        for j in range(rc.k_max):
-          out = policy_evals.sample(params, policy_cfg, prompt_ids, tok, scfg,
-                                    jax.random.fold_in(jax.random.PRNGKey(config.seed + 29), 1000 * len(splits) + j),
-                                    batch_size=config.eval.batch_size, mesh=mesh, rules=rules)
-          texts.append(decode_responses(tok, out["response_bn"], out["response_mask_bn"]))
-      records = []
-      for i, r in enumerate(recs):
-        responses = [texts[j][i] for j in range(ks[i])]
-        g = gold.score_batch([r["prompt"]] * len(responses), responses)
-        labeler = int(rng.integers(pool.n_labelers))
-        ranks = pool.rank_responses(g, responses, labeler, rng)
-        records.append({"prompt_turns": r["prompt_turns"], "prompt": r["prompt"], "responses": responses,
-                        "ranks": [int(x) for x in ranks], "gold_scores": [float(x) for x in g],
-                        "labeler_id": labeler})
-      splits[split_name] = records
-    features = {"prompt_turns": "json", "prompt": "text", "responses": "text_seq", "ranks": "int32_seq",
-                "gold_scores": "float32_seq", "labeler_id": "int32"}
-    if jax.process_index() == 0:
-      tfds_io.prepare_dataset(name, out_dir, features, {k: (lambda v=v: iter(v)) for k, v in splits.items()},
-                              fingerprint=fp, description="SFT-policy samples ranked by simulated labelers")
-    logging.info("[rm] sampled %d + %d policy comparisons", len(splits["train"]), len(splits["validation"]))
-  tr = tfds_io.load_split_dir(ds_dir, "train")
-  va = tfds_io.load_split_dir(ds_dir, "validation")
-  return [tr[i] for i in range(len(tr))], [va[i] for i in range(len(va))]
-
-
-def comparison_records(config, workdir: str, tok) -> tuple[list[dict], list[dict]]:
-  """(train, validation) comparison records {prompt_turns, responses, ranks[, gold_scores, labeler_id]}."""
-  rc = config.rm
-  runtime.check_choice(rc.source, "rm.source", SOURCES)
-  if rc.source == "offline":
-    return sources.offline_comparisons(config, workdir)
-  if rc.source == "file":
-    path = rc.file
-    if os.path.isfile(path):  # a rankings JSONL: converted once (cached by the file's hash) into the data folder
-      path = real.prepare_rankings(path, os.path.join(sources.data_dir(config, workdir), "user_rankings"),
-                                   name=f"rankings_{real.file_sha256(path)[:16]}")
-    return sources.file_comparisons(path)
-  tr, va = policy_comparisons(config, workdir, tok)
-  if rc.source == "policy+offline":
-    # SFT samples plus the demonstrators' comparisons, whose wider range of mistakes (over-refusals, garbage,
-    # loops) a policy drifting away from SFT may find; validation (and the normalisation) stays on SFT samples.
-    off = sources.split(config, workdir, "comparisons")
-    tr = tr + [off[i] for i in range(len(off))]
-  return tr, va
-
-
-def suite_families(config, workdir: str, records: Sequence[dict]) -> list[str] | None:
-  """The task suite's family of each comparison's prompt, or None when the records are not the suite's (a user's
-  rankings file, or prompts the suite's world cannot parse)."""
-  if config.rm.source == "file" or not records or any("prompt" not in r for r in records):
-    return None
-  world = sources.gold_scorer(config, workdir).world
-  try:
-    return [str(r["family"]) if "family" in r else world.parse(str(r["prompt"])).family for r in records]
-  except ValueError:
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The stage.
 
 
@@ -196,12 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if rc.seq_len > model_cfg.max_len:
     raise ValueError(f"rm.seq_len={rc.seq_len} exceeds the reward model's max_len={model_cfg.max_len}")
 
-  train_records, val_records = comparison_records(config, workdir, tok)
-  allow_empty = rc.source.startswith("policy")  # policy samples may be empty (just EOS); labelled data not
-  train, n_trunc = comparisons.tokenize_comparisons(train_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,
-                                                    source="rm train comparisons", allow_empty=allow_empty)
-  val, n_trunc_val = comparisons.tokenize_comparisons(val_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,
-                                                      source="rm validation comparisons", allow_empty=allow_empty)
+  train, val, n_truncated, _, val_records = feedback.tokenized(config, workdir, tok)
   k = max(len(c.ranks) for c in train + val)
   groups = comparisons.make_groups(train, grouping=rc.grouping, pair_weighting=rc.pair_weighting)
   group_k = k if rc.grouping == "prompt" else 2
@@ -255,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         "grad_norm": m["grad_norm"], "padded_len": batch["tokens"].shape[-1]})
 
     final, val_rewards = evaluate(state["params"])
-    families = suite_families(config, workdir, val_records)
+    families = feedback.suite_families(config, workdir, val_records)
     if families is not None:
       final.update(rm_evals.clear_accuracy_by_group(val, val_rewards, families,
                                                     clear_gold_margin=rc.clear_gold_margin))
@@ -283,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   training.export_params(stage_dir, params, model_cfg=model_cfg, tokenizer=tok, kind="reward_model")
   summary = {"step": steps, **final, "norm_gain": 1.0 / std, "norm_bias": -mean / std, "raw_score_mean": mean,
              "raw_score_std": std, "n_train_comparisons": len(train), "n_train_groups": len(groups),
-             "n_truncated": n_trunc + n_trunc_val, "grouping": rc.grouping, "wall_s": time.time() - t0}
+             "n_truncated": n_truncated, "grouping": rc.grouping, "wall_s": time.time() - t0}
   summary = writer.summary(summary)
   writer.close()
   ckpt.close()

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import losses, tokenizers
+from rlhf_jax import feedback, losses, tokenizers
 from rlhf_jax.data import comparisons
 from rlhf_jax.evals import rm as rm_evals
 from rlhf_jax.models import heads, presets, transformer
-from rlhf_jax.stages import rm
 from rlhf_jax.tasks import suite
 
 from helpers import experiments
@@ -119,10 +118,10 @@ def test_suite_families_parse_the_prompts_the_suite_generated():
   stored = [r["family"] for r in records]
   assert len(set(stored)) >= 3
   # Policy comparisons carry only the prompt: the family comes from parsing it with the same world.
-  parsed = rm.suite_families(config, "unused", [{k: v for k, v in r.items() if k != "family"} for r in records])
+  parsed = feedback.suite_families(config, "unused", [{k: v for k, v in r.items() if k != "family"} for r in records])
   assert parsed == stored
   config.rm.source = "file"  # a user's rankings: no suite families
-  assert rm.suite_families(config, "unused", records) is None
+  assert feedback.suite_families(config, "unused", records) is None
 
 
 @pytest.mark.parametrize("bad,match", [

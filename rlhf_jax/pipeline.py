@@ -100,11 +100,12 @@ def stage_summary_path(config, workdir: str, stage: str) -> str:
 def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, skip_done: bool = True) -> dict:
   """Runs one stage (or returns the summary of its finished run)."""
   path = None if STAGES[stage].always_run else stage_summary_path(config, workdir, stage)
+  name = stage_dir_name(config, stage)  # a variant is named by its directory (ppo_ptx, grpo, ...)
   if skip_done and path and os.path.exists(path):
-    logging.info("stage %s is complete (%s); skipping", stage, path)
+    logging.info("stage %s is complete (%s); skipping", name, path)
     with open(path) as f:
       return json.load(f)
-  logging.info("stage %s: starting", stage)
+  logging.info("stage %s: starting", name)
   return STAGES[stage].module.run(config, workdir)
 
 

@@ -79,3 +79,42 @@ def test_killed_pipeline_resumes_to_identical_parameters(reference, tmp_path):
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, stage, "checkpoints")) if d.isdigit())
     ref_steps = sorted(int(d) for d in os.listdir(os.path.join(ref_dir, stage, "checkpoints")) if d.isdigit())
     assert steps == ref_steps, stage
+
+
+def test_killed_baseline_stages_resume_to_identical_parameters(reference, tmp_path):
+  """DPO and the critic-free RL variants (GRPO, RLOO), killed at random moments after the shared stages (copied
+  from the reference), resume to the parameters of an uninterrupted run of the same stages."""
+  ref_dir, cache = reference
+  flags = stage_runner.BASELINE_FLAGS
+  shared = ("data", "pretrain", "sft", "rm", "comparisons")
+  workdirs = {}
+  for name in ("uninterrupted", "killed"):
+    workdirs[name] = str(tmp_path / name)
+    for d in shared:
+      if os.path.exists(os.path.join(ref_dir, d)):
+        stage_runner.copy_workdir(os.path.join(ref_dir, d), os.path.join(workdirs[name], d))
+  proc = stage_runner.run(workdirs["uninterrupted"], cache_dir=cache, base_flags=flags, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  # DPO's reference log-probs, computed once before training, match the training pass: at the first step the
+  # policy is the reference, so every implicit reward margin is 0 (up to float32 rounding).
+  first = _metric_rows(os.path.join(workdirs["uninterrupted"], "dpo", "metrics.jsonl"))[0]
+  assert abs(first["reward_margin"]) < 1e-4, first
+  rng = np.random.default_rng(SEED + 1)
+  kills = 2 if FULL else 1
+  attempts = stage_runner.kill_and_resume(workdirs["killed"], (), rng, kills_per_stage=kills, cache_dir=cache,
+                                          stages=tuple(stage_runner.BASELINE_STEPS), base_flags=flags,
+                                          stage_steps=stage_runner.BASELINE_STEPS)
+  killed = [a for a in attempts if a.killed]
+  report = "\n".join(f"{a.kill.describe() if a.kill else 'final run'}: killed={a.killed} rc={a.returncode} "
+                     f"in={a.stage} {a.wall_s:.1f}s" for a in attempts)
+  for stage in stage_runner.BASELINE_STEPS:
+    assert sum(1 for a in killed if a.stage == stage) >= kills, f"no kill landed in {stage}:\n{report}"
+    want = stage_runner.load_params(os.path.join(workdirs["uninterrupted"], stage, "params"))
+    got = stage_runner.load_params(os.path.join(workdirs["killed"], stage, "params"))
+    assert sorted(got) == sorted(want), stage
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=f"{stage} {name}\n{report}")
+    rows = _metric_rows(os.path.join(workdirs["killed"], stage, "metrics.jsonl"))
+    ref_rows = _metric_rows(os.path.join(workdirs["uninterrupted"], stage, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, stage_runner.BASELINE_STEPS[stage] + 1)), stage
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows], f"{stage}\n{report}"

@@ -103,13 +103,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  length_bucket=rc.length_bucket)
   ckpt = training.make_checkpointer(config.checkpoint, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": "dpo"}
-  state, start = training.resume(ckpt, state, state_sh, meta, it, stage="dpo")
+  label = dc.stage_dir  # progress lines name the variant: [dpo], [ipo], ...
+  state, start = training.resume(ckpt, state, state_sh, meta, it, stage=label)
   guard = config.guard
   step_fn = training.make_train_step(preference_loss_fn(model_cfg, dc), optimizer,
                                      inject_nan_at_step=guard.inject_nan_at_step,
                                      skip_nonfinite=guard.on_nonfinite == "skip")
   bsh = comparisons.batch_shardings(mesh, rules, with_ref=True)
-  writer = metrics.MetricsWriter(stage_dir, stage="dpo", total_steps=steps, start_step=start)
+  writer = metrics.MetricsWriter(stage_dir, stage=label, total_steps=steps, start_step=start)
 
   def evaluate(params) -> dict[str, float]:
     """The implicit reward beta * (log pi - log ref) on the held-out comparisons: against the labels (and its
@@ -123,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with sharding.activate(mesh, rules):
     train_step = jax.jit(step_fn, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=0)
     state, _ = training.fit(
-        state, stage="dpo", train_step=train_step, batches=it, put=lambda b: sharding.put_batch(b, mesh, rules),
+        state, stage=label, train_step=train_step, batches=it, put=lambda b: sharding.put_batch(b, mesh, rules),
         steps=steps, start=start, log_every=tc.log_every, eval_every=tc.eval_every,
         on_nonfinite=guard.on_nonfinite, ckpt=ckpt, meta=meta, writer=writer, evaluate=evaluate,
         log_row=lambda done, m, batch: {**{key: m[key] for key in ("loss", "reward_accuracy", "reward_margin",

@@ -147,10 +147,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   ckpt = training.make_checkpointer(config.checkpoint, stage_dir)
   meta = {"model": dataclasses.asdict(policy_cfg), "stage": "ppo"}
-  state, start = training.resume(ckpt, state, state_sh, meta, data, stage="ppo")
+  label = pc.stage_dir  # progress lines and messages name the variant: [ppo], [grpo], ...
+  state, start = training.resume(ckpt, state, state_sh, meta, data, stage=label)
 
   gold = sources.gold_scorer(config, workdir)
-  writer = metrics.MetricsWriter(stage_dir, stage="ppo", total_steps=pc.iterations, start_step=start,
+  writer = metrics.MetricsWriter(stage_dir, stage=label, total_steps=pc.iterations, start_step=start,
                                  tokens_per_step=pc.batch_size * pc.max_new_tokens)
   with sharding.activate(mesh, rules):
     rollout_fn = jax.jit(make_rollout(policy_cfg, rm_cfg, s))
@@ -172,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # Each process holds its own pretraining rows; numpy passed to jit would be taken as the global value.
         ptx = sharding.put_minibatches(sources.ptx_minibatches(ptx_it, s.n_minibatches), mesh, rules)
       state, m = update_fn(state, ro, ptx)
-      checkpoint.guard_nonfinite(m, step=it, stage="ppo", on_nonfinite=config.guard.on_nonfinite, ckpt=ckpt)
+      checkpoint.guard_nonfinite(m, step=it, stage=label, on_nonfinite=config.guard.on_nonfinite, ckpt=ckpt)
       stats = jax.device_get(stats)
       kl = float(stats["kl_seq"])
       if pc.kl.adaptive:

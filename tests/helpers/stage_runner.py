@@ -39,6 +39,15 @@ TINY_FLAGS = (
 STAGE_STEPS = {"pretrain": 8, "sft": 6, "rm": 4, "ppo": 3}
 TRAINED_STAGES = ("pretrain", "sft", "rm", "ppo")
 
+# The baselines experiment's new stages on the same tiny pipeline (experiments/baselines/config.py:tiny): DPO and
+# two critic-free RL variants, a few steps each, after the shared stages.
+BASELINE_FLAGS = (
+    f"--experiment={os.path.join(ROOT, 'experiments', 'baselines', 'config.py')}:tiny", *TINY_FLAGS[1:],
+    "--experiment.dpo.train.steps=4", "--experiment.dpo.train.log_every=1",
+    *(f"--experiment.stages={s}" for s in ("data", "pretrain", "sft", "rm", "dpo", "ppo:grpo", "ppo:rloo")),
+)
+BASELINE_STEPS = {"dpo": 4, "grpo": 3, "rloo": 3}
+
 
 def subprocess_env(cache_dir: str, devices: int = 1) -> dict[str, str]:
   env = dict(os.environ)
@@ -97,9 +106,10 @@ def _tmp_checkpoint_dirs(workdir: str) -> list[str]:
   return found
 
 
-def run_with_kill(workdir: str, flags, kill: Kill | None, *, cache_dir: str, timeout: float = 300) -> Attempt:
+def run_with_kill(workdir: str, flags, kill: Kill | None, *, cache_dir: str, timeout: float = 300,
+                  base_flags=TINY_FLAGS) -> Attempt:
   """Starts run.py; SIGKILLs it at `kill` (if it is still running then); returns what happened."""
-  cmd = [sys.executable, RUN_PY, *TINY_FLAGS, *flags, f"--workdir={workdir}"]
+  cmd = [sys.executable, RUN_PY, *base_flags, *flags, f"--workdir={workdir}"]
   proc = subprocess.Popen(cmd, env=subprocess_env(cache_dir), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   lines: list[str] = []
@@ -146,7 +156,7 @@ def _latest_checkpoint(workdir: str, stage: str) -> int:
   return max(steps, default=0)
 
 
-def next_kill(rng: np.random.Generator, workdir: str, stage: str, landed: int) -> Kill:
+def next_kill(rng: np.random.Generator, workdir: str, stage: str, landed: int, stage_steps=STAGE_STEPS) -> Kill:
   """A seeded random moment in `stage` that the next run will reach.
 
   The first two kills of a stage come right after the progress line of a random step past the latest
@@ -154,7 +164,7 @@ def next_kill(rng: np.random.Generator, workdir: str, stage: str, landed: int) -
   with kills at a random time after the stage's start line (restore, compilation, a step, the final eval or
   export). When every step is checkpointed, only a timed kill can still land in the stage.
   """
-  n = STAGE_STEPS[stage]
+  n = stage_steps[stage]
   first = _latest_checkpoint(workdir, stage) + 1
   if first <= n and (landed < 2 or landed % 2 == 0):
     step = int(rng.integers(first, n + 1))
@@ -163,7 +173,7 @@ def next_kill(rng: np.random.Generator, workdir: str, stage: str, landed: int) -
 
 
 def kill_and_resume(workdir: str, flags, rng: np.random.Generator, *, kills_per_stage: int, cache_dir: str,
-                    stages=TRAINED_STAGES) -> list[Attempt]:
+                    stages=TRAINED_STAGES, base_flags=TINY_FLAGS, stage_steps=STAGE_STEPS) -> list[Attempt]:
   """Kills the run `kills_per_stage` times in each stage (counting where each kill actually landed), each
   time resuming the workdir in a fresh process, then lets one last run finish (it must succeed)."""
   attempts: list[Attempt] = []
@@ -172,12 +182,12 @@ def kill_and_resume(workdir: str, flags, rng: np.random.Generator, *, kills_per_
       landed = sum(1 for a in attempts if a.killed and a.stage == stage)
       if landed >= kills_per_stage or os.path.exists(os.path.join(workdir, stage, "summary.json")):
         break
-      kill = next_kill(rng, workdir, stage, landed)
-      a = run_with_kill(workdir, flags, kill, cache_dir=cache_dir)
+      kill = next_kill(rng, workdir, stage, landed, stage_steps)
+      a = run_with_kill(workdir, flags, kill, cache_dir=cache_dir, base_flags=base_flags)
       attempts.append(a)
       if not a.killed and a.returncode != 0:
         raise AssertionError(f"run failed (rc={a.returncode}) before the kill {kill.describe()}:\n{a.log_tail}")
-  final = run_with_kill(workdir, flags, None, cache_dir=cache_dir)
+  final = run_with_kill(workdir, flags, None, cache_dir=cache_dir, base_flags=base_flags)
   attempts.append(final)
   if final.returncode != 0:
     raise AssertionError(f"the resumed run failed (rc={final.returncode}):\n{final.log_tail}")

@@ -154,3 +154,65 @@ def test_settings_reject_bad_config():
   cfg.algorithm = "trpo"
   with pytest.raises(ValueError, match="ppo.algorithm"):
     rl.settings_from_config(cfg, tokenizers.ByteTokenizer())
+
+
+def _group_prompts(groups=4, g=2):
+  prompt, mask = _prompts(b=groups)
+  return jnp.repeat(prompt, g, axis=0), jnp.repeat(mask, g, axis=0)
+
+
+@pytest.mark.parametrize("algorithm, kl_in_loss", [("grpo", True), ("grpo", False), ("rloo", False)])
+def test_critic_free_rollout_advantages_and_first_ratio(algorithm, kl_in_loss):
+  """GRPO and RLOO: no value model; every token of a response carries its group-relative sequence advantage,
+  recomputed here with NumPy from the rollout's own scores and KL; the first update's ratio is 1."""
+  policy, ref, rm, _ = _params(eos_bias=0.5)
+  g = 2
+  s = _settings(algorithm=algorithm, group_size=g, kl_in_loss=kl_in_loss, aggregation="sequence")
+  prompt, mask = _group_prompts(4, g)
+  beta = 0.05
+  ro, rm_b, stats = jax.jit(rollout.make_rollout(CFG, CFG, s))(policy, None, ref, rm, prompt, mask,
+                                                               jax.random.PRNGKey(3), jnp.float32(beta))
+  resp_mask = np.asarray(ro.response_mask_bn)
+  ended = resp_mask[np.arange(resp_mask.shape[0]), resp_mask.sum(1) - 1] & (
+      np.asarray(ro.response_bn)[np.arange(resp_mask.shape[0]), resp_mask.sum(1) - 1] == EOS)
+  score = np.where(ended, np.asarray(rm_b), s.no_eos_penalty)
+  kl = ((np.asarray(ro.old_logp_bn) - np.asarray(ro.ref_logp_bn)) * resp_mask).sum(1)
+  seq = score if kl_in_loss else score - beta * kl
+  r = seq.reshape(-1, g)
+  if algorithm == "grpo":
+    adv = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
+  else:
+    adv = r - (r.sum(1, keepdims=True) - r) / (g - 1)
+  np.testing.assert_allclose(np.asarray(ro.advantages_bn), np.where(resp_mask, adv.reshape(-1, 1), 0.0),
+                             rtol=2e-4, atol=2e-5)
+  assert np.all(np.asarray(ro.old_values_bn) == 0)  # no critic
+  grad_fn = jax.jit(jax.value_and_grad(lambda t: learner.ppo_loss(t, ro, None, CFG, s, beta), has_aux=True))
+  (_, m), grads = grad_fn({"policy": policy})
+  assert abs(float(m["ratio_mean"]) - 1.0) < 1e-5 and float(m["clip_frac"]) == 0.0
+  assert "value_loss" not in m and ("kl_k3" in m) == kl_in_loss
+  if kl_in_loss:  # the k3 term of the policy's own samples against the reference: small but positive
+    assert float(m["kl_k3"]) > 0
+  assert float(optax_norm(grads)) > 0
+
+
+def optax_norm(tree):
+  import optax
+  return optax.tree.norm(tree)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(algorithm="grpo", group_size=1), "needs ppo.group_size >= 2"),
+    (dict(algorithm="rloo", group_size=3), "ppo.group_size=3: expected a number of samples per prompt that divides"),
+    (dict(algorithm="grpo", group_size=4, kl_init_beta=-0.1), "ppo.kl.init_beta=-0.1: expected a KL coefficient >= 0"),
+    (dict(algorithm="ppo", kl_mode="loss"), "ppo.kl.mode='loss' (GRPO's k3 KL term) needs ppo.algorithm='grpo'"),
+])
+def test_critic_free_settings_reject_bad_config(change, message):
+  from rlhf_jax import tokenizers
+  cfg = configs.ppo_config()
+  cfg.batch_size, cfg.n_minibatches = 16, 2
+  cfg.algorithm, cfg.group_size = change["algorithm"], change.get("group_size", 1)
+  cfg.kl.init_beta = change.get("kl_init_beta", cfg.kl.init_beta)
+  cfg.kl.mode = change.get("kl_mode", "reward")
+  with pytest.raises(ValueError) as e:
+    rl.settings_from_config(cfg, tokenizers.ByteTokenizer())
+  assert message in str(e.value)

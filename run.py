@@ -108,7 +108,13 @@ def _default_workdir(argv_experiment: str) -> str:
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}; flags take the form --name=value")
-  errors.reporting(_run, verbose=_VERBOSE.value)
+  from rlhf_jax import preemption  # lazy: it imports jax
+  preemption.install()  # SIGTERM: finish the step, save, exit with preemption.EXIT_CODE
+  try:
+    errors.reporting(_run, verbose=_VERBOSE.value)
+  except preemption.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
 
 
 def _run():

@@ -9,19 +9,94 @@ are asynchronous and every process takes part (multi-host safe).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from rlhf_jax import optim
 
 
+CHECKSUMS_FILE = "rlhf_jax_checksums.json"
+
+
+class CheckpointStorageError(OSError):
+  """A save could not be written (a full disk, a read-only or vanished folder); the previous checkpoint stays."""
+
+
+def _digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def file_checksums(directory: str) -> dict[str, list]:
+  """{relative path: [size, sha256]} of every file under `directory` (but the checksum record itself)."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, directory)
+      if rel != CHECKSUMS_FILE:
+        out[rel] = [os.path.getsize(full), _digest(full)]
+  return out
+
+
+def verify_checksums(directory: str) -> str | None:
+  """Why `directory` differs from the record written when it was saved (a missing, truncated or altered file),
+  or None when it matches or has no record."""
+  path = os.path.join(directory, CHECKSUMS_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    return f"its checksum record {CHECKSUMS_FILE} is unreadable ({e})"
+  for rel, (size, sha) in sorted(recorded.items()):
+    full = os.path.join(directory, rel)
+    if not os.path.isfile(full):
+      return f"{rel} is missing"
+    if os.path.getsize(full) != size:
+      return f"{rel} has {os.path.getsize(full)} bytes, {size} when it was saved"
+    if _digest(full) != sha:
+      return f"{rel} changed since it was saved (sha256 mismatch)"
+  return None
+
+
+def write_checksums(directory: str) -> None:
+  """Records the size and SHA-256 of every file of a finished save (process 0), for `verify_checksums`."""
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    write_json_atomic(os.path.join(directory, CHECKSUMS_FILE), file_checksums(directory))
+
+
+def _storage_error(e: OSError, what: str, directory: str, needed: int | None) -> CheckpointStorageError:
+  space = f"; about {needed / 2**20:.1f} MiB were needed" if needed else ""
+  if e.errno == errno.ENOSPC:
+    reason = "no space left on the device"
+  else:
+    reason = f"{e.strerror or e}"
+  return CheckpointStorageError(e.errno, f"{what} in {directory} failed: {reason}{space}; the previous checkpoint "
+                                "is untouched, so free the space (or fix the folder) and rerun to resume from it")
+
+
 class Checkpointer:
-  """Periodic, asynchronous, bounded (max_to_keep) checkpoints of one stage."""
+  """Periodic, asynchronous, bounded (max_to_keep) checkpoints of one stage.
+
+  A finished save gets a record of its files' sizes and SHA-256 (`CHECKSUMS_FILE`, written once the next save
+  starts or the stage waits), so a restore can tell a damaged checkpoint from a good one; `restore_latest` moves
+  a damaged one aside and falls back to the one before. A save that fails for lack of space (or any OS error)
+  raises CheckpointStorageError naming the folder, with the previous checkpoint left as it was.
+  """
 
   def __init__(self, directory: str, *, save_every: int, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -29,9 +104,17 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unsealed: list[int] = []  # saves started whose files are not yet recorded
+    self._needed: int | None = None
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:
     return self.save_every > 0 and step % self.save_every == 0
@@ -43,12 +126,29 @@ class Checkpointer:
       return False
     if step in self._manager.all_steps():
       return False
+    self._seal()  # orbax waits for the previous save here anyway: record its files now
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state if data_state is not None else {}),
         meta=ocp.args.JsonSave(meta or {}),
     )
-    return self._manager.save(step, args=args, force=True)
+    self._needed = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+    try:
+      started = self._manager.save(step, args=args, force=True)
+    except OSError as e:
+      raise _storage_error(e, f"saving checkpoint {step}", self.directory, self._needed) from e
+    if started:
+      self._unsealed.append(step)
+    return started
+
+  def _seal(self) -> None:
+    try:
+      self._manager.wait_until_finished()
+    except OSError as e:
+      raise _storage_error(e, "writing a checkpoint", self.directory, self._needed) from e
+    for step in self._unsealed:
+      write_checksums(self.step_dir(step))
+    self._unsealed = []
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs), whatever mesh wrote it."""
@@ -64,12 +164,57 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored["meta"] or {})
 
+  def quarantine(self, step: int, reason: str) -> str:
+    """Moves a damaged checkpoint aside (renamed, never deleted) so it is no longer a step; returns where."""
+    src = self.step_dir(step)
+    dst = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.replace(src, dst)
+    multihost_barrier(f"quarantine-{step}")
+    self._manager.reload()
+    logging.warning("checkpoint %d in %s is damaged (%s): moved aside to %s; trying the one before", step,
+                    self.directory, reason, dst)
+    return dst
+
+  def restore_latest(self, abstract_state: Any, expected_model: dict | None) -> tuple[Any, Any, int] | None:
+    """(state, data state, step) of the newest intact checkpoint, damaged newer ones moved aside; None if there
+    was never one. Every checkpoint damaged: a one-line ValueError. A checkpoint of another model config is
+    refused (check_compatible), not moved aside: that is the user's choice to make."""
+    moved = []
+    while True:
+      step = self.latest_step()
+      if step is None:
+        if moved:
+          raise ValueError(f"no intact checkpoint left in {self.directory}: moved aside {', '.join(moved)}; delete "
+                           f"{self.directory} to start the stage over")
+        return None
+      reason = verify_checksums(self.step_dir(step))
+      if reason is None:
+        try:
+          meta = self.read_meta(step)
+        except Exception as e:  # pylint: disable=broad-except  (orbax and TensorStore raise many kinds)
+          reason = f"its metadata does not read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      if reason is None:
+        if expected_model is not None:
+          check_compatible(meta, expected_model, directory=self.directory)
+        try:
+          state, data_state, _ = self.restore(step, abstract_state)
+          return state, data_state, step
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f"it does not restore: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      moved.append(self.quarantine(step, reason))
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    self._seal()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self._seal()
     self._manager.close()
+
+
+def multihost_barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def check_compatible(meta: dict, expected: dict, *, directory: str) -> None:
@@ -106,14 +251,13 @@ class NonFiniteError(FloatingPointError):
 
 
 def resume(ckpt: Checkpointer, state: Any, shardings: Any, meta: dict, *, stage: str) -> tuple[Any, Any, int]:
-  """(state, data_state, step) from the latest checkpoint, laid out on `shardings`; (state, None, 0) if none.
-
-  Refuses a checkpoint written with another model config before restoring anything."""
-  start = ckpt.latest_step() or 0
-  if not start:
+  """(state, data_state, step) from the newest intact checkpoint, laid out on `shardings`; (state, None, 0) if
+  none. Damaged checkpoints are moved aside with a warning (Checkpointer.restore_latest); one written with
+  another model config is refused before anything is restored."""
+  found = ckpt.restore_latest(optim.abstract_with_shardings(state, shardings), meta.get("model"))
+  if found is None:
     return state, None, 0
-  check_compatible(ckpt.read_meta(start), meta["model"], directory=ckpt.directory)
-  state, data_state, _ = ckpt.restore(start, optim.abstract_with_shardings(state, shardings))
+  state, data_state, start = found
   logging.info("[%s] resumed from step %d in %s", stage, start, ckpt.directory)
   return state, data_state, start
 

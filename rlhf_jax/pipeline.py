@@ -3,8 +3,8 @@
 `config.stage` names one stage (a key of STAGES) or "pipeline", in which case `config.stages` lists them in
 order. An entry "stage:variant" runs the stage once more with the overrides of `config.variants.<variant>` (a
 partial config: `variants.grpo.ppo.algorithm = "grpo"`, with its own `stage_dir`), so one pipeline can train PPO,
-GRPO and RLOO from the same SFT model and reward model. Every stage is a module with `check(config)` (its preflight, from the config alone) and
-`run(config, workdir) -> summary dict`, and keeps its files in WORKDIR/<config.<block>.stage_dir>/; a stage
+GRPO and RLOO from the same SFT model and reward model. Every stage is a module with `check(config)` (its
+preflight, from the config alone) and `run(config, workdir) -> summary dict`, and keeps its files in WORKDIR/<config.<block>.stage_dir>/; a stage
 whose `summary.json` exists is complete and is skipped, so a re-run of a pipeline resumes in the first
 unfinished stage (and that stage resumes from its own latest checkpoint). Every stage that will run is checked
 before the first one starts.
@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from rlhf_jax import checkpoint
+from rlhf_jax import checkpoint, preemption
 from rlhf_jax.stages import data, dpo, pretrain, report, rl, rm, sft
 
 
@@ -105,6 +105,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
     logging.info("stage %s is complete (%s); skipping", name, path)
     with open(path) as f:
       return json.load(f)
+  if jax.process_count() == 1 and preemption.requested():  # the notice came after the last stage's training
+    raise preemption.Preempted(f"preemption notice before stage {name}: every finished stage is saved; rerun the "
+                               "same command to continue")
   logging.info("stage %s: starting", name)
   return STAGES[stage].module.run(config, workdir)
 

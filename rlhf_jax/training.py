@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rlhf_jax import checkpoint, losses, metrics, optim, sharding, tokenizers
+from rlhf_jax import checkpoint, losses, metrics, optim, preemption, sharding, tokenizers
 from rlhf_jax.evals import lm as lm_evals
 from rlhf_jax.models import heads, transformer
 
@@ -103,7 +103,8 @@ def fit(state, *, stage: str, train_step: Callable, batches: Iterator[Batch], pu
   Every `log_every` steps (and at the last) `log_row(done, metrics, batch)` is written, with `evaluate(params)`
   merged in every `eval_every` steps; a checkpoint of the state and the iterator's position is started every
   `ckpt.save_every` steps and at the last, and waited for at the end. A non-finite step stops the stage (the
-  last good checkpoint untouched) or is skipped, per `on_nonfinite`.
+  last good checkpoint untouched) or is skipped, per `on_nonfinite`. After a preemption notice
+  (rlhf_jax.preemption) the step just done is saved and Preempted is raised.
   """
   last: dict[str, Any] = {}
   for step in range(start, steps):
@@ -117,8 +118,18 @@ def fit(state, *, stage: str, train_step: Callable, batches: Iterator[Batch], pu
         row.update(evaluate(state["params"]))
       last = writer.log(done, row)
     ckpt.save(done, state, data_state=batches.get_state(), meta=meta, force=done == steps)
+    if done < steps and preemption.should_stop(done):
+      stop_for_preemption(ckpt, done, state, batches.get_state(), meta, stage)
   ckpt.wait()
   return state, last
+
+
+def stop_for_preemption(ckpt: checkpoint.Checkpointer, step: int, state, data_state, meta: dict, stage: str):
+  """Saves `step` (unless it is saved already), waits for the save to be complete, and raises Preempted."""
+  ckpt.save(step, state, data_state=data_state, meta=meta, force=True)
+  ckpt.wait()
+  raise preemption.Preempted(f"[{stage}] preemption notice: stopped after step {step}, saved in {ckpt.directory}; "
+                             "rerun the same command to resume from it")
 
 
 def train_lm(

@@ -27,7 +27,8 @@ def _bad_rankings(tmp_path) -> str:
   return str(path)
 
 
-@pytest.mark.parametrize("case", ["unknown key", "unknown key, default experiment", "wrong type", "missing experiment file", "unknown preset",
+@pytest.mark.parametrize("case", ["unknown key", "unknown key, default experiment", "wrong type",
+                                  "missing experiment file", "unknown preset",
                                   "bad mesh", "bad data file", "missing data file", "unknown stage", "bad seeds",
                                   "negative DPO beta", "GRPO with one sample per prompt", "group not dividing batch",
                                   "unknown variant"])
@@ -49,7 +50,8 @@ def test_bad_input_is_one_error_line_before_any_work(tmp_path, case):
                             "error: rm.file='/nonexistent.jsonl': expected a K-way rankings .jsonl file"),
       "unknown stage": ([TINY, "--experiment.stage=dpo"], "error: unknown stage 'dpo' in experiment.stage"),
       "bad seeds": ([TINY, "--seeds=3-1"], "error: --seeds='3-1': the range '3-1' is empty"),
-      "negative DPO beta": ([BASELINES, "--experiment.dpo.beta=-0.1"], "error: dpo.beta=-0.1: expected a KL strength > 0"),
+      "negative DPO beta": ([BASELINES, "--experiment.dpo.beta=-0.1"],
+                            "error: dpo.beta=-0.1: expected a KL strength > 0"),
       "GRPO with one sample per prompt": ([BASELINES, "--experiment.variants.grpo.ppo.group_size=1"],
                                           "error: ppo.algorithm='grpo' needs ppo.group_size >= 2"),
       "group not dividing batch": ([BASELINES, "--experiment.variants.rloo.ppo.group_size=3"],

@@ -178,6 +178,9 @@ def policies_table(summary: dict[str, Any]) -> str:
   lines = ["| policy | gold score | win rate vs SFT | KL to SFT | RM score | pretraining loss | most common "
            "response | wall time |", "|---|---|---|---|---|---|---|---|"]
   first = dirs[0]
+  if "sft.pretrain_gold_score" in summary:  # the SFT stage's own samples of both, at eval.temperature
+    lines.append(f"| pretrained (eval.temperature) | {f(summary['sft.pretrain_gold_score'], '+.2f')} | - | - | - | - | "
+                 f"{f(summary.get('sft.pretrain_top_response_frac'), '.0%')} | - |")
   if f"{first}.sft_gold_score" in summary:  # SFT at the same sampling settings (the same samples for every row)
     lines.append(f"| SFT | {f(summary[f'{first}.sft_gold_score'], '+.2f')} | 0.50 | 0 | - | "
                  f"{f(summary.get(f'{first}.sft_pretrain_val_loss'), '.3f')} | "

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, losses, metrics, optim, runtime, sampling, sharding, training
+from rlhf_jax import checkpoint, losses, metrics, optim, preemption, runtime, sampling, sharding, training
 from rlhf_jax.data import sources
 from rlhf_jax.data.batching import decode_responses
 from rlhf_jax.models import heads, transformer
@@ -193,6 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                "rollout_s": t_roll, "iteration_s": time.time() - t_it}
         writer.log(done, row)
       ckpt.save(done, state, data_state=data.get_state(), meta=meta, force=done == pc.iterations)
+      if done < pc.iterations and preemption.should_stop(done):
+        training.stop_for_preemption(ckpt, done, state, data.get_state(), meta, label)
     ckpt.wait()
   training.export_params(stage_dir, state["params"]["policy"], model_cfg=policy_cfg, tokenizer=tok)
   summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "wall_s": time.time() - t0}

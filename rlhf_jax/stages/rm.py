@@ -1,9 +1,9 @@
 """Reward model (InstructGPT step 2): a scalar head on a Transformer backbone, trained on K-way rankings.
 
-Data (rlhf_jax.feedback, shared with DPO): for each prompt, K responses (K from rm.k_min to rm.k_max) sampled from the SFT policy and ranked by the
-task suite's simulated labelers (`rm.source = "policy"`, what InstructGPT did), or the suite's offline
-comparisons (`"offline"`), both (`"policy+offline"`: validation on the SFT samples), or a user's ranking file
-prepared by `rlhf_jax.data.real` (`"file"`).
+Data (rlhf_jax.feedback, shared with DPO): for each prompt, K responses (K from rm.k_min to rm.k_max) sampled
+from the SFT policy and ranked by the task suite's simulated labelers (`rm.source = "policy"`, what InstructGPT
+did), or the suite's offline comparisons (`"offline"`), both (`"policy+offline"`: validation on the SFT
+samples), or a user's K-way rankings (`"file"`: a .jsonl, or a folder prepared by `rlhf_jax.data.real`).
 
 Loss (InstructGPT eq. 1): -1/C(K,2) * sum over ranked pairs of log sigmoid(r_w - r_l), with all C(K,2) pairs of
 one prompt in ONE batch element (K forward passes per prompt; `rm.grouping = "prompt"`). The ablation InstructGPT

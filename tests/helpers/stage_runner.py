@@ -37,6 +37,7 @@ TINY_FLAGS = (
     "--experiment.checkpoint.save_every=1",
 )
 STAGE_STEPS = {"pretrain": 8, "sft": 6, "rm": 4, "ppo": 3}
+PREEMPTED_EXIT = 75  # rlhf_jax.preemption.EXIT_CODE: saved at a SIGTERM and stopped
 TRAINED_STAGES = ("pretrain", "sft", "rm", "ppo")
 
 # The baselines experiment's new stages on the same tiny pipeline (experiments/baselines/config.py:tiny): DPO and
@@ -83,6 +84,8 @@ class Kill:
 
   pattern: str | None
   delay: float
+  signals: tuple = (signal.SIGKILL,)  # sent in turn, `gap` seconds apart (SIGTERM twice: a preemption notice
+  gap: float = 0.0                    # repeated while the save it triggered is being written)
 
   def describe(self) -> str:
     return f"{self.delay:.2f}s after {self.pattern!r}" if self.pattern else f"{self.delay:.2f}s after start"
@@ -97,6 +100,7 @@ class Attempt:
   log_tail: str
   wall_s: float = 0.0
   stage: str | None = None  # the stage running when the kill came (the last "stage X: starting" line)
+  log: str = ""  # everything the run printed
 
 
 def _tmp_checkpoint_dirs(workdir: str) -> list[str]:
@@ -137,17 +141,22 @@ def run_with_kill(workdir: str, flags, kill: Kill | None, *, cache_dir: str, tim
   while proc.poll() is None:
     if fire_at[0] is not None and time.time() >= fire_at[0]:
       stage = current[0]
-      proc.send_signal(signal.SIGKILL)
+      for i, sig in enumerate(kill.signals):
+        if i:
+          time.sleep(kill.gap)
+        if proc.poll() is None:
+          proc.send_signal(sig)
       killed = True
       break
     if time.time() > deadline:
       proc.kill()
       raise TimeoutError(f"run.py did not finish in {timeout}s:\n{''.join(lines[-40:])}")
     time.sleep(0.005)
-  proc.wait()
+  proc.wait(timeout=180)  # after SIGTERM the run saves and exits by itself
   t.join(timeout=10)
-  return Attempt(kill, killed and proc.returncode == -signal.SIGKILL, proc.returncode,
-                 _tmp_checkpoint_dirs(workdir), "".join(lines[-60:]), time.time() - t0, stage)
+  stopped = -signal.SIGKILL if kill is None or kill.signals[-1] == signal.SIGKILL else PREEMPTED_EXIT
+  return Attempt(kill, killed and proc.returncode == stopped, proc.returncode,
+                 _tmp_checkpoint_dirs(workdir), "".join(lines[-60:]), time.time() - t0, stage, "".join(lines))
 
 
 def _latest_checkpoint(workdir: str, stage: str) -> int:

@@ -4,8 +4,10 @@ This is the one place that knows the suite's split names. Stages ask for iterato
 `sft_iters`), records (`offline_comparisons`, `file_comparisons`, `rl_prompts`, `benchmark`) or the simulated
 humans (`gold_scorer`, `labelers`); the suite is generated on first use into WORKDIR/data (or `data.data_dir`)
 and cached after.
-Every iterator has get_state()/set_state() so its position is part of a checkpoint. With several processes,
-each reads its own shard (`jax.process_index()`), and the global batch is assembled on the mesh.
+Every iterator has get_state()/set_state() so its position is part of a checkpoint. The sequence of global
+batches depends on the seed and the step only: with several processes every one walks the same global stream and
+keeps its rows of each global batch (`ProcessRows`), so one process, several devices and several processes train
+on the same batches, and a checkpoint written by N processes resumes on M with the data where it stopped.
 """
 
 from __future__ import annotations
@@ -64,27 +66,50 @@ def _shard():
   return jax.process_index(), jax.process_count()
 
 
-def _per_process(batch_size: int) -> int:
-  n = jax.process_count()
-  if batch_size % n:
-    raise ValueError(f"batch size {batch_size} does not divide over {n} processes")
-  return batch_size // n
+def _check_divides(batch_size: int, count: int) -> None:
+  if batch_size % count:
+    raise ValueError(f"batch size {batch_size} does not divide over {count} processes")
+
+
+class ProcessRows:
+  """Process `index` of `count`'s rows of every global batch of `it`: rows [index * B / count, (index + 1) *
+  B / count). The state is the global iterator's, the same on every process and for any count."""
+
+  def __init__(self, it, index: int, count: int):
+    self.it, self.index, self.count = it, index, count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.it)
+    rows = len(next(iter(batch.values())))
+    _check_divides(rows, self.count)
+    per = rows // self.count
+    return {k: np.asarray(v)[self.index * per:(self.index + 1) * per] for k, v in batch.items()}
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
 
 
 def pretrain_iters(config, workdir: str, tok, *, stage_cfg=None):
-  """(train_iter_fn(shard_index, shard_count), eval_iter_fn()) of packed next-token batches."""
+  """(train_iter_fn(shard_index, shard_count), eval_iter_fn()) of packed next-token batches: process
+  shard_index of shard_count's rows of the global batches."""
   tc = (stage_cfg or config.pretrain).train
   train_src = split(config, workdir, "pretrain")
   val_src = split(config, workdir, "pretrain_val")
+  _check_divides(tc.batch_size, jax.process_count())
 
   def train_iter_fn(shard_index: int, shard_count: int):
-    return pipeline.lm_loader(train_src, tok, seq_len=tc.seq_len, batch_size=_per_process(tc.batch_size),
-                              seed=config.seed, shard_index=shard_index, shard_count=shard_count)
+    return ProcessRows(pipeline.lm_loader(train_src, tok, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                          seed=config.seed), shard_index, shard_count)
 
   def eval_iter_fn():
-    i, n = _shard()
-    return pipeline.lm_loader(val_src, tok, seq_len=tc.seq_len, batch_size=_per_process(tc.batch_size),
-                              seed=0, shuffle=False, num_epochs=1, shard_index=i, shard_count=n)
+    return ProcessRows(pipeline.lm_loader(val_src, tok, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=0,
+                                          shuffle=False, num_epochs=1), *_shard())
 
   return train_iter_fn, eval_iter_fn
 
@@ -133,22 +158,21 @@ def sft_iters(config, workdir: str, tok):
   mix = float(config.sft.pretrain_mix)
   if not 0.0 <= mix < 1.0:
     raise ValueError(f"sft.pretrain_mix={mix}: expected a fraction in [0, 1)")
-  per_proc = _per_process(tc.batch_size)
-  n_pt = int(round(per_proc * mix))
+  _check_divides(tc.batch_size, jax.process_count())
+  n_pt = int(round(tc.batch_size * mix))  # of every global batch
 
   def train_iter_fn(shard_index: int, shard_count: int):
-    chat = pipeline.chat_loader(train_src, tok, seq_len=tc.seq_len, batch_size=per_proc, seed=config.seed,
-                                too_long=config.sft.too_long, shard_index=shard_index, shard_count=shard_count)
-    if not n_pt:
-      return chat
-    pt = pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=tc.seq_len, batch_size=n_pt,
-                            seed=config.seed + 1, shard_index=shard_index, shard_count=shard_count)
-    return MixIterator(chat, pt, per_proc - n_pt)
+    chat = pipeline.chat_loader(train_src, tok, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=config.seed,
+                                too_long=config.sft.too_long)
+    if n_pt:
+      pt = pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=tc.seq_len, batch_size=n_pt,
+                              seed=config.seed + 1)
+      chat = MixIterator(chat, pt, tc.batch_size - n_pt)
+    return ProcessRows(chat, shard_index, shard_count)
 
   def eval_iter_fn():
-    i, n = _shard()
-    return pipeline.chat_loader(val_src, tok, seq_len=tc.seq_len, batch_size=per_proc, seed=0, shuffle=False,
-                                num_epochs=1, too_long="truncate", shard_index=i, shard_count=n)
+    return ProcessRows(pipeline.chat_loader(val_src, tok, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=0,
+                                            shuffle=False, num_epochs=1, too_long="truncate"), *_shard())
 
   return train_iter_fn, eval_iter_fn
 
@@ -228,18 +252,22 @@ def ptx_iter(config, workdir: str, tok):
   """Pretraining batches for PPO-ptx: ppo.ptx.ratio rows per RL episode, split into the update's minibatches."""
   pc = config.ppo
   rows = pc.batch_size * pc.ptx.ratio
-  return pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=pc.ptx.seq_len,
-                            batch_size=_per_process(rows), seed=config.seed + 3,
-                            shard_index=jax.process_index(), shard_count=jax.process_count())
+  return pipeline.lm_loader(split(config, workdir, "pretrain"), tok, seq_len=pc.ptx.seq_len, batch_size=rows,
+                            seed=config.seed + 3)
 
 
 def ptx_minibatches(it, n_minibatches: int) -> dict[str, np.ndarray]:
-  """[n_minibatches, rows, t+1] arrays: minibatch i of every epoch sees the same pretraining rows."""
+  """This process's [n_minibatches, rows, t+1] arrays of the next global batch: minibatch i of every epoch sees
+  the same pretraining rows, whatever the number of processes (each keeps its rows of every minibatch)."""
   batch = next(it)
+  i, n = _shard()
   out = {}
   for k in ("tokens", "mask", "loss_mask"):
     x = np.asarray(batch[k])
-    out[k] = x.reshape(n_minibatches, x.shape[0] // n_minibatches, *x.shape[1:])
+    x = x.reshape(n_minibatches, x.shape[0] // n_minibatches, *x.shape[1:])
+    _check_divides(x.shape[1], n)
+    per = x.shape[1] // n
+    out[k] = x[:, i * per:(i + 1) * per]
   return out
 
 

@@ -9,7 +9,8 @@ finished stages and the unfinished one resumes from its latest checkpoint. At th
 of pretrain, SFT, RM and PPO must equal the reference's exactly, and each stage's metrics.jsonl must read as one
 uninterrupted run with the reference's losses.
 
-The suite runs 2 kills per stage, the full harness 5 (both require at least one kill during an async save):
+The suite runs 1 kill per stage (right after a step's progress line, so during its async save), the full harness
+5 (both require at least one kill during an async save):
 
     RLHF_FULL_KILL_TEST=1 python -m pytest tests/kill_resume_test.py -q -x
 
@@ -45,7 +46,7 @@ def test_killed_pipeline_resumes_to_identical_parameters(reference, tmp_path):
   os.makedirs(workdir)
   stage_runner.copy_workdir(os.path.join(ref_dir, "data"), os.path.join(workdir, "data"))
   rng = np.random.default_rng(SEED)
-  kills = 5 if FULL else 2
+  kills = 5 if FULL else 1
   attempts = stage_runner.kill_and_resume(workdir, (), rng, kills_per_stage=kills, cache_dir=cache)
 
   killed = [a for a in attempts if a.killed]
@@ -82,8 +83,8 @@ def test_killed_pipeline_resumes_to_identical_parameters(reference, tmp_path):
 
 
 def test_killed_baseline_stages_resume_to_identical_parameters(reference, tmp_path):
-  """DPO and the critic-free RL variants (GRPO, RLOO), killed at random moments after the shared stages (copied
-  from the reference), resume to the parameters of an uninterrupted run of the same stages."""
+  """DPO and a critic-free RL variant (GRPO; RLOO shares its state and update), killed at random moments after
+  the shared stages (copied from the reference), resume to the parameters of an uninterrupted run of them."""
   ref_dir, cache = reference
   flags = stage_runner.BASELINE_FLAGS
   shared = ("data", "pretrain", "sft", "rm", "comparisons")

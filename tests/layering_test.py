@@ -20,6 +20,7 @@ LAYERS = {
     # L0 infrastructure, no model code
     "rlhf_jax.errors": 0, "rlhf_jax.sharding": 0, "rlhf_jax.optim": 0, "rlhf_jax.checkpoint": 0,
     "rlhf_jax.metrics": 0, "rlhf_jax.tokenizers": 0, "rlhf_jax.data": 0, "rlhf_jax.tasks": 0,
+    "rlhf_jax.preemption": 0,
     # L1 the Transformer, its heads and presets; the config blocks built from them
     "rlhf_jax.models": 1, "rlhf_jax.configs": 1,
     # L2 losses and sampling: functions of arrays

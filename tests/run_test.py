@@ -48,7 +48,7 @@ def test_bad_input_is_one_error_line_before_any_work(tmp_path, case):
                         f"error: {tmp_path}/rankings.jsonl:2: "),
       "missing data file": ([TINY, "--experiment.rm.source=file", "--experiment.rm.file=/nonexistent.jsonl"],
                             "error: rm.file='/nonexistent.jsonl': expected a K-way rankings .jsonl file"),
-      "unknown stage": ([TINY, "--experiment.stage=dpo"], "error: unknown stage 'dpo' in experiment.stage"),
+      "unknown stage": ([TINY, "--experiment.stage=kto"], "error: unknown stage 'kto' in experiment.stage"),
       "bad seeds": ([TINY, "--seeds=3-1"], "error: --seeds='3-1': the range '3-1' is empty"),
       "negative DPO beta": ([BASELINES, "--experiment.dpo.beta=-0.1"],
                             "error: dpo.beta=-0.1: expected a KL strength > 0"),

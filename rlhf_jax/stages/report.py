@@ -137,8 +137,10 @@ def family_table(summary: dict[str, Any]) -> str:
   """Gold score and correct fraction per task family for pretrained, SFT and every PPO variant, plus the
   share of the most common response (1.0 = the policy says one thing to every prompt)."""
   # The SFT stage samples at eval.temperature; PPO's evaluation samples the policy and SFT at ppo.temperature.
-  columns = [("pretrained", "sft.pretrain_"), ("SFT", "sft."), ("SFT at the RL temperature", "ppo.sft_")]
-  columns += [(d, f"{d}.") for d in _policy_dirs(summary)]
+  dirs = _policy_dirs(summary)
+  columns = [("pretrained", "sft.pretrain_"), ("SFT", "sft.")]
+  columns += [("SFT at the RL temperature", f"{dirs[0]}.sft_")] if dirs else []
+  columns += [(d, f"{d}.") for d in dirs]
   columns = [(name, pre) for name, pre in columns if f"{pre}top_response_frac" in summary]
   if not columns:
     return ""

@@ -13,12 +13,30 @@ def test_report_family_table_lists_each_policy_and_family():
     for i, fam in enumerate(FAMILIES):
       summary[f"{pre}{fam}.gold_score"] = base + i / 10
       summary[f"{pre}{fam}.correct_frac"] = 0.5
+  summary["ppo.win_rate_vs_sft"] = summary["ppo_ptx.win_rate_vs_sft"] = 0.6  # the policies evaluated against SFT
   lines = report.family_table(summary).splitlines()
   assert lines[0] == "| family | pretrained | SFT | SFT at the RL temperature | ppo | ppo_ptx |"
   assert len(lines) == 2 + len(FAMILIES) + 1
   second = lines[2 + 1].split(" | ")
   assert second[0] == f"| {FAMILIES[1]}" and second[4] == "+0.60 (50%)"
   assert lines[-1] == "| most common response | 25% | 25% | 25% | 25% | 25% |"
+
+
+def test_policies_table_has_a_row_per_policy_beside_sft_pretrained_and_best_of_n():
+  summary = {"sft.pretrain_gold_score": -1.4, "sft.pretrain_top_response_frac": 0.1}
+  for d, g in (("ppo", 0.3), ("dpo", 0.1), ("grpo", 0.2)):
+    summary.update({f"{d}.gold_score": g, f"{d}.win_rate_vs_sft": 0.5 + g / 2, f"{d}.win_rate_vs_sft_se": 0.02,
+                    f"{d}.kl_to_sft": 1.0 + g, f"{d}.rm_score": g * 2, f"{d}.pretrain_val_loss": 1.4,
+                    f"{d}.top_response_frac": 0.3, f"{d}.wall_s": 100.0, f"{d}.sft_gold_score": 0.05,
+                    f"{d}.sft_pretrain_val_loss": 1.3, f"{d}.sft_top_response_frac": 0.2})
+  summary.update({"ppo.bon4.gold_score": 0.15, "ppo.bon4.win_rate_vs_sft": 0.55, "ppo.bon4.kl_to_sft": 0.636,
+                  "ppo.bon4.rm_score": 0.5})
+  rows = report.policies_table(summary).splitlines()[2:]
+  names = [r.split(" | ")[0].lstrip("| ") for r in rows]
+  assert names == ["pretrained (eval.temperature)", "SFT", "dpo", "grpo", "ppo", "best-of-4 (RM picks)"]
+  assert rows[4] == "| ppo | +0.30 | 0.650 +- 0.020 | 1.30 | +0.60 | 1.400 | 30% | 100 s |"
+  assert rows[1].startswith("| SFT | +0.05 | 0.50 | 0 |")
+  assert report.policies_table({"sft.gold_score": 0.1}) == ""
 
 
 def test_report_rm_family_table_puts_the_likelihood_beside_the_rm():

@@ -16,6 +16,9 @@ from helpers import experiments, stage_runner
 from rlhf_jax import pipeline
 from rlhf_jax.data import real
 
+# Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
+pytestmark = pytest.mark.xdist_group("tiny_reference")
+
 _DIGESTED = ("pretrain", "sft", "rm", "ppo")
 
 

@@ -152,7 +152,8 @@ def test_the_oldest_turns_are_dropped_at_the_context_limit_and_the_chat_says_so(
 
 
 def test_prompt_answers_once_and_compare_shows_both_policies(workdir):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "COLUMNS": "100"}
 
   def run(*args):
     return subprocess.run([sys.executable, "chat.py", f"--workdir={workdir}", f"--max_new_tokens={NEW}",

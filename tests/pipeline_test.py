@@ -6,12 +6,14 @@ import shutil
 
 import pytest
 
-from rlhf_jax import metrics
+from rlhf_jax import feedback, metrics
 from rlhf_jax.data import sources
-from rlhf_jax import feedback
 from rlhf_jax.tasks.world import FAMILIES
 
 from helpers import experiments, stage_runner  # tests/ is on sys.path (tests/conftest.py)
+
+# Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
+pytestmark = pytest.mark.xdist_group("tiny_reference")
 
 ROOT = stage_runner.ROOT
 REQUIRED = ["pretrain.val_loss", "sft.val_loss", "rm.val_accuracy", "rm.gold_ceiling_accuracy", "sft.gold_score",

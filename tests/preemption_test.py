@@ -1,6 +1,8 @@
 """Preemption notices: SIGTERM (twice, the second while the save is written) at a step of each stage of the tiny
-pipeline. Each time the run saves the step it was on, exits with status 75 and says so; the rerun resumes from
-that step (at most the step in flight is lost) and the final parameters equal the uninterrupted run's bit for bit.
+pipeline. Each time the run finishes the step in flight, saves it, exits with status 75 and says so, so no step
+it printed is lost; the rerun resumes from exactly that step, and the final parameters equal the uninterrupted
+run's bit for bit. (A notice that comes while a stage's last step or its evaluation runs lets the stage finish;
+the run then stops before the next stage.)
 """
 
 import os
@@ -11,6 +13,9 @@ import numpy as np
 import pytest
 
 from helpers import stage_runner
+
+# Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
+pytestmark = pytest.mark.xdist_group("tiny_reference")
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +39,21 @@ def test_sigterm_in_every_stage_saves_exits_75_and_resumes_identically(reference
     if previous:
       assert f"[{previous[0]}] resumed from step {previous[1]} " in a.log, a.log_tail
     m = re.search(rf"preempted: \[{stage}\] preemption notice: stopped after step (\d+), saved in ", a.log)
-    assert m, a.log_tail
+    if m is None:  # the notice was handled after the stage's last step: it finished, the next did not start
+      assert re.search(r"preempted: preemption notice before stage \w+", a.log), a.log_tail
+      assert os.path.exists(os.path.join(workdir, stage, "summary.json"))
+      previous = None
+      continue
     saved = int(m.group(1))
-    assert step <= saved <= step + 1  # the step printed, or the one that was running when the notice came
+    printed = [int(x) for x in re.findall(rf"\[{stage}\] step (\d+)/{n} ", a.log)]
+    assert saved == max(printed) >= step, (saved, printed)  # the step in flight finished and was saved
     assert str(saved) in os.listdir(os.path.join(workdir, stage, "checkpoints"))
     assert not os.path.exists(os.path.join(workdir, stage, "summary.json"))
     previous = (stage, saved)
   final = stage_runner.run_with_kill(workdir, (), None, cache_dir=cache)
   assert final.returncode == 0, final.log_tail
-  assert f"[{previous[0]}] resumed from step {previous[1]} " in final.log, final.log_tail
+  if previous:
+    assert f"[{previous[0]}] resumed from step {previous[1]} " in final.log, final.log_tail
   for stage in stage_runner.TRAINED_STAGES:
     want = stage_runner.load_params(os.path.join(ref_dir, stage, "params"))
     got = stage_runner.load_params(os.path.join(workdir, stage, "params"))

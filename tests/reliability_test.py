@@ -16,6 +16,9 @@ import pytest
 
 from helpers import stage_runner
 
+# Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
+pytestmark = pytest.mark.xdist_group("tiny_reference")
+
 NAN_STEP = 4
 _FLAGS = ("--experiment.stage=pretrain", f"--experiment.guard.inject_nan_at_step={NAN_STEP}",
           "--experiment.checkpoint.max_to_keep=20")

@@ -95,9 +95,16 @@ def _fmt(v: float | None) -> str:
   return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
 
 
+# Per policy evaluated against SFT (the RL variants, DPO, ...), beside HEADLINE's ppo.* rows.
+POLICY_KEYS = ("gold_score", "win_rate_vs_sft", "win_rate_vs_sft_se", "kl_to_sft", "rm_score", "wall_s")
+
+
 def markdown(agg: Mapping[str, Any], *, headline: Sequence[str] = HEADLINE, title: str = "Seed sweep") -> str:
   runs = agg["runs"]
   rows = [k for k in headline if k in agg["keys"]] or sorted(agg["keys"])
+  others = sorted({k.split(".")[0] for k in agg["keys"] if k.count(".") == 1 and k.endswith(".win_rate_vs_sft")}
+                  - {"ppo"})
+  rows += [f"{d}.{k}" for d in others for k in POLICY_KEYS if f"{d}.{k}" in agg["keys"] and f"{d}.{k}" not in rows]
   lines = [f"# {title}", "", f"{len(runs)} runs: " + ", ".join(runs) + ". Mean and sample standard deviation "
            "over the runs that have the key (n); sweep.json has every shared number.", "",
            "| key | " + " | ".join(runs) + " | mean | sd | n |", "|---" * (len(runs) + 4) + "|"]

@@ -82,3 +82,14 @@ def test_two_seed_sweep_of_the_data_stage(tmp_path):
                        text=True, timeout=600, check=False)
   assert bad.returncode != 0 and "the range '2-1' is empty" in bad.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_markdown_adds_the_rows_of_every_policy_evaluated_against_sft():
+  runs = {f"seed {s}": {"ppo.win_rate_vs_sft": 0.6 + s / 100, "grpo.win_rate_vs_sft": 0.5 + s / 100,
+                        "grpo.kl_to_sft": 0.2, "dpo.win_rate_vs_sft": 0.55, "dpo.val_accuracy": 0.6}
+          for s in (0, 1)}
+  lines = sweep.markdown(sweep.aggregate(runs)).splitlines()
+  keys = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and " | " in line][1:]
+  assert keys == ["ppo.win_rate_vs_sft", "dpo.win_rate_vs_sft", "grpo.win_rate_vs_sft", "grpo.kl_to_sft"]
+  grpo = next(line for line in lines if line.startswith("| grpo.win_rate_vs_sft |"))
+  assert grpo.split(" | ")[1:4] == ["0.500", "0.510", "0.505"]

@@ -31,7 +31,8 @@ class CheckpointStorageError(OSError):
   """A save could not be written (a full disk, a read-only or vanished folder); the previous checkpoint stays."""
 
 
-def _digest(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The hex SHA-256 of a file's bytes."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -47,7 +48,7 @@ def file_checksums(directory: str) -> dict[str, list]:
       full = os.path.join(root, name)
       rel = os.path.relpath(full, directory)
       if rel != CHECKSUMS_FILE:
-        out[rel] = [os.path.getsize(full), _digest(full)]
+        out[rel] = [os.path.getsize(full), file_sha256(full)]
   return out
 
 
@@ -68,7 +69,7 @@ def verify_checksums(directory: str) -> str | None:
       return f"{rel} is missing"
     if os.path.getsize(full) != size:
       return f"{rel} has {os.path.getsize(full)} bytes, {size} when it was saved"
-    if _digest(full) != sha:
+    if file_sha256(full) != sha:
       return f"{rel} changed since it was saved (sha256 mismatch)"
   return None
 

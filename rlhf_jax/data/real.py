@@ -23,7 +23,6 @@ raises, since it means the file itself is damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from rlhf_jax import tokenizers as tokenizers_lib
+from rlhf_jax.checkpoint import file_sha256
 from rlhf_jax.data import tfds_io
 
 COMPARISON_FEATURES = {"prompt_turns": "json", "responses": "text_seq", "ranks": "int32_seq"}
@@ -185,15 +185,6 @@ def _sft_record(obj: Mapping[str, Any]) -> dict[str, Any]:
   if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
     raise _LineError("expected at least one non-empty assistant turn (the demonstration to learn)")
   return {"turns": turns}
-
-
-def file_sha256(path: str) -> str:
-  """The hex SHA-256 of a file's bytes (the cache fingerprint of a converted file)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _prepare(

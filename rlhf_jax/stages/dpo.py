@@ -77,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh, rules = runtime.mesh_and_rules(config)
   sharding.check_batch(tc.batch_size, mesh, rules, field="dpo.train.batch_size")
 
-  train, val, n_truncated, _, val_records = feedback.tokenized(config, workdir, tok)
+  train, val, n_truncated, _, _ = feedback.tokenized(config, workdir, tok)
   k = max(len(c.ranks) for c in train + val)
   kw = dict(k=k, seq_len=rc.seq_len, pad_id=tok.pad_id, batch_size=tc.batch_size, mesh=mesh, rules=rules,
             length_bucket=rc.length_bucket)

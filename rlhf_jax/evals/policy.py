@@ -20,6 +20,9 @@ log n - (n - 1) / n analytically (`losses.best_of_n_kl`). Two ceilings come with
 with the gold scorer choosing (what a perfect RM would buy at that KL), and `reference_win_rate_vs_sft`, the
 gold reference answer to every prompt against the SFT samples (ties count half, so with an SFT policy that is
 often already right this is well below 1).
+
+Every function takes parameters, prompts and scorers as arguments; `rlhf_jax.runtime.evaluate_policy` builds
+them from an experiment's config for the stages.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import os
+import time
 import types
 from typing import Any
 
@@ -26,7 +27,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from rlhf_jax import checkpoint, preemption
+from rlhf_jax import checkpoint, preemption, training
 from rlhf_jax.stages import data, dpo, pretrain, report, rl, rm, sft
 
 
@@ -102,9 +103,17 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
   path = None if STAGES[stage].always_run else stage_summary_path(config, workdir, stage)
   name = stage_dir_name(config, stage)  # a variant is named by its directory (ppo_ptx, grpo, ...)
   if skip_done and path and os.path.exists(path):
-    logging.info("stage %s is complete (%s); skipping", name, path)
-    with open(path) as f:
-      return json.load(f)
+    damage = training.export_damage(os.path.dirname(path))
+    if damage is None:
+      logging.info("stage %s is complete (%s); skipping", name, path)
+      with open(path) as f:
+        return json.load(f)
+    # Its summary says done, but what it handed on is damaged: redo it (it resumes from its last checkpoint).
+    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      os.replace(path, aside)
+    logging.warning("stage %s: its exported parameters are damaged (%s); %s moved to %s and the stage redone",
+                    name, damage, path, aside)
   if jax.process_count() == 1 and preemption.requested():  # the notice came after the last stage's training
     raise preemption.Preempted(f"preemption notice before stage {name}: every finished stage is saved; rerun the "
                                "same command to continue")

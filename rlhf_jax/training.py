@@ -230,6 +230,7 @@ def export_params(stage_dir: str, params, *, model_cfg: transformer.ModelConfig 
   ckptr = checkpoint.ocp.StandardCheckpointer()
   ckptr.save(path, params, force=True)
   ckptr.wait_until_finished()
+  checkpoint.write_checksums(path)  # so a damaged export is found before a later stage reads it
   if model_cfg is not None and jax.process_index() == 0:
     manifest = {"kind": kind, "model": dataclasses.asdict(model_cfg)}
     if tokenizer is not None:
@@ -242,8 +243,17 @@ def load_params(stage_dir: str, abstract_params, shardings) -> Any:
   path = os.path.join(os.path.abspath(stage_dir), "params")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no exported parameters at {path}: run the stage that writes {stage_dir} first")
+  damage = export_damage(stage_dir)
+  if damage:
+    raise ValueError(f"the exported parameters in {path} are damaged ({damage}); rerun the experiment: the pipeline "
+                     "redoes that stage from its last checkpoint")
   target = optim.abstract_with_shardings(abstract_params, shardings)
   return checkpoint.ocp.StandardCheckpointer().restore(path, target)
+
+
+def export_damage(stage_dir: str) -> str | None:
+  """Why STAGE_DIR/params differs from what `export_params` recorded (a truncated or altered file), or None."""
+  return checkpoint.verify_checksums(os.path.join(os.path.abspath(stage_dir), "params"))
 
 
 def read_manifest(stage_dir: str) -> dict[str, Any]:

@@ -90,8 +90,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   del ref_params
   groups = comparisons.make_groups(train, grouping="prompt", pair_weighting="uniform")
   steps = tc.steps or max(1, int(tc.epochs * len(groups)) // tc.batch_size)
-  logging.info("[dpo] %d train comparisons (%d groups), %d validation; %d steps", len(train), len(groups), len(val),
-               steps)
+  logging.info("[%s] %d train comparisons (%d groups), %d validation; %d steps", dc.stage_dir, len(train),
+               len(groups), len(val), steps)
 
   init_params, _ = runtime.load_policy(workdir, dc.init_from, mesh, rules, expect=model_cfg, field="dpo.init_from")
   axes = transformer.param_axes(model_cfg)

@@ -33,6 +33,8 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of a configur
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_HOST_TIMEOUT = flags.DEFINE_integer("host_timeout_s", 100, "Multi-host: a process that has not been heard from "
+                                     "for this long is lost, and the others stop with an error instead of waiting.")
 
 
 def _fail(message: str, error: BaseException | None = None):
@@ -111,10 +113,33 @@ def main(argv):
   from rlhf_jax import preemption  # lazy: it imports jax
   preemption.install()  # SIGTERM: finish the step, save, exit with preemption.EXIT_CODE
   try:
-    errors.reporting(_run, verbose=_VERBOSE.value)
+    _run()
+    return
   except preemption.Preempted as e:
-    print(f"preempted: {e}", file=sys.stderr, flush=True)
-    sys.exit(preemption.EXIT_CODE)
+    message, code = f"preempted: {e}", preemption.EXIT_CODE
+  except errors.USER_ERRORS as e:
+    if _VERBOSE.value:
+      raise
+    message, code = f"error: {errors.one_line(e)}", errors.EXIT_CODE
+  except Exception as e:  # pylint: disable=broad-except
+    if not _several_processes():
+      raise
+    # A lost peer shows as a failed collective (gloo, NCCL, ICI) or the coordination service's error.
+    message, code = (f"error: {type(e).__name__}: {errors.one_line(e)[:600]}; with several processes a process "
+                     "that fails or is lost stops them all: rerun every process to resume from the last "
+                     "checkpoint", errors.EXIT_CODE)
+  if _several_processes() and code != preemption.EXIT_CODE and "rerun every process" not in message:
+    message += " (with several processes: rerun every process to resume from the last checkpoint)"
+  print(message, file=sys.stderr, flush=True)
+  if _several_processes():
+    sys.stdout.flush()
+    os._exit(code)  # JAX's exit barrier would wait for a lost process and then abort with pages of logs
+  sys.exit(code)
+
+
+def _several_processes() -> bool:
+  jax = sys.modules.get("jax")
+  return jax is not None and jax.process_count() > 1
 
 
 def _run():
@@ -125,7 +150,7 @@ def _run():
   seeds = sweep.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
   if _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+                               process_id=_PROCESS_ID.value, heartbeat_timeout_seconds=_HOST_TIMEOUT.value)
   config = _EXPERIMENT.value
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["experiment"].serialize().split("=", 1)[1])
   workdir = os.path.abspath(workdir)

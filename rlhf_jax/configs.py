@@ -200,6 +200,10 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   c.data = data_config(world)
   c.tokenizer = tokenizer_config()
   c.model = model_config(model_size)
+  # hf_path: a Hugging Face folder (rlhf_jax.models.hf) whose architecture and weights the pretrain stage starts
+  # from instead of config.model's fresh weights; every later stage inherits them. The config's runtime fields
+  # (dtype, remat, dropout_rate) still apply.
+  c.init = ConfigDict(dict(hf_path=""))
   c.mesh = mesh_config()
   c.checkpoint = checkpoint_config()
   c.guard = guard_config()

@@ -19,7 +19,7 @@ from rlhf_jax import configs, sampling, sharding, training
 from rlhf_jax.data import sources
 from rlhf_jax.evals import lm as lm_evals
 from rlhf_jax.evals import policy as policy_evals
-from rlhf_jax.models import transformer
+from rlhf_jax.models import hf, transformer
 
 
 def stage_dir(config: ml_collections.ConfigDict, workdir: str, block: str) -> str:
@@ -32,9 +32,20 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
   return sharding.mesh_from_config(config.mesh), sharding.rules_from_config(config)
 
 
+# ModelConfig fields that say how to run a model, not what it is: an imported model takes them from config.model.
+RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate")
+
+
 def policy_config(config: ml_collections.ConfigDict, vocab_size: int) -> transformer.ModelConfig:
-  """The policy's ModelConfig (config.model, the vocabulary from the tokenizer)."""
-  return configs.to_model_config(config.model, vocab_size)
+  """The policy's ModelConfig: config.model with the vocabulary from the tokenizer, or, with init.hf_path, the
+  imported model's architecture (its config.json) with config.model's runtime fields."""
+  if not config.init.hf_path:
+    return configs.to_model_config(config.model, vocab_size)
+  cfg, _ = hf.read_config(config.init.hf_path)
+  if cfg.vocab_size < vocab_size:
+    raise ValueError(f"init.hf_path={config.init.hf_path}: the model's vocab_size={cfg.vocab_size} is smaller "
+                     f"than the tokenizer's {vocab_size}")
+  return dataclasses.replace(cfg, **{k: config.model[k] for k in RUNTIME_FIELDS})
 
 
 def check_seq_len(seq_len: int, model_cfg: transformer.ModelConfig, field: str, extra: int = 1) -> None:
@@ -57,17 +68,20 @@ def check_shared(config: ml_collections.ConfigDict) -> transformer.ModelConfig:
   the policy's ModelConfig with a stand-in vocabulary when config.model.vocab_size is 0 (from the tokenizer)."""
   check_choice(config.guard.on_nonfinite, "guard.on_nonfinite", ("stop", "skip"))
   mesh_and_rules(config)
-  return configs.to_model_config(config.model, config.model.vocab_size or 1)
+  if config.init.hf_path:
+    hf.check_folder(config.init.hf_path)  # every tensor's name and shape, before any stage writes
+  return policy_config(config, config.model.vocab_size or 1)
 
 
-def check_lm_block(config: ml_collections.ConfigDict, block: str) -> None:
-  """A next-token stage's block (pretrain, sft): positive steps, a batch that divides over the devices and
-  sequences that fit the model."""
+def check_lm_block(config: ml_collections.ConfigDict, block: str, *, allow_zero_steps: bool = False) -> None:
+  """A next-token stage's block (pretrain, sft): positive steps (or 0 where allowed), a batch that divides over
+  the devices and sequences that fit the model."""
   policy = check_shared(config)
   mesh, rules = mesh_and_rules(config)
   tc = config[block].train
-  if tc.steps < 1:
-    raise ValueError(f"{block}.train.steps={tc.steps}: expected a positive number of steps")
+  if tc.steps < (0 if allow_zero_steps else 1):
+    raise ValueError(f"{block}.train.steps={tc.steps}: expected a positive number of steps"
+                     + (" (or 0 to import init.hf_path without pretraining)" if allow_zero_steps else ""))
   sharding.check_batch(tc.batch_size, mesh, rules, field=f"{block}.train.batch_size")
   check_seq_len(tc.seq_len, policy, f"{block}.train.seq_len")
 

@@ -16,6 +16,12 @@ Every parameter carries logical axis names (`param_axes`), mapped to mesh axes b
 
 Left padding: positions are counted over real tokens only (`cumsum(mask) - 1`), and padded keys are masked,
 so a left-padded prompt produces the same logits on its real tokens as the unpadded prompt.
+
+Architecture switches (all off by default: the default model is RMSNorm, RoPE, a tanh-GELU MLP, no biases):
+`norm="layer"` (LayerNorm with bias), `pos_embedding="learned"`, `mlp="swiglu"` (silu(x W_gate) * x W_in),
+`qkv_bias`, `proj_bias` (attention output and MLP biases), `qk_norm` (per-head RMSNorm of q and k before RoPE),
+`head_dim` (a head width other than d_model / n_heads), `rope_scaling="llama3"`, `sliding_window`. Together they
+give the open-weight families (GPT-2, Llama 3, Qwen 2.5/3, Mistral; see `rlhf_jax.models.hf`).
 """
 
 from __future__ import annotations
@@ -53,12 +59,25 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  norm: str = "rms"  # "rms" (RMSNorm, scale only) or "layer" (LayerNorm with scale and bias)
+  mlp: str = "gelu"  # "gelu" (tanh approximation: GPT-2's gelu_new) or "swiglu" (silu(x W_gate) * x W_in)
+  qkv_bias: bool = False  # biases on the q, k, v projections (GPT-2, Qwen 2.5)
+  proj_bias: bool = False  # biases on the attention output and the MLP projections (GPT-2)
+  qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen 3)
+  head_dim: int = 0  # 0: d_model / n_heads
+  rope_scaling: str = ""  # "" or "llama3" (Llama 3.1's frequency-dependent scaling of the RoPE frequencies)
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  sliding_window: int = 0  # > 0: a query sees only the last `sliding_window` keys, itself included (Mistral)
+  family: str = ""  # the Hugging Face family the weights follow ("" = this project's own; see models.hf)
   dropout_rate: float = 0.0  # no dropout unless asked (RL needs a first ratio of exactly 1)
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: bool = False  # rematerialise each block in the backward pass
 
   def __post_init__(self):
-    if self.d_model % self.n_heads:
+    if not self.head_dim and self.d_model % self.n_heads:
       raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
@@ -68,6 +87,17 @@ class ModelConfig:
       raise ValueError(f"RoPE needs an even head width, got d_model/n_heads={self.d_head}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if self.norm not in ("rms", "layer"):
+      raise ValueError(f"model.norm must be 'rms' or 'layer', got {self.norm!r}")
+    if self.mlp not in ("gelu", "swiglu"):
+      raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+    if self.rope_scaling not in ("", "llama3"):
+      raise ValueError(f"model.rope_scaling must be '' or 'llama3', got {self.rope_scaling!r}")
+    if self.rope_scaling and self.pos_embedding != "rope":
+      raise ValueError("model.rope_scaling needs model.pos_embedding='rope'")
+    if self.head_dim < 0 or self.sliding_window < 0:
+      raise ValueError(f"model.head_dim and model.sliding_window must be >= 0, got {self.head_dim}, "
+                       f"{self.sliding_window}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
     for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_len"):
@@ -76,7 +106,7 @@ class ModelConfig:
 
   @property
   def d_head(self) -> int:
-    return self.d_model // self.n_heads
+    return self.head_dim or self.d_model // self.n_heads
 
   @property
   def compute_dtype(self):
@@ -120,6 +150,23 @@ def _param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
       "layers/w_out": ((l, f, d), ("layers", "mlp", "embed"), _normal(out_std)),
       "final_norm": ((d,), ("norm",), _ones),
   }
+  if cfg.norm == "layer":
+    specs["layers/attn_norm_bias"] = ((l, d), ("layers", "norm"), _zeros)
+    specs["layers/mlp_norm_bias"] = ((l, d), ("layers", "norm"), _zeros)
+    specs["final_norm_bias"] = ((d,), ("norm",), _zeros)
+  if cfg.mlp == "swiglu":
+    specs["layers/w_gate"] = ((l, d, f), ("layers", "embed", "mlp"), _normal(std))
+  if cfg.qkv_bias:
+    specs["layers/bq"] = ((l, h, e), ("layers", "heads", "head_dim"), _zeros)
+    specs["layers/bk"] = ((l, k, e), ("layers", "kv_heads", "head_dim"), _zeros)
+    specs["layers/bv"] = ((l, k, e), ("layers", "kv_heads", "head_dim"), _zeros)
+  if cfg.proj_bias:
+    specs["layers/bo"] = ((l, d), ("layers", "norm"), _zeros)
+    specs["layers/b_in"] = ((l, f), ("layers", "mlp"), _zeros)
+    specs["layers/b_out"] = ((l, d), ("layers", "norm"), _zeros)
+  if cfg.qk_norm:
+    specs["layers/q_norm"] = ((l, e), ("layers", "norm"), _ones)
+    specs["layers/k_norm"] = ((l, e), ("layers", "norm"), _ones)
   if cfg.pos_embedding == "learned":
     specs["pos_embed"] = ((cfg.max_len, d), ("length", "embed"), _normal(std))
   if not cfg.tie_embeddings:
@@ -160,9 +207,38 @@ def _rms_norm(x_btd, scale_d, eps):
   return (x32 * scale_d).astype(x_btd.dtype)
 
 
-def _rope(x_bthe, positions_bt, theta):
-  e = x_bthe.shape[-1]
-  freq_e = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+def _layer_norm(x_btd, scale_d, bias_d, eps):
+  x32 = x_btd.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale_d + bias_d).astype(x_btd.dtype)
+
+
+def _norm(cfg: ModelConfig, x_btd, params, name):
+  """The configured pre-norm: params[name] (scale) and, for LayerNorm, params[name + "_bias"]."""
+  if cfg.norm == "layer":
+    return _layer_norm(x_btd, params[name], params[name + "_bias"], cfg.norm_eps)
+  return _rms_norm(x_btd, params[name], cfg.norm_eps)
+
+
+def rope_frequencies(cfg: ModelConfig):
+  """The RoPE angular frequencies [e/2]: theta^(-2i/e), rescaled by Llama 3.1's rule when
+  `rope_scaling="llama3"`: wavelengths above original_max_len / low_freq_factor are divided by `rope_factor`,
+  those below original_max_len / high_freq_factor kept, and the band between interpolated smoothly."""
+  e = cfg.d_head
+  freq_e = cfg.rope_theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+  if cfg.rope_scaling == "llama3":
+    old, lo, hi = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen_e = 2 * math.pi / freq_e
+    scaled_e = jnp.where(wavelen_e > old / lo, freq_e / cfg.rope_factor, freq_e)
+    smooth_e = (old / wavelen_e - lo) / (hi - lo)
+    smoothed_e = (1 - smooth_e) * scaled_e / cfg.rope_factor + smooth_e * scaled_e
+    medium_e = (wavelen_e >= old / hi) & (wavelen_e <= old / lo)
+    freq_e = jnp.where(medium_e, smoothed_e, scaled_e)
+  return freq_e
+
+
+def _rope(x_bthe, positions_bt, freq_e):
   angle_bte = positions_bt[..., None].astype(jnp.float32) * freq_e  # [b, t, e/2]
   sin, cos = jnp.sin(angle_bte)[:, :, None, :], jnp.cos(angle_bte)[:, :, None, :]
   x1, x2 = jnp.split(x_bthe.astype(jnp.float32), 2, axis=-1)
@@ -271,13 +347,21 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   g = cfg.n_heads // cfg.n_kv_heads
   rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
 
-  h_btd = _rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
+  h_btd = _norm(cfg, x_btd, layer, "attn_norm")
   q_bthe = jnp.einsum("btd,dhe->bthe", h_btd, layer["wq"].astype(dt))
   k_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wk"].astype(dt))
   v_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wv"].astype(dt))
+  if cfg.qkv_bias:
+    q_bthe = q_bthe + layer["bq"].astype(dt)
+    k_btke = k_btke + layer["bk"].astype(dt)
+    v_btke = v_btke + layer["bv"].astype(dt)
+  if cfg.qk_norm:
+    q_bthe = _rms_norm(q_bthe, layer["q_norm"], cfg.norm_eps)
+    k_btke = _rms_norm(k_btke, layer["k_norm"], cfg.norm_eps)
   if cfg.pos_embedding == "rope":
-    q_bthe = _rope(q_bthe, positions_bt, cfg.rope_theta)
-    k_btke = _rope(k_btke, positions_bt, cfg.rope_theta)
+    freq_e = rope_frequencies(cfg)
+    q_bthe = _rope(q_bthe, positions_bt, freq_e)
+    k_btke = _rope(k_btke, positions_bt, freq_e)
   q_bthe = _constrain(q_bthe, ("batch", "length", "heads", "head_dim"))
   k_bkte, v_bkte = k_btke.transpose(0, 2, 1, 3), v_btke.transpose(0, 2, 1, 3)
 
@@ -305,15 +389,27 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
     attn_bkne = _attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, cfg.dropout_rate)
   attn_bthe = attn_bkne.reshape(b, cfg.n_kv_heads, g, t, cfg.d_head).transpose(0, 3, 1, 2, 4).reshape(
       b, t, cfg.n_heads, cfg.d_head)
-  x_btd = x_btd + jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt))
+  out_btd = jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt))
+  if cfg.proj_bias:
+    out_btd = out_btd + layer["bo"].astype(dt)
+  x_btd = x_btd + out_btd
   x_btd = _constrain(x_btd, ("batch", "length", "embed"))
 
-  h_btd = _rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
+  h_btd = _norm(cfg, x_btd, layer, "mlp_norm")
   # The MLP on [b*t, d] rows: plain 2-D matmuls give XLA:CPU better layouts for the backward pass.
   h_nd = h_btd.reshape(b * t, -1)
-  h_nf = jax.nn.gelu(h_nd @ layer["w_in"].astype(dt))
+  h_nf = h_nd @ layer["w_in"].astype(dt)
+  if cfg.proj_bias:
+    h_nf = h_nf + layer["b_in"].astype(dt)
+  if cfg.mlp == "swiglu":
+    h_nf = jax.nn.silu(h_nd @ layer["w_gate"].astype(dt)) * h_nf
+  else:
+    h_nf = jax.nn.gelu(h_nf)
   h_nf = _constrain(h_nf.reshape(b, t, -1), ("batch", "length", "mlp")).reshape(b * t, -1)
-  h_btd = (h_nf @ layer["w_out"].astype(dt)).reshape(b, t, -1)
+  h_nd = h_nf @ layer["w_out"].astype(dt)
+  if cfg.proj_bias:
+    h_nd = h_nd + layer["b_out"].astype(dt)
+  h_btd = h_nd.reshape(b, t, -1)
   x_btd = x_btd + _dropout(h_btd, cfg.dropout_rate, rngs[1])
   x_btd = _constrain(x_btd, ("batch", "length", "embed"))
   return x_btd, kv_cache
@@ -413,6 +509,8 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
     if t > cfg.max_len:
       raise ValueError(f"sequence length {t} exceeds model.max_len={cfg.max_len}")
     causal_ts = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    if cfg.sliding_window:
+      causal_ts &= ~jnp.tril(causal_ts, -cfg.sliding_window)  # query i sees keys i - window < j <= i
     allowed_bts = causal_ts[None] & mask_bt[:, None, :]
     write_at = None
   else:
@@ -423,7 +521,11 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
     write_at = cache["index"]
     key_mask_bs = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask_bt, write_at, 1)
     # Query i (cache slot write_at + i) may see slots <= write_at + i that hold real tokens.
-    causal_ts = jnp.arange(s)[None, :] <= (write_at + jnp.arange(t))[:, None]
+    query_slot_t1 = (write_at + jnp.arange(t))[:, None]
+    causal_ts = jnp.arange(s)[None, :] <= query_slot_t1
+    if cfg.sliding_window:
+      # Slots stand for positions: a row's real tokens are contiguous (left padding, then decoded tokens).
+      causal_ts &= jnp.arange(s)[None, :] > query_slot_t1 - cfg.sliding_window
     allowed_bts = causal_ts[None] & key_mask_bs[:, None, :]
 
   x_btd = params["embed"].astype(cfg.compute_dtype)[tokens_bt]
@@ -468,7 +570,7 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
       x_btd, (k_out[i], v_out[i]) = _block(cfg, x_btd, layer, positions_bt, allowed_bts,
                                            (k_out[i], v_out[i], write_at), rng)
     k_out, v_out = tuple(k_out), tuple(v_out)
-  h_btd = _rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
+  h_btd = _norm(cfg, x_btd, params, "final_norm")
 
   new_cache = None
   if cache is not None:

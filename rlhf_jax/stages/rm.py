@@ -56,7 +56,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 def rm_model_config(config, vocab_size: int) -> transformer.ModelConfig:
   """The reward model's size: the policy's unless rm.model_size names a preset ("tiny", "small", "base")."""
   if not config.rm.model_size:
-    return configs.to_model_config(config.model, vocab_size)
+    return runtime.policy_config(config, vocab_size)
   return configs.to_model_config(configs.model_config(config.rm.model_size), vocab_size)
 
 

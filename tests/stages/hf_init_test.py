@@ -1,0 +1,87 @@
+"""`--experiment.init.hf_path`: the pipeline starts from an imported Hugging Face model.
+
+With pretrain.train.steps=0 the pretrain stage only imports (its export is the imported weights, bit for bit);
+with steps > 0 it continues pretraining from them; SFT and later stages inherit the imported architecture. A
+broken folder fails the preflight before anything is written into the workdir.
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import experiments
+from rlhf_jax import pipeline, runtime, sharding, training
+from rlhf_jax.models import hf, transformer
+
+# A Qwen 2.5-shaped model (SwiGLU, GQA, q/k/v biases, tied embeddings) big enough for the byte tokenizer.
+QWEN = transformer.ModelConfig(family="qwen2", vocab_size=272, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               d_ff=64, max_len=160, mlp="swiglu", qkv_bias=True, tie_embeddings=True,
+                               norm_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("hf") / "qwen")
+  params = transformer.init(jax.random.PRNGKey(3), QWEN)
+  hf.save_hf(params, QWEN, path, pad_token_id=0)
+  return path
+
+
+def _config(hf_path, stages, pretrain_steps):
+  config = experiments.config("instructgpt", "tiny")
+  config.stages = stages
+  config.init.hf_path = hf_path
+  config.pretrain.train.steps = pretrain_steps
+  config.sft.train.steps = 2
+  config.eval.n_prompts = 8
+  return config
+
+
+def _load(workdir, name, cfg):
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  params, got, _ = training.load_export(os.path.join(workdir, name), mesh, sharding.DEFAULT_RULES)
+  return params, got
+
+
+def test_import_only_then_sft(hf_model, tmp_path):
+  workdir = str(tmp_path / "w")
+  pipeline.run(_config(hf_model, ("data", "pretrain", "sft"), 0), workdir)
+  imported, cfg = hf.load_hf(hf_model, sharding.make_mesh(devices=jax.devices()[:1]))
+  exported, exported_cfg = _load(workdir, "pretrain", cfg)
+  assert exported_cfg == dataclasses.replace(cfg, dtype="float32")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), imported, exported)
+  sft, sft_cfg = _load(workdir, "sft", cfg)
+  assert sft_cfg.family == "qwen2" and sft_cfg.qkv_bias and "bq" in sft["layers"]
+  assert not np.array_equal(np.asarray(sft["layers"]["w_in"]), np.asarray(imported["layers"]["w_in"]))
+
+
+def test_pretraining_continues_from_the_import(hf_model, tmp_path):
+  workdir = str(tmp_path / "w")
+  summary = pipeline.run(_config(hf_model, ("data", "pretrain"), 3), workdir)
+  imported, cfg = hf.load_hf(hf_model, sharding.make_mesh(devices=jax.devices()[:1]))
+  trained, _ = _load(workdir, "pretrain", cfg)
+  # Three small steps from the import: close to it, but moved (a fresh init would be far from it).
+  diff = np.abs(np.asarray(trained["embed"]) - np.asarray(imported["embed"])).max()
+  assert 0 < diff < 0.05, diff
+  assert summary["pretrain.step"] == 3
+
+
+def test_a_broken_folder_fails_before_anything_is_written(hf_model, tmp_path):
+  broken = str(tmp_path / "broken")
+  os.makedirs(broken)
+  for name in os.listdir(hf_model):
+    os.link(os.path.join(hf_model, name), os.path.join(broken, name)) if name != "model.safetensors" else None
+  with open(os.path.join(hf_model, "model.safetensors"), "rb") as f:
+    data = f.read()
+  with open(os.path.join(broken, "model.safetensors"), "wb") as f:
+    f.write(data[:-64])
+  workdir = str(tmp_path / "w")
+  with pytest.raises(hf.HFFormatError, match="model.safetensors.*truncated"):
+    pipeline.run(_config(broken, ("data", "pretrain", "sft"), 0), workdir)
+  assert not os.path.exists(workdir) or not os.listdir(workdir)
+  # The same through policy_config's vocabulary check: a model smaller than the tokenizer is refused.
+  with pytest.raises(ValueError, match="vocab_size=272 is smaller than the tokenizer's 300"):
+    runtime.policy_config(_config(hf_model, ("pretrain",), 0), 300)

@@ -43,6 +43,9 @@ Cache = dict[str, jax.Array]
 # instead of NaN, and its output is never used.
 _MASK_VALUE = -1e9
 
+_REMAT_POLICIES = {"nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -75,6 +78,8 @@ class ModelConfig:
   dropout_rate: float = 0.0  # no dropout unless asked (RL needs a first ratio of exactly 1)
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: bool = False  # rematerialise each block in the backward pass
+  remat_policy: str = "nothing_saveable"  # with remat: "nothing_saveable" or "dots_saveable" (keep matmul outputs)
+  scan_layers: bool = False  # the uncached pass as one lax.scan over the stacked layers (compiles once per model)
 
   def __post_init__(self):
     if not self.head_dim and self.d_model % self.n_heads:
@@ -98,6 +103,8 @@ class ModelConfig:
     if self.head_dim < 0 or self.sliding_window < 0:
       raise ValueError(f"model.head_dim and model.sliding_window must be >= 0, got {self.head_dim}, "
                        f"{self.sliding_window}")
+    if self.remat_policy not in _REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy must be one of {sorted(_REMAT_POLICIES)}, got {self.remat_policy!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
     for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_len"):
@@ -546,17 +553,28 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
       return _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
 
     if cfg.remat:
-      step = jax.checkpoint(step, prevent_cse=False)
-    # Unrolled over the layers, sliced from the stacked parameters inside the jitted function (the stored
-    # layout keeps its "layers" axis). Under a scan, XLA:CPU copies each layer's slice of the stacked weights
-    # before the matmuls that read it, and stacks every layer's activations for the backward pass.
-    kvs = []
-    for i in range(cfg.n_layers):
-      layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
-      x_btd, kv_bkte = step(x_btd, layer, None if layer_rngs is None else layer_rngs[i])
-      kvs.append(kv_bkte)
-    if keep_kv:
-      kv = jax.tree.map(lambda *xs: jnp.stack(xs), *kvs)
+      step = jax.checkpoint(step, prevent_cse=False,
+                            policy=_REMAT_POLICIES[cfg.remat_policy])
+    if cfg.scan_layers:
+      # One compiled block applied by lax.scan: compile time independent of depth (accelerators; on XLA:CPU the
+      # unrolled loop below runs faster, see the note there).
+      def scan_step(x, layer_and_rng):
+        layer, rng = layer_and_rng
+        x, kv_bkte = step(x, layer, rng)
+        return x, kv_bkte if keep_kv else None
+
+      x_btd, kv = jax.lax.scan(scan_step, x_btd, (params["layers"], layer_rngs))
+    else:
+      # Unrolled over the layers, sliced from the stacked parameters inside the jitted function (the stored
+      # layout keeps its "layers" axis). Under a scan, XLA:CPU copies each layer's slice of the stacked weights
+      # before the matmuls that read it, and stacks every layer's activations for the backward pass.
+      kvs = []
+      for i in range(cfg.n_layers):
+        layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+        x_btd, kv_bkte = step(x_btd, layer, None if layer_rngs is None else layer_rngs[i])
+        kvs.append(kv_bkte)
+      if keep_kv:
+        kv = jax.tree.map(lambda *xs: jnp.stack(xs), *kvs)
   else:
     # Unrolled, with one cache array per layer. A scan would have to stack the layers' caches, and XLA:CPU
     # copies a layer's slice of a stacked array before every matmul that reads it (or, scanning over the cache

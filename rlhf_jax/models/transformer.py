@@ -80,6 +80,10 @@ class ModelConfig:
   remat: bool = False  # rematerialise each block in the backward pass
   remat_policy: str = "nothing_saveable"  # with remat: "nothing_saveable" or "dots_saveable" (keep matmul outputs)
   scan_layers: bool = False  # the uncached pass as one lax.scan over the stacked layers (compiles once per model)
+  # "blocked": this file's attention (query blocks, the hand-written backward; the fastest on XLA:CPU);
+  # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cuDNN flash attention on NVIDIA
+  # GPUs); "auto": cudnn on a GPU, blocked elsewhere.
+  attention: str = "blocked"
 
   def __post_init__(self):
     if not self.head_dim and self.d_model % self.n_heads:
@@ -103,6 +107,11 @@ class ModelConfig:
     if self.head_dim < 0 or self.sliding_window < 0:
       raise ValueError(f"model.head_dim and model.sliding_window must be >= 0, got {self.head_dim}, "
                        f"{self.sliding_window}")
+    if self.attention not in ("blocked", "xla", "cudnn", "auto"):
+      raise ValueError(f"model.attention must be 'blocked', 'xla', 'cudnn' or 'auto', got {self.attention!r}")
+    if self.attention in ("xla", "cudnn") and self.dropout_rate > 0:
+      raise ValueError(f"model.attention={self.attention!r} has no attention dropout; use 'blocked' with "
+                       "model.dropout_rate > 0")
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(f"model.remat_policy must be one of {sorted(_REMAT_POLICIES)}, got {self.remat_policy!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -387,6 +396,16 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   # heads of one kv head share its keys without copying them. The cache is stored in this layout too.
   q_bkne = q_bthe.reshape(b, t, cfg.n_kv_heads, g, cfg.d_head).transpose(0, 2, 3, 1, 4).reshape(
       b, cfg.n_kv_heads, g * t, cfg.d_head)
+  implementation = _attention_implementation(cfg)
+  if implementation is not None:
+    # jax.nn.dot_product_attention on [b, t, h, e] x [b, s, k, e]; our mask (causal, window, padding) as a bias
+    # for cuDNN (which takes no boolean mask with left padding) or as the mask for XLA.
+    allowed_b1ts = allowed_bts[:, None]
+    masking = (dict(bias=jnp.where(allowed_b1ts, 0.0, _MASK_VALUE).astype(dt)) if implementation == "cudnn"
+               else dict(mask=allowed_b1ts))
+    attn_bthe = jax.nn.dot_product_attention(q_bthe, k_bkse.transpose(0, 2, 1, 3), v_bkse.transpose(0, 2, 1, 3),
+                                             implementation=implementation, **masking)
+    return _block_out(cfg, x_btd, attn_bthe, layer, rngs), kv_cache
   keep_bkgts = None
   if rngs[0] is not None and cfg.dropout_rate > 0.0:
     keep_bkgts = jax.random.bernoulli(rngs[0], 1.0 - cfg.dropout_rate, (b, cfg.n_kv_heads, g, t, k_bkse.shape[2]))
@@ -396,6 +415,20 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
     attn_bkne = _attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, cfg.dropout_rate)
   attn_bthe = attn_bkne.reshape(b, cfg.n_kv_heads, g, t, cfg.d_head).transpose(0, 3, 1, 2, 4).reshape(
       b, t, cfg.n_heads, cfg.d_head)
+  return _block_out(cfg, x_btd, attn_bthe, layer, rngs), kv_cache
+
+
+def _attention_implementation(cfg: ModelConfig) -> str | None:
+  """jax.nn.dot_product_attention's implementation for cfg.attention, or None for the blocked path."""
+  if cfg.attention == "auto":
+    return "cudnn" if jax.default_backend() == "gpu" and cfg.dropout_rate == 0 else None
+  return None if cfg.attention == "blocked" else cfg.attention
+
+
+def _block_out(cfg: ModelConfig, x_btd, attn_bthe, layer, rngs):
+  """The rest of a block after attention: output projection, residual, the MLP and its residual."""
+  dt = cfg.compute_dtype
+  b, t, _ = x_btd.shape
   out_btd = jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt))
   if cfg.proj_bias:
     out_btd = out_btd + layer["bo"].astype(dt)
@@ -418,8 +451,7 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
     h_nd = h_nd + layer["b_out"].astype(dt)
   h_btd = h_nd.reshape(b, t, -1)
   x_btd = x_btd + _dropout(h_btd, cfg.dropout_rate, rngs[1])
-  x_btd = _constrain(x_btd, ("batch", "length", "embed"))
-  return x_btd, kv_cache
+  return _constrain(x_btd, ("batch", "length", "embed"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:

@@ -403,3 +403,30 @@ def test_scanned_layers_equal_the_unrolled_model():
   _, cache_a = transformer.prefill(params, tokens_bt, base, length=SEQ_LEN + 2, mask_bt=mask_bt)
   _, cache_b = transformer.prefill(params, tokens_bt, scanned, length=SEQ_LEN + 2, mask_bt=mask_bt)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5), cache_a, cache_b)
+
+
+def test_library_attention_equals_the_blocked_path():
+  """model.attention="xla" (jax.nn.dot_product_attention) against the blocked attention: the same logits and
+  gradients with left padding, GQA and a sliding window, and the same logits when decoding with the KV cache."""
+  base = _cfg(n_kv_heads=2, sliding_window=3)
+  library = dataclasses.replace(base, attention="xla")
+  params = _spread_params(base)
+  tokens_bt, mask_bt = _left_padded_batch()
+  real = mask_bt.astype(bool)
+
+  def loss(p, cfg):
+    logits, _ = transformer.forward(p, tokens_bt, cfg, mask_bt=mask_bt)
+    return jnp.sum(jnp.where(mask_bt[..., None], jax.nn.log_softmax(logits), 0.0) ** 2) * 1e-3
+
+  a, _ = _forward(params, tokens_bt, cfg=base, mask_bt=mask_bt)
+  b, _ = _forward(params, tokens_bt, cfg=library, mask_bt=mask_bt)
+  np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=1e-5, rtol=1e-5)
+  ga, gb = (jax.jit(jax.grad(loss), static_argnums=1)(params, c) for c in (base, library))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=1e-5), ga, gb)
+  p = SEQ_LEN - 3
+  _, cache = transformer.prefill(params, tokens_bt[:, :p], library, length=SEQ_LEN, mask_bt=mask_bt[:, :p])
+  for i in range(p, SEQ_LEN):
+    step, cache = _forward(params, tokens_bt[:, i:i + 1], cfg=library, mask_bt=mask_bt[:, i:i + 1], cache=cache)
+    np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(a[:, i]), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="no attention dropout"):
+    dataclasses.replace(base, attention="cudnn", dropout_rate=0.1)

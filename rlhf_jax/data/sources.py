@@ -49,11 +49,16 @@ def split(config, workdir: str, name: str):
 
 
 def tokenizer(config, workdir: str) -> tokenizers.Tokenizer:
-  """Byte-level, or SentencePiece trained once on the pretraining corpus (tokenizer.path or
-  DATA_DIR/tokenizer-<vocab>.model)."""
+  """Byte-level, SentencePiece trained once on the pretraining corpus (tokenizer.path or
+  DATA_DIR/tokenizer-<vocab>.model), or a Hugging Face model's own (kind "hf")."""
   tc = config.tokenizer
   if tc.kind == "byte":
     return tokenizers.ByteTokenizer()
+  if tc.kind == "hf":  # the tokenizer a Hugging Face model came with: tokenizer.path, or init.hf_path's
+    path = tc.path or config.init.hf_path
+    if not path:
+      raise ValueError("tokenizer.kind='hf' needs tokenizer.path or init.hf_path: a folder with tokenizer.json")
+    return tokenizers.make_tokenizer("hf", path=path)
   path = tc.path or os.path.join(data_dir(config, workdir), f"tokenizer-{tc.vocab_size}.model")
   corpus = None
   if not os.path.exists(path):

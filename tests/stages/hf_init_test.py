@@ -6,18 +6,20 @@ broken folder fails the preflight before anything is written into the workdir.
 """
 
 import dataclasses
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from helpers import experiments
-from rlhf_jax import pipeline, runtime, sharding, training
+from rlhf_jax import pipeline, runtime, sharding, tokenizers, training
 from rlhf_jax.models import hf, transformer
 
 # A Qwen 2.5-shaped model (SwiGLU, GQA, q/k/v biases, tied embeddings) big enough for the byte tokenizer.
-QWEN = transformer.ModelConfig(family="qwen2", vocab_size=272, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+QWEN = transformer.ModelConfig(family="qwen2", vocab_size=416, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                d_ff=64, max_len=160, mlp="swiglu", qkv_bias=True, tie_embeddings=True,
                                norm_eps=1e-6)
 
@@ -27,6 +29,12 @@ def hf_model(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("hf") / "qwen")
   params = transformer.init(jax.random.PRNGKey(3), QWEN)
   hf.save_hf(params, QWEN, path, pad_token_id=0)
+  # The ChatML tokenizer fixture (405 tokens) beside the weights, as a real Qwen folder has its own.
+  chatml = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hf_tokenizers",
+                        "chatml")
+  for name in os.listdir(chatml):
+    if name != "config.json":
+      shutil.copy(os.path.join(chatml, name), path)
   return path
 
 
@@ -83,5 +91,20 @@ def test_a_broken_folder_fails_before_anything_is_written(hf_model, tmp_path):
     pipeline.run(_config(broken, ("data", "pretrain", "sft"), 0), workdir)
   assert not os.path.exists(workdir) or not os.listdir(workdir)
   # The same through policy_config's vocabulary check: a model smaller than the tokenizer is refused.
-  with pytest.raises(ValueError, match="vocab_size=272 is smaller than the tokenizer's 300"):
-    runtime.policy_config(_config(hf_model, ("pretrain",), 0), 300)
+  with pytest.raises(ValueError, match="vocab_size=416 is smaller than the tokenizer's 500"):
+    runtime.policy_config(_config(hf_model, ("pretrain",), 0), 500)
+
+
+def test_the_pipeline_takes_the_model_s_own_tokenizer_and_chat_template(hf_model, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = _config(hf_model, ("data", "pretrain", "sft"), 0)
+  config.tokenizer.kind = "hf"  # tokenizer.path "" = init.hf_path's tokenizer.json and chat template
+  pipeline.run(config, workdir)
+  with open(os.path.join(workdir, "sft", "export.json")) as f:
+    manifest = json.load(f)
+  assert manifest["tokenizer"]["kind"] == "hf"
+  tok = tokenizers.load_from_dir(os.path.join(workdir, "sft"), manifest["tokenizer"])
+  ids, mask = tokenizers.encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+  text = tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+  assert text == "yo<|im_end|>", text  # ChatML: the reply and its end-of-turn token are what SFT trains on
+  assert tok.decode([tok.eos_id], skip_special=False) == "<|im_end|>"  # what sampling stops on

@@ -213,6 +213,9 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   c.rm = rm_config()
   c.ppo = ppo_config()
   c.dpo = dpo_config()
+  # The "export" stage: policy_from / rm_from name the stage directories written as Hugging Face folders
+  # ("" skips one); only for models imported with init.hf_path (rlhf_jax/stages/export.py).
+  c.export = ConfigDict(dict(stage_dir="export", policy_from="ppo", rm_from="rm", max_shard_bytes=5 * 2**30))
   c.eval = eval_config()
   # name -> a partial config: the stages entry "ppo:name" runs the ppo stage with these values (pipeline.py).
   c.variants = ConfigDict()

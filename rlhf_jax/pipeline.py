@@ -28,7 +28,7 @@ import ml_collections
 from absl import logging
 
 from rlhf_jax import checkpoint, preemption, training
-from rlhf_jax.stages import data, dpo, pretrain, report, rl, rm, sft
+from rlhf_jax.stages import data, dpo, export, pretrain, report, rl, rm, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ STAGES: dict[str, Stage] = {
     "rm": Stage(rm, "rm"),
     "ppo": Stage(rl, "ppo"),
     "dpo": Stage(dpo, "dpo"),
+    "export": Stage(export, "export"),
     "report": Stage(report, always_run=True),
 }
 

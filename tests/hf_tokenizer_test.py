@@ -17,12 +17,12 @@ import subprocess
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
+from helpers import hf_helpers
 from rlhf_jax import tokenizers as tk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "data", "hf_tokenizers")
 NAMES = ("chatml", "llama3", "system")
-PEERS_PYTHON = os.environ.get("RLHF_JAX_PEERS_PYTHON", os.path.join(ROOT, "bench", ".venv-peers", "bin", "python"))
 REFERENCE_SCRIPT = os.path.join(ROOT, "tests", "helpers", "hf_chat_reference.py")
 
 U = lambda content: {"role": "user", "content": content}  # noqa: E731
@@ -96,14 +96,6 @@ def _runs(ids, mask):
 # Against transformers, in the peers' environment.
 
 
-def _peers_python():
-  if os.path.exists(PEERS_PYTHON):
-    return PEERS_PYTHON
-  if os.environ.get("RLHF_JAX_REQUIRE_PEERS"):  # .ci/run sets it: there the check must run, not skip
-    pytest.fail(f"no peers' environment at {PEERS_PYTHON}; run bash bench/setup_peers.sh")
-  pytest.skip(f"no peers' environment at {PEERS_PYTHON} (bash bench/setup_peers.sh makes it)")
-
-
 def _system_eot_inside(root):
   """The `system` fixture with <|end|> moved inside the {% generation %} block."""
   path = os.path.join(root, "system_eot_inside")
@@ -122,7 +114,7 @@ def _system_eot_inside(root):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """transformers' outputs for every fixture (and the system variant) on CONVERSATIONS: one peers' run."""
-  python = _peers_python()
+  python = hf_helpers.peers_python()
   root = tmp_path_factory.mktemp("hf_chat_reference")
   convs = str(root / "conversations.json")
   with open(convs, "w") as f:

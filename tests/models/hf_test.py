@@ -11,21 +11,19 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import hf_helpers
 from rlhf_jax import sampling, sharding
 from rlhf_jax.models import heads, hf, transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "data", "hf")
 NAMES = ("gpt2", "llama3", "qwen2", "qwen3", "mistral")
-PEERS_PYTHON = os.environ.get("RLHF_JAX_PEERS_PYTHON", os.path.join(ROOT, "bench", ".venv-peers", "bin", "python"))
-REFERENCE_SCRIPT = os.path.join(ROOT, "tests", "helpers", "hf_reference.py")
 
 
 def _fixture(name):
@@ -206,27 +204,6 @@ def test_a_truncated_safetensors_file(tmp_path, one_device):
 # Export, checked by transformers itself in the peers' environment.
 
 
-def _peers_python():
-  if os.path.exists(PEERS_PYTHON):
-    return PEERS_PYTHON
-  if os.environ.get("RLHF_JAX_REQUIRE_PEERS"):  # .ci/run sets it: there the check must run, not skip
-    pytest.fail(f"no peers' environment at {PEERS_PYTHON}; run bash bench/setup_peers.sh")
-  pytest.skip(f"no peers' environment at {PEERS_PYTHON} (bash bench/setup_peers.sh makes it)")
-
-
-def _transformers_outputs(jobs, tmp_path):
-  """Runs tests/helpers/hf_reference.py once over `jobs` ({model, inputs, kind}); returns their outputs."""
-  python = _peers_python()
-  for j, job in enumerate(jobs):
-    job["out"] = str(tmp_path / f"out_{j}.npz")
-  with open(tmp_path / "jobs.json", "w") as f:
-    json.dump(jobs, f)
-  proc = subprocess.run([python, REFERENCE_SCRIPT, "--jobs", str(tmp_path / "jobs.json")], capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return [dict(np.load(job["out"])) for job in jobs]
-
-
 def _perturbed(params, seed):
   """The fixture's weights moved by a little noise, so the export is not a copy of what transformers wrote."""
   leaves, tree = jax.tree.flatten(params)
@@ -263,6 +240,6 @@ def test_export_loads_in_transformers_with_our_logits_and_normalised_rm_scores(o
     jobs.append(dict(model=rm_dir, inputs=inputs, kind="reward"))
     expected.append(("scores", np.asarray(scores), None, config.get("rlhf_jax_score_bias", 0.0)))
 
-  for (key, want, real, bias), got, job in zip(expected, _transformers_outputs(jobs, tmp_path), jobs):
+  for (key, want, real, bias), got, job in zip(expected, hf_helpers.transformers_outputs(jobs, tmp_path), jobs):
     values = got[key][real] if real is not None else got[key] + bias
     np.testing.assert_allclose(values, want, atol=1e-4, rtol=0, err_msg=job["model"])

@@ -1,7 +1,8 @@
 """`--experiment.init.hf_path`: the pipeline starts from an imported Hugging Face model.
 
 With pretrain.train.steps=0 the pretrain stage only imports (its export is the imported weights, bit for bit);
-with steps > 0 it continues pretraining from them; SFT and later stages inherit the imported architecture. A
+with steps > 0 it continues pretraining from them; SFT and later stages inherit the imported architecture and,
+with tokenizer.kind="hf", its tokenizer and chat template; the export stage writes folders transformers loads. A
 broken folder fails the preflight before anything is written into the workdir.
 """
 
@@ -16,7 +17,8 @@ import pytest
 
 from helpers import experiments
 from rlhf_jax import pipeline, runtime, sharding, tokenizers, training
-from rlhf_jax.models import hf, transformer
+from rlhf_jax.models import heads, hf, transformer
+from helpers import hf_helpers
 
 # A Qwen 2.5-shaped model (SwiGLU, GQA, q/k/v biases, tied embeddings) big enough for the byte tokenizer.
 QWEN = transformer.ModelConfig(family="qwen2", vocab_size=416, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -54,18 +56,6 @@ def _load(workdir, name, cfg):
   return params, got
 
 
-def test_import_only_then_sft(hf_model, tmp_path):
-  workdir = str(tmp_path / "w")
-  pipeline.run(_config(hf_model, ("data", "pretrain", "sft"), 0), workdir)
-  imported, cfg = hf.load_hf(hf_model, sharding.make_mesh(devices=jax.devices()[:1]))
-  exported, exported_cfg = _load(workdir, "pretrain", cfg)
-  assert exported_cfg == dataclasses.replace(cfg, dtype="float32")
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), imported, exported)
-  sft, sft_cfg = _load(workdir, "sft", cfg)
-  assert sft_cfg.family == "qwen2" and sft_cfg.qkv_bias and "bq" in sft["layers"]
-  assert not np.array_equal(np.asarray(sft["layers"]["w_in"]), np.asarray(imported["layers"]["w_in"]))
-
-
 def test_pretraining_continues_from_the_import(hf_model, tmp_path):
   workdir = str(tmp_path / "w")
   summary = pipeline.run(_config(hf_model, ("data", "pretrain"), 3), workdir)
@@ -95,11 +85,21 @@ def test_a_broken_folder_fails_before_anything_is_written(hf_model, tmp_path):
     runtime.policy_config(_config(hf_model, ("pretrain",), 0), 500)
 
 
-def test_the_pipeline_takes_the_model_s_own_tokenizer_and_chat_template(hf_model, tmp_path):
+def test_the_model_s_own_tokenizer_through_sft_and_rm_then_export_that_transformers_loads(hf_model, tmp_path):
   workdir = str(tmp_path / "w")
-  config = _config(hf_model, ("data", "pretrain", "sft"), 0)
+  config = _config(hf_model, ("data", "pretrain", "sft", "rm", "export"), 0)
   config.tokenizer.kind = "hf"  # tokenizer.path "" = init.hf_path's tokenizer.json and chat template
+  config.rm.train.steps, config.rm.n_prompts, config.rm.n_val_prompts = 2, 16, 8
+  config.export.policy_from = "sft"
   pipeline.run(config, workdir)
+  # pretrain.train.steps=0: the stage only imported; its export is the imported weights, bit for bit.
+  imported, cfg = hf.load_hf(hf_model, sharding.make_mesh(devices=jax.devices()[:1]))
+  exported, exported_cfg = _load(workdir, "pretrain", cfg)
+  assert exported_cfg == dataclasses.replace(cfg, dtype="float32")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), imported, exported)
+  sft_params, sft_cfg = _load(workdir, "sft", cfg)
+  assert sft_cfg.family == "qwen2" and sft_cfg.qkv_bias and "bq" in sft_params["layers"]
+  assert not np.array_equal(np.asarray(sft_params["layers"]["w_in"]), np.asarray(imported["layers"]["w_in"]))
   with open(os.path.join(workdir, "sft", "export.json")) as f:
     manifest = json.load(f)
   assert manifest["tokenizer"]["kind"] == "hf"
@@ -108,3 +108,25 @@ def test_the_pipeline_takes_the_model_s_own_tokenizer_and_chat_template(hf_model
   text = tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
   assert text == "yo<|im_end|>", text  # ChatML: the reply and its end-of-turn token are what SFT trains on
   assert tok.decode([tok.eos_id], skip_special=False) == "<|im_end|>"  # what sampling stops on
+
+  # The exported folders, loaded by transformers (the peers' environment): the SFT policy's logits and the
+  # reward model's normalised scores are ours.
+  policy_dir, reward_dir = (os.path.join(workdir, "export", n) for n in ("policy", "reward"))
+  assert os.path.isfile(os.path.join(policy_dir, "tokenizer.json"))  # the imported model's tokenizer travels
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  prompts = [tokenizers.encode_prompt(tok, [{"role": "user", "content": q}]) for q in ("Hello there", "2+2?")]
+  width = max(map(len, prompts))
+  ids = np.array([[tok.pad_id] * (width - len(p)) + p for p in prompts], np.int32)
+  mask = (np.arange(width)[None] >= width - np.array([len(p) for p in prompts])[:, None]).astype(np.int32)
+  np.savez(tmp_path / "inputs.npz", input_ids=ids, attention_mask=mask)
+  got = hf_helpers.transformers_outputs([dict(model=policy_dir, inputs=str(tmp_path / "inputs.npz"),
+                                              kind="causal_lm"),
+                                         dict(model=reward_dir, inputs=str(tmp_path / "inputs.npz"),
+                                              kind="reward")], tmp_path)
+  sft, sft_cfg, _ = training.load_export(os.path.join(workdir, "sft"), mesh, sharding.DEFAULT_RULES)
+  ours, _ = transformer.forward(sft, ids, sft_cfg, mask_bt=mask)
+  np.testing.assert_allclose(got[0]["logits"][mask.astype(bool)], np.asarray(ours)[mask.astype(bool)], atol=1e-4)
+  rm, rm_cfg, _ = training.load_export(os.path.join(workdir, "rm"), mesh, sharding.DEFAULT_RULES)
+  with open(os.path.join(reward_dir, "config.json")) as f:
+    bias = json.load(f)["rlhf_jax_score_bias"]
+  np.testing.assert_allclose(got[1]["scores"] + bias, np.asarray(heads.scores(rm, ids, mask, rm_cfg)), atol=1e-4)

@@ -24,6 +24,8 @@ import tiny_stages as ts  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 ONE = (1, 1, 1)
 SHARDED = [(2, 2, 2), (8, 1, 1)]
+# The PPO comparisons (the costliest here) on the mesh that splits all three axes at once.
+PPO_SHARDED = [(2, 2, 2)]
 
 
 def _assert_rel(actual, expected, rtol=1e-4, what=""):
@@ -87,7 +89,7 @@ def test_ppo_rollouts_exercise_both_reward_paths():
     assert it["stats"]["sampler_logp_maxdiff"] < 1e-4  # the sampler's log-probs equal the full forward pass
 
 
-@pytest.mark.parametrize("shape", SHARDED, ids=str)
+@pytest.mark.parametrize("shape", PPO_SHARDED, ids=str)
 def test_ppo_rollouts_match_single_device(shape):
   ref_its, _ = ts.ppo_run(ONE)
   its, _ = ts.ppo_run(shape)
@@ -103,7 +105,7 @@ def test_ppo_rollouts_match_single_device(shape):
                                  err_msg=f"iteration {i} {key} on mesh {shape}")
 
 
-@pytest.mark.parametrize("shape", SHARDED, ids=str)
+@pytest.mark.parametrize("shape", PPO_SHARDED, ids=str)
 def test_ppo_update_matches_single_device(shape):
   ref_its, _ = ts.ppo_run(ONE)
   its, _ = ts.ppo_run(shape)

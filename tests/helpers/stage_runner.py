@@ -9,6 +9,7 @@ machine code, so it cannot hide a difference between a resumed and an uninterrup
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import re
@@ -237,14 +238,21 @@ def copy_workdir(src: str, dst: str) -> str:
 
 def shared_reference(tmp_path_factory) -> tuple[str, str]:
   """(workdir, XLA cache dir) of one uninterrupted run of the tiny pipeline, built once per pytest session and
-  shared by every reliability test module (each must copy it before changing anything)."""
-  base = tmp_path_factory.getbasetemp() / "rlhf_reference"
+  shared by every reliability test module (each must copy it before changing anything). Under pytest-xdist the
+  workers share it too: it lives beside their base temp folders, built by whichever worker takes the lock first."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by every worker of this session
+  base = root / "rlhf_reference"
   workdir, cache, done = str(base / "w"), str(base / "xla_cache"), base / "done"
-  if not done.exists():
-    shutil.rmtree(base, ignore_errors=True)
-    os.makedirs(cache)
-    proc = run(workdir, cache_dir=cache, timeout=600)
-    if proc.returncode != 0:
-      raise AssertionError(f"the reference pipeline failed:\n{proc.stderr[-4000:]}")
-    done.write_text("ok")
+  os.makedirs(root, exist_ok=True)
+  with open(root / "rlhf_reference.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(base, ignore_errors=True)
+      os.makedirs(cache)
+      proc = run(workdir, cache_dir=cache, timeout=600)
+      if proc.returncode != 0:
+        raise AssertionError(f"the reference pipeline failed:\n{proc.stderr[-4000:]}")
+      done.write_text("ok")
   return workdir, cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -232,6 +233,29 @@ def policies_vs_kl(summary: dict[str, Any], path: str) -> bool:
   return True
 
 
+SECTION_FILE = "report_section.md"
+
+
+def stage_sections(workdir: str) -> list[str]:
+  """The sections stages wrote for the report: WORKDIR/<stage dir>/report_section.md, in directory order.
+
+  A stage with results of its own (an ablation's verdict, an Elo table) writes its markdown there, with figures
+  beside it named relative to its own directory; links are rewritten to point from WORKDIR. The section starts
+  with its own "## " heading.
+  """
+  out = []
+  for d in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+    path = os.path.join(workdir, d, SECTION_FILE)
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      text = f.read().strip()
+    if text:
+      out += ["", re.sub(r"(!?\[[^\]]*\]\()(?![a-z]+://|/)([^)]+\))", lambda m: f"{m.group(1)}{d}/{m.group(2)}",
+                         text)]
+  return out
+
+
 def check(config) -> None:
   del config  # reads only what the other stages wrote
 
@@ -286,6 +310,7 @@ def run(config, workdir: str) -> dict[str, Any]:
               "The reward model is a proxy trained on noisy labels; the gold scorer is the simulated humans' "
               "hidden preference. Over-optimisation shows as the proxy rising while the gold score falls.", "",
               "![reward vs KL](reward_vs_kl.png)"]
+  lines += stage_sections(workdir)
   for d in _policy_dirs(summary):
     table = policy_evals.samples_markdown(os.path.join(workdir, d, "samples.jsonl"))
     if table:

@@ -62,3 +62,16 @@ def test_report_best_of_n_table_puts_the_oracle_beside_the_rm():
   assert rows[4] == "| best-of-4, gold picks (oracle) | 0.64 | +0.63 | 0.64 |"
   assert rows[5] == "| the reference answer to every prompt | - | - | 0.73 |"
   assert report.best_of_n_table({"ppo.gold_score": 0.4}) == ""
+
+
+def test_stage_sections_are_included_in_directory_order_with_links_rewritten(tmp_path):
+  for d, text in (("online", "## Elo per round\n\n![elo](elo.png) and [table](/abs/t.md)\n"),
+                  ("gao", "## Over-optimisation\n\n[fit](https://example.org/x) ![g](figs/gold.png)"),
+                  ("empty", "  \n")):
+    (tmp_path / d).mkdir()
+    (tmp_path / d / report.SECTION_FILE).write_text(text)
+  (tmp_path / "ppo").mkdir()  # a stage without a section adds nothing
+  out = report.stage_sections(str(tmp_path))
+  assert out == ["", "## Over-optimisation\n\n[fit](https://example.org/x) ![g](gao/figs/gold.png)",
+                 "", "## Elo per round\n\n![elo](online/elo.png) and [table](/abs/t.md)"]
+  assert report.stage_sections(str(tmp_path / "missing")) == []

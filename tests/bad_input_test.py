@@ -17,7 +17,7 @@ from rlhf_jax import pipeline
 from rlhf_jax.data import real
 
 # Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
-pytestmark = pytest.mark.xdist_group("tiny_reference")
+pytestmark = pytest.mark.xdist_group("bad_input")  # its module fixtures are built once, on one worker
 
 _DIGESTED = ("pretrain", "sft", "rm", "ppo")
 

@@ -14,3 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_TESTS))
 sys.path.insert(0, _TESTS)
+
+
+def pytest_collection_finish(session):
+  """Fails the run when `--dist loadgroup` did not group: the shared tiny run and the two-process workers would
+  then be built once per worker, minutes each (pytest-xdist#1386: pytest 9.2 with pytest-xdist 3.8)."""
+  if not getattr(session.config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup
+    return
+  lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+  if lost:
+    raise RuntimeError(f"--dist loadgroup lost the xdist_group of {len(lost)} tests (first: {lost[0]}); install the "
+                       "pytest of requirements.txt (pytest-xdist#1386)")

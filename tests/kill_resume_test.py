@@ -25,7 +25,7 @@ import pytest
 from helpers import stage_runner
 
 # Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
-pytestmark = pytest.mark.xdist_group("tiny_reference")
+pytestmark = pytest.mark.xdist_group("kill_resume")  # its module fixtures are built once, on one worker
 
 FULL = os.environ.get("RLHF_FULL_KILL_TEST", "") not in ("", "0")
 SEED = int(os.environ.get("RLHF_KILL_SEED", "0"))

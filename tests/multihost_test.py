@@ -29,6 +29,7 @@ import tiny_stages as ts  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 240
+pytestmark = pytest.mark.xdist_group("multihost")  # one worker runs the module: the two processes start once
 
 
 def _tail(path, n=3000):

@@ -18,7 +18,7 @@ import pytest
 
 from helpers import stage_runner
 
-pytestmark = pytest.mark.xdist_group("tiny_reference")  # with the other users of the shared tiny run
+pytestmark = pytest.mark.xdist_group("multiprocess_faults")  # its module fixtures are built once, on one worker
 
 HOST_TIMEOUT_S = 10
 

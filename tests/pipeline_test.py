@@ -13,7 +13,7 @@ from rlhf_jax.tasks.world import FAMILIES
 from helpers import experiments, stage_runner  # tests/ is on sys.path (tests/conftest.py)
 
 # Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
-pytestmark = pytest.mark.xdist_group("tiny_reference")
+pytestmark = pytest.mark.xdist_group("pipeline")  # its module fixtures are built once, on one worker
 
 ROOT = stage_runner.ROOT
 REQUIRED = ["pretrain.val_loss", "sft.val_loss", "rm.val_accuracy", "rm.gold_ceiling_accuracy", "sft.gold_score",

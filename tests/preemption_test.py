@@ -17,7 +17,7 @@ import pytest
 from helpers import stage_runner
 
 # Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
-pytestmark = pytest.mark.xdist_group("tiny_reference")
+pytestmark = pytest.mark.xdist_group("preemption")  # its module fixtures are built once, on one worker
 
 
 DAMAGE = {"pretrain": "truncate", "sft": "bit_flip"}

@@ -17,7 +17,7 @@ import pytest
 from helpers import stage_runner
 
 # Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
-pytestmark = pytest.mark.xdist_group("tiny_reference")
+pytestmark = pytest.mark.xdist_group("reliability")  # its module fixtures are built once, on one worker
 
 NAN_STEP = 4
 _FLAGS = ("--experiment.stage=pretrain", f"--experiment.guard.inject_nan_at_step={NAN_STEP}",

@@ -23,7 +23,7 @@ import pytest
 from helpers import stage_runner
 
 # Every module built on the shared tiny run goes to one pytest-xdist worker, so the run is built once.
-pytestmark = pytest.mark.xdist_group("tiny_reference")
+pytestmark = pytest.mark.xdist_group("topology")  # its module fixtures are built once, on one worker
 
 TIMEOUT_S = 420
 STOP_AT = 4  # of stage_runner.STAGE_STEPS["pretrain"] = 8

@@ -85,6 +85,25 @@ def group_rewards(rm_params, batch, model_cfg: ModelConfig) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The masked-LM head of a bidirectional encoder (model.causal=False; rlhf_jax/stages/mlm.py).
+
+
+def mlm_logits(params: Params, tokens_bt: jax.Array, mask_bt: jax.Array, cfg: ModelConfig,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Logits [b, t, v] (float32) for the token AT each position (not the next one), given the whole row.
+
+  The head is the backbone's own unembedding (tied to the embedding when cfg.tie_embeddings): BERT adds a
+  dense + LayerNorm transform before it; leaving it out keeps the encoder's parameter count equal to the
+  decoder's, which the cloze comparison needs.
+  """
+  if cfg.causal:
+    raise ValueError("mlm_logits needs a bidirectional encoder (model.causal=False); a causal model cannot see "
+                     "the context right of a masked token")
+  h_btd, _ = transformer.backbone(params, tokens_bt, cfg, mask_bt=mask_bt, dropout_rng=dropout_rng)
+  return transformer.unembed(params, h_btd, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The value model: V(state before each response token).
 
 
@@ -95,6 +114,10 @@ def value_axes(cfg: ModelConfig) -> Params:
 def value_estimates(value_params, prompt_bp, prompt_mask_bp, response_bn, response_mask_bn,
                     cfg: ModelConfig) -> jax.Array:
   """V(state before each response token) [b, n] from the value model's backbone and head; 0 off the mask."""
+  if not cfg.causal:  # a value estimate must not see the tokens it is the baseline for
+    raise ValueError("the value model's backbone is a bidirectional encoder (model.causal=False, e.g. a reward "
+                     "model with rm.backbone='encoder'); its value at a token would see the later tokens. "
+                     "Start the value model from the policy instead (ppo.value_init)")
   h_bnd = transformer.response_hidden(value_params["backbone"], prompt_bp, prompt_mask_bp, response_bn,
                                       response_mask_bn, cfg)
   return jnp.where(response_mask_bn, scalar_head(value_params["head"], h_bnd), 0.0)

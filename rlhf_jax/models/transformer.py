@@ -21,7 +21,8 @@ Architecture switches (all off by default: the default model is RMSNorm, RoPE, a
 `norm="layer"` (LayerNorm with bias), `pos_embedding="learned"`, `mlp="swiglu"` (silu(x W_gate) * x W_in),
 `qkv_bias`, `proj_bias` (attention output and MLP biases), `qk_norm` (per-head RMSNorm of q and k before RoPE),
 `head_dim` (a head width other than d_model / n_heads), `rope_scaling="llama3"`, `sliding_window`. Together they
-give the open-weight families (GPT-2, Llama 3, Qwen 2.5/3, Mistral; see `rlhf_jax.models.hf`).
+give the open-weight families (GPT-2, Llama 3, Qwen 2.5/3, Mistral; see `rlhf_jax.models.hf`). `causal=False`
+makes the same Transformer a bidirectional encoder (BERT; the masked-LM stage), with no KV-cache decoding.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class ModelConfig:
   # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cuDNN flash attention on NVIDIA
   # GPUs); "auto": cudnn on a GPU, blocked elsewhere.
   attention: str = "blocked"
+  # False: bidirectional attention (a BERT-style encoder, rlhf_jax/stages/mlm.py): every real token sees every
+  # real token of its row. Such a model has no left-to-right KV cache (init_cache, prefill refuse it).
+  causal: bool = True
 
   def __post_init__(self):
     if not self.head_dim and self.d_model % self.n_heads:
@@ -104,6 +108,8 @@ class ModelConfig:
       raise ValueError(f"model.rope_scaling must be '' or 'llama3', got {self.rope_scaling!r}")
     if self.rope_scaling and self.pos_embedding != "rope":
       raise ValueError("model.rope_scaling needs model.pos_embedding='rope'")
+    if self.sliding_window and not self.causal:
+      raise ValueError("model.sliding_window needs model.causal=True (a window is defined over the past)")
     if self.head_dim < 0 or self.sliding_window < 0:
       raise ValueError(f"model.head_dim and model.sliding_window must be >= 0, got {self.head_dim}, "
                        f"{self.sliding_window}")
@@ -381,7 +387,8 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   q_bthe = _constrain(q_bthe, ("batch", "length", "heads", "head_dim"))
   k_bkte, v_bkte = k_btke.transpose(0, 2, 1, 3), v_btke.transpose(0, 2, 1, 3)
 
-  self_attention = kv_cache is None  # over the block's own t positions, causal
+  # Over the block's own t positions, causal: the blocked path skips the masked upper blocks.
+  causal_self_attention = kv_cache is None and cfg.causal
   if kv_cache is not None:
     k_cache_bkse, v_cache_bkse, write_at = kv_cache
     k_cache_bkse = jax.lax.dynamic_update_slice_in_dim(k_cache_bkse, k_bkte.astype(k_cache_bkse.dtype), write_at, 2)
@@ -409,7 +416,7 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   keep_bkgts = None
   if rngs[0] is not None and cfg.dropout_rate > 0.0:
     keep_bkgts = jax.random.bernoulli(rngs[0], 1.0 - cfg.dropout_rate, (b, cfg.n_kv_heads, g, t, k_bkse.shape[2]))
-  if self_attention:
+  if causal_self_attention:
     attn_bkne = _causal_attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, cfg.dropout_rate)
   else:
     attn_bkne = _attention(q_bkne, k_bkse, v_bkse, allowed_bts, keep_bkgts, g, cfg.dropout_rate)
@@ -454,6 +461,13 @@ def _block_out(cfg: ModelConfig, x_btd, attn_bthe, layer, rngs):
   return _constrain(x_btd, ("batch", "length", "embed"))
 
 
+def _check_causal_for_cache(cfg: ModelConfig) -> None:
+  if not cfg.causal:
+    raise ValueError("model.causal=False (a bidirectional encoder) has no KV-cache decoding: a cache holds the "
+                     "keys of earlier tokens only, while every encoder position attends to later ones; run the "
+                     "uncached forward pass over the whole sequence, or decode with a causal model")
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   """An empty KV cache for `length` positions (prompt plus new tokens).
 
@@ -463,6 +477,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   index:   [] the next slot to write (the same for every row: prompts are left-padded).
   lengths: [b] how many real tokens each row has seen, so the next position is known.
   """
+  _check_causal_for_cache(cfg)
   if length > cfg.max_len:
     raise ValueError(f"a KV cache of {length} positions exceeds model.max_len={cfg.max_len}")
   dtype = dtype or cfg.compute_dtype
@@ -509,6 +524,7 @@ def prefill(
   t keys (the uncached path) instead of all `length` slots, most of them still empty.
   """
   b, t = tokens_bt.shape
+  _check_causal_for_cache(cfg)
   if t > length:
     raise ValueError(f"{t} prompt tokens do not fit a KV cache of {length} positions")
   cache = init_cache(cfg, b, length)
@@ -547,12 +563,15 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
   if cache is None:
     if t > cfg.max_len:
       raise ValueError(f"sequence length {t} exceeds model.max_len={cfg.max_len}")
-    causal_ts = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    causal_ts = jnp.ones((t, t), jnp.bool_)
+    if cfg.causal:
+      causal_ts = jnp.tril(causal_ts)
     if cfg.sliding_window:
       causal_ts &= ~jnp.tril(causal_ts, -cfg.sliding_window)  # query i sees keys i - window < j <= i
     allowed_bts = causal_ts[None] & mask_bt[:, None, :]
     write_at = None
   else:
+    _check_causal_for_cache(cfg)
     s = cache["mask"].shape[1]
     if t > s:
       raise ValueError(f"{t} new tokens do not fit a KV cache of {s} positions")

@@ -3,6 +3,7 @@
 A comparison is one prompt with K >= 2 responses and their ranks (0 = best, equal ranks are ties). Training
 units are groups: all K responses of a prompt (`grouping="prompt"`, InstructGPT's arrangement) or one ranked pair
 (`"pairs"`, the ablation). `GroupIterator` gives deterministic shuffled epochs of them, checkpointable.
+`rating_targets` turns a ranking into per-response regression targets (rm.target = "elo").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax import sharding, tokenizers
+from rlhf_jax.tasks import labelers
 
 Batch = dict[str, np.ndarray]
 
@@ -27,6 +29,7 @@ class Comparison:
   gold: list[float] | None = None
   labeler: int = -1
   ref_logp: list[float] | None = None  # a reference policy's log-prob of each response (DPO), when known
+  target: list[float] | None = None  # a regression target per response (rm.target "elo"), when set
 
 
 def tokenize_comparisons(records: Sequence[dict], tok, *, seq_len: int, too_long: str, source: str,
@@ -61,6 +64,37 @@ def tokenize_comparisons(records: Sequence[dict], tok, *, seq_len: int, too_long
     out.append(Comparison(prompt, resp, ranks, None if gold is None else [float(g) for g in np.asarray(gold)],
                           int(r.get("labeler_id", -1))))
   return out, truncated
+
+
+# A Bradley-Terry fit of one ranking is no option here: the ranking is separable (its MLE infinite), and with a
+# prior tasks.labelers.bradley_terry's MM iteration needs far more than its 1000 steps (~0.1 s per prompt, unconverged).
+RATING_TARGETS = ("elo",)
+ELO_K = 32.0  # the chess K-factor on the 400-point scale; after the per-prompt normalisation only the shape matters
+
+
+def rating_targets(ranks: Sequence[int], method: str) -> np.ndarray:
+  """[K] float32 ratings of a prompt's responses from its ranking's pairwise outcomes, mean 0 and std 1.
+
+  The C(K, 2) outcomes of the ranking (response i beats j when rank_i < rank_j; ties play no game) are rated
+  by Elo (`"elo"`: from 1000 each, one pass over the games in index order i < j, tasks.labelers.elo_ratings),
+  then standardised per prompt. A ranking with no strict pair (all tied) gives zeros.
+  """
+  if method not in RATING_TARGETS:
+    raise ValueError(f"rm.target={method!r}: expected 'rankings' or one of {RATING_TARGETS}")
+  r = [int(x) for x in ranks]
+  games = [(i, j) if r[i] < r[j] else (j, i) for i in range(len(r)) for j in range(i + 1, len(r)) if r[i] != r[j]]
+  if not games:
+    return np.zeros(len(r), np.float32)
+  fit = labelers.elo_ratings(games, k=ELO_K)
+  x = np.array([fit[i] for i in range(len(r))], np.float64)  # with one game, every response is in one
+  std = x.std()
+  return ((x - x.mean()) / std if std > 0 else np.zeros_like(x)).astype(np.float32)
+
+
+def set_rating_targets(comps: Sequence[Comparison], method: str) -> None:
+  """Sets each comparison's `target` (rating_targets of its ranks): group batches then carry "target"."""
+  for c in comps:
+    c.target = rating_targets(c.ranks, method).tolist()
 
 
 def _pack(prompt: list[int], response: list[int], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +153,8 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
   prompt_len = np.ones((b, k), np.int32)
   with_ref = all(comps[ci].ref_logp is not None for ci, _, _ in groups)
   ref_logp = np.zeros((b, k), np.float32)
+  with_target = all(comps[ci].target is not None for ci, _, _ in groups)
+  target = np.zeros((b, k), np.float32)
   for row, (ci, idx, w) in enumerate(groups):
     c = comps[ci]
     for j, r in enumerate(idx):
@@ -130,21 +166,27 @@ def group_batch(comps: Sequence[Comparison], groups: Sequence[tuple[int, list[in
       valid[row, j] = True
       if with_ref:
         ref_logp[row, j] = c.ref_logp[r]
+      if with_target:
+        target[row, j] = c.target[r]  # the prompt's rating of response r (a pair keeps its prompt's ratings)
     for j in range(len(idx), k):
       mask[row, j, 0] = 1
     weight[row] = w
   batch = {"tokens": tokens, "mask": mask, "ranks": ranks, "valid": valid, "weight": weight, "prompt_len": prompt_len}
   if with_ref:
     batch["ref_logp"] = ref_logp
+  if with_target:
+    batch["target"] = target
   return batch
 
 
-def batch_shardings(mesh, rules, *, with_ref: bool = False) -> dict[str, Any]:
-  """Shardings of a `group_batch` batch (with_ref: of comparisons with reference log-probs): rows (prompts)
-  split over the data-parallel axes."""
+def batch_shardings(mesh, rules, *, with_ref: bool = False, with_target: bool = False) -> dict[str, Any]:
+  """Shardings of a `group_batch` batch (with_ref: of comparisons with reference log-probs; with_target: with
+  rating targets): rows (prompts) split over the data-parallel axes."""
   ndims = {"tokens": 3, "mask": 3, "ranks": 2, "valid": 2, "weight": 1, "prompt_len": 2}
   if with_ref:
     ndims["ref_logp"] = 2
+  if with_target:
+    ndims["target"] = 2
   return {key: sharding.batch_sharding(mesh, rules, n) for key, n in ndims.items()}
 
 

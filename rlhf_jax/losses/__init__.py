@@ -22,6 +22,7 @@ Reward model (InstructGPT eq. 1)
   `pairwise_loss` treats pairs as independent examples (the ablation InstructGPT found to overfit);
   `expand_pairs` + `grouped_pair_weights` turn K-way rankings into such pairs so that both modes give the same
   loss when weighted alike. `rm_calibration` is the expected calibration error of sigmoid(r_w - r_l).
+  `rating_regression_loss` regresses centred scores onto per-prompt Elo ratings of a ranking (rm.target).
 
 PPO for language models (Ziegler et al. arXiv 1909.08593; openai/lm-human-preferences; arXiv 2403.17031)
   `kl_penalized_rewards` -> `whiten(..., shift_mean=False)` -> `compute_gae` -> `whiten` advantages per
@@ -33,7 +34,8 @@ PPO for language models (Ziegler et al. arXiv 1909.08593; openai/lm-human-prefer
 # One namespace for every loss (`losses.ranking_loss`, `losses.compute_gae`), as optax exports its transforms.
 from rlhf_jax.losses.core import Metrics, masked_mean, masked_sum
 from rlhf_jax.losses.lm import lm_loss, next_token_loss, ptx_loss
-from rlhf_jax.losses.ranking import expand_pairs, grouped_pair_weights, pairwise_loss, ranking_loss, rm_calibration
+from rlhf_jax.losses.ranking import (expand_pairs, grouped_pair_weights, pairwise_loss, ranking_loss,
+                                     rating_regression_loss, rm_calibration)
 from rlhf_jax.losses.preference import preference_loss, preference_pairs_bkk
 from rlhf_jax.losses.rl import (AGGREGATIONS, KLControllerState, a2c_policy_loss, a2c_value_loss, aggregate,
                                 best_of_n_kl, check_whitenable, compute_gae, entropy_from_logits, explained_variance,
@@ -69,6 +71,7 @@ __all__ = [
     "preference_pairs_bkk",
     "ptx_loss",
     "ranking_loss",
+    "rating_regression_loss",
     "rm_calibration",
     "update_kl_controller",
     "whiten",

@@ -64,6 +64,53 @@ def ranking_loss(
   return loss, metrics
 
 
+def rating_regression_loss(
+    rewards_bk: jax.Array,
+    targets_bk: jax.Array,
+    ranks_bk: jax.Array,
+    valid_bk: jax.Array,
+    *,
+    weights_b: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+  """Reward-model regression onto per-prompt ratings of its responses (the Elo ratings of the ranking's pairwise
+  outcomes, normalised per prompt; rlhf_jax.data.comparisons.rating_targets).
+
+      loss(prompt) = 1/K * sum_i (r_i - mean_j r_j - t_i)^2
+
+  over the prompt's K valid responses. The rewards are centred per prompt because a reward model's score is only
+  defined up to a per-prompt shift (the K-way loss of `ranking_loss` does not see it either) and the targets have
+  mean 0. The batch loss is the mean of loss(prompt) over prompts with at least two valid responses (weighted by
+  weights_b when given).
+
+  Args:
+    rewards_bk: [b, k] scalar rewards (k padded to a maximum).
+    targets_bk: [b, k] the normalised ratings of the responses.
+    ranks_bk: [b, k] int ranks (lower is better), for the pair accuracy metric only.
+    valid_bk: [b, k] bool, False for padding responses.
+    weights_b: optional [b] per-prompt weights.
+
+  Returns:
+    (loss, metrics) with accuracy (fraction of strictly ranked pairs with r_w > r_l, as `ranking_loss`) and
+    num_pairs.
+  """
+  rewards_bk, targets_bk = _f32(rewards_bk), _f32(targets_bk)
+  v_bk = _f32(jnp.asarray(valid_bk, bool))
+  n_b = jnp.sum(v_bk, axis=1)
+  mean_b = jnp.sum(v_bk * rewards_bk, axis=1) / jnp.maximum(n_b, 1.0)
+  sq_bk = v_bk * jnp.square(rewards_bk - mean_b[:, None] - targets_bk)
+  loss_b = jnp.sum(sq_bk, axis=1) / jnp.maximum(n_b, 1.0)
+  prompt_w_b = _f32(n_b >= 2)
+  if weights_b is not None:
+    prompt_w_b = prompt_w_b * _f32(weights_b)
+  loss = jnp.sum(prompt_w_b * loss_b) / jnp.maximum(jnp.sum(prompt_w_b), 1e-12)
+  better_bkk = _f32(_better_bkk(ranks_bk, valid_bk))
+  margin_bkk = rewards_bk[:, :, None] - rewards_bk[:, None, :]
+  num_pairs = jnp.sum(better_bkk)
+  metrics = {"accuracy": jnp.sum(better_bkk * (margin_bkk > 0)) / jnp.maximum(num_pairs, 1.0),
+             "num_pairs": num_pairs}
+  return loss, metrics
+
+
 def pairwise_loss(
     r_chosen_b: jax.Array, r_rejected_b: jax.Array, *, weights_b: jax.Array | None = None
 ) -> tuple[jax.Array, Metrics]:

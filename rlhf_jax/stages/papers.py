@@ -1,0 +1,340 @@
+"""A paper's ablation, from what other stages of the same workdir wrote: a report section with a verdict.
+
+`papers.experiment` picks the claim, `papers.runs` the stage directories it reads (experiments/papers/ has one
+file per paper, with the variants that produce those directories):
+  gao          Gao et al. 2022, reward over-optimisation. Best-of-n of SFT at every n of `papers.best_of_n`
+               (sampled here once, max(n) candidates a prompt, each reward model of `papers.rms` choosing;
+               KL = log n - (n-1)/n) and the RL runs' rollouts along training (`runs`, one per reward model, read
+               from their metrics.jsonl: ppo.log_every=1 so iteration 1, the SFT policy's own rollout, is the
+               origin). Gold and proxy score, as differences from SFT's, against d = sqrt(KL), fitted with
+               d(a - b d) and d(a - b log d) (rlhf_jax.evals.scaling); with several reward models, whether the gold
+               peak moves out as the RM grows (by parameter count).
+  kl_frontier  Ziegler 2019 / Stiennon 2020: the RL runs' held-out gold score against KL (their summary.json);
+               of the fixed-beta runs, whether the best gold lies at an interior beta.
+  rm_batching  InstructGPT sec 3.5: the reward-model runs' validation loss and accuracy per epoch (rows with
+               `epoch`, from rm.train.evals_per_epoch); whether shuffled pairs overfit after one epoch where
+               prompt-grouped pairs do not.
+Writes WORKDIR/<papers.stage_dir>/{report_section.md, <experiment>.png, summary.json}; the report stage includes
+the section. Summary keys are flat numbers (fits, verdicts as 1/0), so a --seeds sweep averages them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, losses, metrics, runtime, sampling, training
+from rlhf_jax.data import sources
+from rlhf_jax.evals import policy as policy_evals
+from rlhf_jax.evals import scaling
+
+EXPERIMENTS = ("gao", "kl_frontier", "rm_batching")
+SECTION_FILE = "report_section.md"  # the name rlhf_jax/stages/report.py looks for
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  pc = config.papers
+  runtime.check_choice(pc.experiment, "papers.experiment", EXPERIMENTS)
+  if not pc.runs:
+    raise ValueError(f"papers.runs is empty: expected the stage directories the {pc.experiment!r} experiment "
+                     "reads (experiments/papers/)")
+  if pc.experiment == "gao":
+    if pc.rms and len(pc.rms) != len(pc.runs):
+      raise ValueError(f"papers.rms={tuple(pc.rms)}: expected one reward-model directory per papers.runs entry "
+                       f"({len(pc.runs)}), or none (all 'rm')")
+    ns = list(pc.best_of_n)
+    if len(ns) < 2 or min(ns) != 1 or len(set(ns)) != len(ns):
+      raise ValueError(f"papers.best_of_n={tuple(ns)}: expected distinct sizes including 1 (the origin, SFT "
+                       "itself) and at least one more")
+  if pc.experiment == "rm_batching" and len(pc.runs) != 2:
+    raise ValueError(f"papers.runs={tuple(pc.runs)}: rm_batching compares two reward-model runs (grouped by "
+                     "prompt and shuffled pairs)")
+
+
+def _read_summary(workdir: str, run: str) -> dict[str, Any]:
+  path = os.path.join(workdir, run, "summary.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"papers.runs: {path} does not exist; run the stage that writes WORKDIR/{run} first")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _read_rows(workdir: str, run: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, run, "metrics.jsonl")
+  rows = metrics.read_jsonl(path) if os.path.exists(path) else []
+  rows = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in keys)]
+  if not rows:
+    raise ValueError(f"{path}: no rows with {', '.join(keys)}; expected the metrics of a finished run")
+  return rows
+
+
+def _fmt_peak(kl: float) -> str:
+  return "none (no downturn)" if not np.isfinite(kl) else f"{kl:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gao et al.: best-of-n and RL against sqrt(KL).
+
+
+def rl_points(rows: list[dict[str, Any]], path: str) -> dict[str, np.ndarray]:
+  """d = sqrt(KL) and the gold and proxy gains over the first row, which must be iteration 1 (its rollout is
+  the SFT policy's own: KL 0)."""
+  if rows[0]["step"] != 1:
+    raise ValueError(f"{path}: the RL curve starts at iteration {rows[0]['step']}; expected a row at iteration 1 "
+                     "(the SFT policy's own rollout, the origin): run the RL stage with ppo.log_every=1")
+  kl = np.array([r["kl_seq"] for r in rows])
+  return {"d": scaling.sqrt_kl(kl), "gold": np.array([r["gold_score"] for r in rows]) - rows[0]["gold_score"],
+          "proxy": np.array([r["rm_score"] for r in rows]) - rows[0]["rm_score"], "kl": kl}
+
+
+def bon_points(curve: dict[int, dict[str, float]]) -> dict[str, np.ndarray]:
+  ns = sorted(curve)
+  kl = np.array([float(losses.best_of_n_kl(n)) for n in ns])
+  return {"d": np.sqrt(kl), "kl": kl, "n": np.array(ns),
+          "gold": np.array([curve[n]["gold_score"] for n in ns]) - curve[1]["gold_score"],
+          "proxy": np.array([curve[n]["rm_score"] for n in ns]) - curve[1]["rm_score"],
+          "oracle": np.array([curve[n]["oracle_gold_score"] for n in ns]) - curve[1]["gold_score"]}
+
+
+def _best_of_n_curves(config, workdir: str, rm_dirs: list[str]) -> tuple[list[dict[int, dict[str, float]]],
+                                                                         list[int]]:
+  """Best-of-n of SFT on the held-out prompts at every n, each reward model choosing; and each model's
+  parameter count (its size, as Gao et al. count it)."""
+  ec, pc = config.eval, config.ppo
+  tok = sources.tokenizer(config, workdir)
+  mesh, rules = runtime.mesh_and_rules(config)
+  policy_cfg = runtime.policy_config(config, tok.vocab_size)
+  sft, _ = runtime.load_policy(workdir, config.papers.sft_from, mesh, rules, expect=policy_cfg,
+                               field="papers.sft_from")
+  rms = []
+  for d in rm_dirs:
+    params, cfg, manifest = training.load_export(os.path.join(workdir, d), mesh, rules)
+    if manifest["kind"] != "reward_model":
+      raise ValueError(f"papers.rms: {os.path.join(workdir, d)} holds a {manifest['kind']}, not a reward model")
+    rms.append((params, cfg))
+  ns = sorted(config.papers.best_of_n)
+  # The PPO stage's evaluation settings, candidate keys and SFT baseline key: its bon<n> numbers are ours at n.
+  curves = policy_evals.best_of_n_curve(
+      sft, policy_cfg, tok, sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts],
+      sources.gold_scorer(config, workdir), rms=rms, ns=ns,
+      scfg=sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature),
+      candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(max(ns))],
+      samples_per_prompt=ec.samples_per_prompt, sft_rng=runtime._sft_baseline_key(config.seed),
+      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules)
+  return curves, [int(sum(np.prod(x.shape) for x in jax.tree.leaves(p["backbone"]))) for p, _ in rms]
+
+
+def gao(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
+  pc = config.papers
+  runs = list(pc.runs)
+  rm_dirs = list(pc.rms) or ["rm"] * len(runs)
+  unique = list(dict.fromkeys(rm_dirs))
+  bon, n_params = _best_of_n_curves(config, workdir, unique)
+  curves, sizes = dict(zip(unique, bon)), dict(zip(unique, n_params))
+  summary: dict[str, float] = {}
+  table = ["| reward model | method | score | a | b | R^2 | peak KL | points | measured up to KL |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  verdicts, series, peaks, seen = [], [], [], set()
+  for run, rm_dir in zip(runs, rm_dirs):
+    path = os.path.join(workdir, run, "metrics.jsonl")
+    for method, pts in (("best-of-n", bon_points(curves[rm_dir])),
+                        ("RL", rl_points(_read_rows(workdir, run, ("kl_seq", "gold_score", "rm_score")), path))):
+      form = "best_of_n" if method == "best-of-n" else "rl"
+      fits = {s: scaling.fit(pts["d"], pts[s], form) for s in ("gold", "proxy")}
+      max_d = float(pts["d"].max())
+      tag = f"{rm_dir}_{'bon' if form == 'best_of_n' else 'rl'}"
+      for s, f in fits.items():
+        table.append(f"| {rm_dir} | {method} | {s} | {f.a:.3f} | {f.b:.3f} | {f.r2:.2f} | {_fmt_peak(f.peak_kl)} "
+                     f"| {f.n} | {max_d ** 2:.2f} |")
+        summary.update(f.as_dict(f"{tag}_{s}_"))
+      v = scaling.overoptimisation(fits["gold"], fits["proxy"], max_d, method=f"{method} against {rm_dir}")
+      verdicts.append(v)
+      summary[f"{tag}_overoptimisation_held"] = float(v.held)
+      series.append((rm_dir, method, pts, fits))
+      if form == "best_of_n" and rm_dir not in seen:
+        seen.add(rm_dir)
+        summary.update({f"{rm_dir}_bon{n}_{k}": float(curves[rm_dir][n][k]) for n in curves[rm_dir]
+                        for k in ("gold_score", "rm_score", "oracle_gold_score", "win_rate_vs_sft", "kl_to_sft")})
+      if form == "rl":
+        peaks.append((rm_dir, fits["gold"].peak_kl))
+  if len(unique) > 1:
+    v = scaling.peak_moves_out([sizes[d] for d, _ in peaks], [p for _, p in peaks], what="reward model (parameters)")
+    verdicts.append(v)
+    summary["rm_size_peak_moves_out_held"] = float(v.held)
+  _plot_gao(series, os.path.join(out_dir, "gao.png"))
+  lines = ["## Gao et al. 2022: reward over-optimisation", "",
+           "Gold and proxy (reward-model) score gained over SFT against d = sqrt(KL to SFT). Best-of-n: held-out "
+           f"prompts, n in {sorted(pc.best_of_n)}, KL = log n - (n-1)/n, fitted with d(a - b d). RL: the "
+           "training rollout of every iteration (ppo.batch_size episodes on training prompts, their sampled KL), "
+           "fitted with d(a - b log d). Dotted: best-of-n with the gold scorer picking (the ceiling at that KL).", "",
+           "![gold and proxy against sqrt(KL)](gao.png)", "", *table, ""]
+  return lines, summary, verdicts
+
+
+def _plot_gao(series, path: str) -> None:
+  import matplotlib  # lazy: a heavy plotting library, needed only when the section is drawn
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # lazy: as above
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  colors = {}
+  for rm_dir, method, pts, fits in series:
+    ax = axes[0 if method == "best-of-n" else 1]
+    c = colors.setdefault(rm_dir, f"C{len(colors)}")
+    grid = np.linspace(0, float(pts["d"].max()) * 1.05, 100)
+    for s, marker, ls in (("gold", "o", "-"), ("proxy", "x", "--")):
+      ax.scatter(pts["d"], pts[s], s=10, marker=marker, color=c, alpha=0.5)
+      ax.plot(grid, fits[s].predict(grid), ls, color=c, label=f"{rm_dir} {s} (R^2 {fits[s].r2:.2f})")
+    if "oracle" in pts:
+      ax.plot(pts["d"], pts["oracle"], ":", color=c, alpha=0.6, label=f"{rm_dir} gold, gold picks")
+    ax.set_title(method)
+    ax.set_xlabel("d = sqrt(KL to SFT)")
+    ax.set_ylabel("score - SFT's")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The KL-penalty frontier.
+
+
+def kl_frontier(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
+  pts = []
+  for run in config.papers.runs:
+    s = _read_summary(workdir, run)
+    for key in ("gold_score", "kl_to_sft"):
+      if not isinstance(s.get(key), (int, float)):
+        raise ValueError(f"{os.path.join(workdir, run, 'summary.json')}: no {key}; expected an RL stage's summary")
+    betas = [r["beta"] for r in _read_rows(workdir, run, ("beta",))]
+    adaptive = max(betas) > min(betas)
+    pts.append({"run": run, "beta": betas[0], "final_beta": s.get("final_beta", betas[-1]), "adaptive": adaptive,
+                **{k: s.get(k, float("nan")) for k in ("gold_score", "kl_to_sft", "rm_score", "win_rate_vs_sft",
+                                                       "win_rate_vs_sft_se", "sft_gold_score")}})
+  fixed = sorted((p for p in pts if not p["adaptive"]), key=lambda p: -p["beta"])
+  v = scaling.interior_optimum([p["beta"] for p in fixed], [p["gold_score"] for p in fixed],
+                               [p["kl_to_sft"] for p in fixed])
+  summary = {"interior_optimum_held": float(v.held), "n_fixed_betas": len(fixed)}
+  if fixed:
+    summary["best_fixed_beta"] = max(fixed, key=lambda p: p["gold_score"])["beta"]
+  table = ["| run | beta | KL to SFT | gold | RM score | win rate vs SFT |", "|---|---|---|---|---|---|"]
+  for p in fixed + [p for p in pts if p["adaptive"]]:
+    beta = f"adaptive ({p['beta']:.3g} -> {p['final_beta']:.3g})" if p["adaptive"] else f"{p['beta']:g}"
+    table.append(f"| {p['run']} | {beta} | {p['kl_to_sft']:.2f} | {p['gold_score']:+.3f} | {p['rm_score']:+.3f} | "
+                 f"{p['win_rate_vs_sft']:.3f} +- {p['win_rate_vs_sft_se']:.3f} |")
+    summary.update({f"{p['run']}_{k}": float(p[k]) for k in ("gold_score", "kl_to_sft", "win_rate_vs_sft")})
+  _plot_frontier(pts, os.path.join(out_dir, "kl_frontier.png"))
+  lines = ["## The KL-penalty frontier (Ziegler et al. 2019, Stiennon et al. 2020)", "",
+           "Held-out gold score of RL at fixed KL coefficients and under the adaptive controller, against the KL "
+           "to SFT each ended at (the SFT policy at KL 0).", "", "![gold against KL](kl_frontier.png)", "",
+           *table, ""]
+  return lines, summary, [v]
+
+
+def _plot_frontier(pts, path: str) -> None:
+  import matplotlib  # lazy: a heavy plotting library, needed only when the section is drawn
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # lazy: as above
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  fixed = sorted((p for p in pts if not p["adaptive"]), key=lambda p: p["kl_to_sft"])
+  sft = [p["sft_gold_score"] for p in pts if np.isfinite(p["sft_gold_score"])]
+  xs = ([0.0] if sft else []) + [p["kl_to_sft"] for p in fixed]
+  ys = ([float(np.mean(sft))] if sft else []) + [p["gold_score"] for p in fixed]
+  ax.plot(xs, ys, "o-", label="fixed beta (and SFT at 0)")
+  for p in fixed:
+    ax.annotate(f"{p['beta']:g}", (p["kl_to_sft"], p["gold_score"]), fontsize=7)
+  ad = [p for p in pts if p["adaptive"]]
+  if ad:
+    ax.plot([p["kl_to_sft"] for p in ad], [p["gold_score"] for p in ad], "s", label="adaptive controller")
+  ax.set_xlabel("KL(policy || SFT), nats per response")
+  ax.set_ylabel("gold score (held-out)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# InstructGPT's RM batching.
+
+
+def rm_batching(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
+  curves = {}
+  for run in config.papers.runs:
+    grouping = _read_summary(workdir, run).get("grouping")
+    if grouping not in ("prompt", "pairs"):
+      raise ValueError(f"{os.path.join(workdir, run, 'summary.json')}: grouping={grouping!r}; expected a reward "
+                       "model stage's summary with grouping 'prompt' or 'pairs'")
+    rows = _read_rows(workdir, run, ("epoch", "val_loss", "val_accuracy"))
+    curves[grouping] = {"run": run, **{k: np.array([r[k] for r in rows]) for k in ("epoch", "val_loss",
+                                                                                    "val_accuracy")}}
+  if set(curves) != {"prompt", "pairs"}:
+    raise ValueError(f"papers.runs={tuple(config.papers.runs)}: expected one reward model grouped by prompt and "
+                     f"one of shuffled pairs, got groupings {sorted(curves)}")
+  p, g = curves["pairs"], curves["prompt"]
+  v = scaling.overfits_after_one_epoch(p["epoch"], p["val_loss"], other_epochs=g["epoch"],
+                                       other_val_loss=g["val_loss"])
+  summary = {"pairs_overfit_held": float(v.held)}
+  table = ["| arrangement | run | epoch | validation loss | validation accuracy |", "|---|---|---|---|---|"]
+  for name, c in (("grouped by prompt", g), ("shuffled pairs", p)):
+    tag = "grouped" if c is g else "pairs"
+    i1 = int(np.argmin(np.abs(c["epoch"] - 1.0)))
+    summary.update({f"{tag}_val_loss_epoch1": float(c["val_loss"][i1]),
+                    f"{tag}_val_loss_final": float(c["val_loss"][-1]),
+                    f"{tag}_val_loss_min_epoch": float(c["epoch"][int(np.argmin(c["val_loss"]))]),
+                    f"{tag}_val_accuracy_final": float(c["val_accuracy"][-1])})
+    table += [f"| {name} | {c['run']} | {e:.2f} | {lo:.4f} | {a:.3f} |"
+              for e, lo, a in zip(c["epoch"], c["val_loss"], c["val_accuracy"])]
+  _plot_rm(curves, os.path.join(out_dir, "rm_batching.png"))
+  lines = ["## InstructGPT's reward-model batching", "",
+           "Validation ranking loss (InstructGPT eq. 1 on held-out comparisons) and accuracy per epoch: all "
+           "C(K,2) pairs of a prompt in one batch element against every pair a shuffled example.", "",
+           "![validation loss and accuracy per epoch](rm_batching.png)", "", *table, ""]
+  return lines, summary, [v]
+
+
+def _plot_rm(curves, path: str) -> None:
+  import matplotlib  # lazy: a heavy plotting library, needed only when the section is drawn
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # lazy: as above
+
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  for grouping, c in sorted(curves.items()):
+    label = "grouped by prompt" if grouping == "prompt" else "shuffled pairs"
+    axes[0].plot(c["epoch"], c["val_loss"], "o-", label=label)
+    axes[1].plot(c["epoch"], c["val_accuracy"], "o-", label=label)
+  for ax, name in zip(axes, ("validation loss", "validation accuracy")):
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(name)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  t0 = time.time()
+  check(config)
+  out_dir = runtime.stage_dir(config, workdir, "papers")
+  os.makedirs(out_dir, exist_ok=True)
+  lines, summary, verdicts = {"gao": gao, "kl_frontier": kl_frontier,
+                              "rm_batching": rm_batching}[config.papers.experiment](config, workdir, out_dir)
+  lines += ["Verdicts (rlhf_jax/evals/scaling.py):", "", *[f"- {v.markdown()}" for v in verdicts], ""]
+  summary = {**summary, "n_verdicts_held": sum(v.held for v in verdicts), "n_verdicts": len(verdicts),
+             "wall_s": time.time() - t0}
+  if jax.process_index() == 0:
+    checkpoint.write_text_atomic(os.path.join(out_dir, SECTION_FILE), "\n".join(lines))
+    checkpoint.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+  return summary

@@ -1,0 +1,135 @@
+"""The papers stage (rlhf_jax/stages/papers.py): its three report sections, from files other stages write.
+
+The KL frontier and the RM batching read only summary.json and metrics.jsonl, so they are checked on files
+written here. Gao's best-of-n curve samples: it runs once, through run.py, on the shared tiny reference run, and
+its numbers are checked against what that run's PPO stage measured and against a NumPy least-squares fit.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from rlhf_jax import configs, losses
+from rlhf_jax.data.comparisons import Comparison
+from rlhf_jax.stages import papers, rm
+
+from helpers import stage_runner  # tests/ is on sys.path (tests/conftest.py)
+
+
+def _write(workdir, run, summary, rows):
+  os.makedirs(os.path.join(workdir, run), exist_ok=True)
+  with open(os.path.join(workdir, run, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  with open(os.path.join(workdir, run, "metrics.jsonl"), "w") as f:
+    for i, r in enumerate(rows):
+      f.write(json.dumps({"step": i + 1, **r}) + "\n")
+
+
+def _config(experiment, runs):
+  c = configs.base_config()
+  c.papers.stage_dir = f"papers_{experiment}"
+  c.papers.experiment = experiment
+  c.papers.runs = tuple(runs)
+  return c
+
+
+def test_kl_frontier_section_finds_the_interior_beta(tmp_path):
+  wd = str(tmp_path)
+  # (beta, KL, gold): the middle beta is best; one adaptive run beside them.
+  for run, beta, kl, gold in (("b1", 0.3, 0.2, 0.05), ("b2", 0.03, 1.4, 0.21), ("b3", 0.003, 9.0, -0.4)):
+    _write(wd, run, {"gold_score": gold, "kl_to_sft": kl, "rm_score": 1.0, "win_rate_vs_sft": 0.5,
+                     "win_rate_vs_sft_se": 0.02, "final_beta": beta, "sft_gold_score": 0.0},
+           [{"beta": beta}, {"beta": beta}])
+  _write(wd, "ad", {"gold_score": 0.5, "kl_to_sft": 1.5, "rm_score": 1.0, "win_rate_vs_sft": 0.6,
+                    "win_rate_vs_sft_se": 0.02, "final_beta": 0.08}, [{"beta": 0.05}, {"beta": 0.08}])
+  s = papers.run(_config("kl_frontier", ("b1", "b2", "b3", "ad")), wd)
+  # The adaptive run has the highest gold but is not a fixed beta: the verdict is over b1..b3 only.
+  assert s["interior_optimum_held"] == 1.0 and s["best_fixed_beta"] == 0.03 and s["n_fixed_betas"] == 3
+  text = open(tmp_path / "papers_kl_frontier" / papers.SECTION_FILE).read()
+  assert "| ad | adaptive (0.05 -> 0.08) | 1.50 | +0.500 |" in text and "**Held**" in text
+  assert open(tmp_path / "papers_kl_frontier" / "kl_frontier.png", "rb").read(4) == b"\x89PNG"
+  _write(wd, "b2", {"gold_score": -0.9, "kl_to_sft": 1.4}, [{"beta": 0.03}])
+  assert papers.run(_config("kl_frontier", ("b1", "b2", "b3")), wd)["interior_optimum_held"] == 0.0
+
+
+def test_rm_batching_section_compares_the_two_arrangements(tmp_path):
+  wd = str(tmp_path)
+  epochs = [0.5, 1.0, 1.5, 2.0]
+  pairs, grouped = [0.66, 0.61, 0.65, 0.70], [0.67, 0.63, 0.62, 0.62]
+  _write(wd, "rm_pairs", {"grouping": "pairs"},
+         [{"epoch": e, "val_loss": v, "val_accuracy": 0.6, "loss": 0.1} for e, v in zip(epochs, pairs)]
+         + [{"loss": 0.1, "epoch": 2.0}])  # a training row without an evaluation is skipped
+  _write(wd, "rm_grouped", {"grouping": "prompt"},
+         [{"epoch": e, "val_loss": v, "val_accuracy": 0.6} for e, v in zip(epochs, grouped)])
+  s = papers.run(_config("rm_batching", ("rm_grouped", "rm_pairs")), wd)
+  assert s["pairs_overfit_held"] == 1.0
+  assert s["pairs_val_loss_epoch1"] == 0.61 and s["pairs_val_loss_final"] == 0.70
+  assert s["grouped_val_loss_min_epoch"] == 1.5 and s["pairs_val_loss_min_epoch"] == 1.0
+  text = open(tmp_path / "papers_rm_batching" / papers.SECTION_FILE).read()
+  assert "| shuffled pairs | rm_pairs | 2.00 | 0.7000 | 0.600 |" in text and "rise +0.0900" in text
+  _write(wd, "rm_pairs", {"grouping": "prompt"}, [{"epoch": 1.0, "val_loss": 0.5, "val_accuracy": 0.6}])
+  with pytest.raises(ValueError, match="one of shuffled pairs"):
+    papers.run(_config("rm_batching", ("rm_grouped", "rm_pairs")), wd)
+
+
+def test_papers_check_rejects_bad_settings():
+  with pytest.raises(ValueError, match="papers.runs is empty"):
+    papers.check(_config("gao", ()))
+  c = _config("gao", ("ppo",))
+  c.papers.best_of_n = (2, 4)
+  with pytest.raises(ValueError, match="including 1"):
+    papers.check(c)
+  c.papers.best_of_n, c.papers.rms = (1, 4), ("rm", "rm2")
+  with pytest.raises(ValueError, match="one reward-model directory per papers.runs entry"):
+    papers.check(c)
+  with pytest.raises(ValueError, match="compares two reward-model runs"):
+    papers.check(_config("rm_batching", ("rm",)))
+
+
+def test_gao_section_on_the_tiny_run_matches_ppo_best_of_n_and_numpy(tmp_path_factory, tmp_path):
+  reference, cache = stage_runner.shared_reference(tmp_path_factory)
+  wd = stage_runner.copy_workdir(reference, str(tmp_path / "w"))
+  flags = (f"--experiment={os.path.join(stage_runner.ROOT, 'experiments', 'papers', 'gao.py')}:tiny",
+           *stage_runner.TINY_FLAGS[1:], "--experiment.stage=papers", "--experiment.papers.runs=ppo",
+           "--experiment.papers.rms=rm", "--experiment.papers.best_of_n=1", "--experiment.papers.best_of_n=2")
+  proc = stage_runner.run(wd, cache_dir=cache, base_flags=flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  s = json.load(open(os.path.join(wd, "papers_gao", "summary.json")))
+  ref = json.load(open(os.path.join(wd, "summary.json")))
+  # The same candidates, RM, prompts and SFT baseline as the PPO stage's best-of-2.
+  for k in ("gold_score", "rm_score", "oracle_gold_score", "win_rate_vs_sft"):
+    assert s[f"rm_bon2_{k}"] == pytest.approx(ref[f"ppo.bon2.{k}"], abs=1e-6), k
+  # The RL fit against NumPy's least squares on the points read back from the PPO stage's metrics.
+  rows = [json.loads(line) for line in open(os.path.join(wd, "ppo", "metrics.jsonl"))]
+  assert rows[0]["step"] == 1
+  d = np.sqrt(np.maximum([r["kl_seq"] for r in rows], 0.0))
+  x = np.stack([d, -np.where(d > 0, d * np.log(np.maximum(d, 1e-300)), 0.0)], axis=1)
+  gain = np.array([r["gold_score"] for r in rows]) - rows[0]["gold_score"]
+  (a, b), *_ = np.linalg.lstsq(x, gain, rcond=None)
+  assert s["rm_rl_gold_a"] == pytest.approx(a, rel=1e-6, abs=1e-9)
+  assert s["rm_rl_gold_b"] == pytest.approx(b, rel=1e-6, abs=1e-9)
+  # Best-of-n's two points: the origin and n = 2 at KL log 2 - 1/2, a two-parameter fit through both exactly.
+  assert s["rm_bon2_kl_to_sft"] == pytest.approx(losses.best_of_n_kl(2))
+  assert s["rm_bon_gold_n_points"] == 2
+  text = open(os.path.join(wd, "papers_gao", papers.SECTION_FILE)).read()
+  assert "![gold and proxy against sqrt(KL)](gao.png)" in text and "| rm | RL | gold |" in text
+  assert "Verdicts" in text and s["n_verdicts"] == 2
+  assert open(os.path.join(wd, "papers_gao", "gao.png"), "rb").read(4) == b"\x89PNG"
+  shutil.rmtree(wd)
+
+
+def test_rm_validation_loss_is_the_grouped_ranking_loss():
+  # rm.val_ranking_loss (the per-epoch curves' loss) against losses.ranking_loss, InstructGPT eq. 1, on ragged K
+  # with ties: the same number from a padded batch.
+  rng = np.random.default_rng(0)
+  comps, rewards = [], []
+  for k, ranks in ((4, [0, 1, 1, 3]), (2, [1, 0]), (3, [0, 0, 0]), (5, [4, 0, 2, 1, 3])):
+    comps.append(Comparison(prompt_ids=[1], response_ids=[[2]] * k, ranks=ranks))
+    rewards.append(rng.normal(size=k))
+  pad = lambda rows, v: np.array([list(r) + [v] * (5 - len(r)) for r in rows])  # noqa: E731
+  ref, _ = losses.ranking_loss(pad(rewards, 0.0), pad([c.ranks for c in comps], 0),
+                               pad([[True] * len(c.ranks) for c in comps], False))
+  assert rm.val_ranking_loss(comps, rewards) == pytest.approx(float(ref), rel=1e-5)

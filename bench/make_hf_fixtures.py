@@ -194,6 +194,32 @@ def build(name: str, out_root: Path, verbose: bool = True) -> dict:
     return {"seed": seed, "gen_margin": float(margin)}
 
 
+CHAT_TOKENIZER = REPO / "tests" / "data" / "hf_tokenizers" / "chatml"
+CHAT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def build_chat(out_root: Path, name: str = "qwen2_chat", seed: int = 6000) -> None:
+    """A tiny random Qwen2 model that comes with a tokenizer (the ChatML fixture's, 405 tokens; the vocabulary is
+    padded to 408 as Qwen's is) and a context of 1024: the model of the real-data smoke experiments
+    (experiments/tldr, experiments/hh). transformers' own greedy tokens for it are checked against our sampler by
+    the test of the exported policy, so it needs no reference.npz."""
+    gen = json.loads((CHAT_TOKENIZER / "generation_config.json").read_text())
+    torch.manual_seed(seed)
+    config = Qwen2Config(**{**LLAMA_LIKE, "max_position_embeddings": 1024}, vocab_size=408, tie_word_embeddings=True,
+                         use_sliding_window=False, pad_token_id=gen["pad_token_id"], bos_token_id=gen["bos_token_id"],
+                         eos_token_id=gen["eos_token_id"], initializer_range=INIT_RANGE, torch_dtype="float32")
+    model = Qwen2ForCausalLM(config).float().eval()
+    _perturb(model, torch.Generator().manual_seed(seed + 1))
+    d = out_root / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    model.save_pretrained(d, safe_serialization=True)
+    for f in CHAT_TOKENIZER_FILES:
+        shutil.copy(CHAT_TOKENIZER / f, d / f)
+    print(f"{name}: seed {seed}, files {sorted(p.name for p in d.iterdir())}")
+
+
 def write_readme(out_root: Path, info: dict) -> None:
     rows = "\n".join(f"| `{n}` | {i['seed']} | {i['gen_margin']:.4f} |" for n, i in info.items())
     text = f"""# Tiny Hugging Face model fixtures
@@ -206,7 +232,8 @@ Norm weights and biases are perturbed away from 1 and 0. Each `reference.npz` ho
 `position_ids = clip(cumsum(mask) - 1, 0)`), the 20 greedily `generated` tokens (no EOS stop) and `gen_margin`,
 the smallest top-1 minus top-2 logit gap over those greedy steps. Logits at pad positions depend on how an
 implementation treats fully masked query rows: compare only where `attention_mask` is 1.
-Tied models (`gpt2`, `qwen2`) have no `lm_head.weight` in their file; `mistral`'s sliding window (6) counts the
+`qwen2_chat` (no reference.npz) is a Qwen2 of vocab 408 and context 1024 with the ChatML tokenizer fixture's files, for
+the real-data smoke experiments. Tied models (`gpt2`, `qwen2`) have no `lm_head.weight` in their file; `mistral`'s sliding window (6) counts the
 token itself (key j is seen from query i when i - 6 < j <= i); `qwen3`'s head_dim (16) is not hidden/heads.
 
 Regenerate (deterministic: reruns are byte-identical) with
@@ -234,7 +261,9 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     names = args.only or list(_families())
     args.out.mkdir(parents=True, exist_ok=True)
-    info = {n: build(n, args.out) for n in names}
+    info = {n: build(n, args.out) for n in names if n != "qwen2_chat"}
+    if not args.only or "qwen2_chat" in args.only:
+        build_chat(args.out)
     if not args.only:
         write_readme(args.out, info)
     print(json.dumps({n: round(i["gen_margin"], 4) for n, i in info.items()}))

@@ -12,6 +12,8 @@ otherwise; an experiment's tuned values and the results behind them live in that
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
@@ -109,8 +111,12 @@ def eval_config(n_prompts: int = 100, batch_size: int = 50) -> ConfigDict:
   """Held-out evaluation: n_prompts prompts; the SFT stage samples one response per prompt at `temperature`
   with up to `max_new_tokens` tokens; PPO's evaluation draws samples_per_prompt responses of the policy and of
   SFT per prompt at the RL sampling settings (ppo.temperature, ppo.max_new_tokens)."""
+  # judge: who scores responses, "gold" (the suite's simulated humans) or "rm" (a held-out reward model in
+  # WORKDIR/<judge_rm_from>, trained on other comparisons, standing in for the gold labeler as in Gao et al.
+  # 2022: the judge of runs on user data, config.files).
   return ConfigDict(dict(n_prompts=n_prompts, batch_size=batch_size, temperature=1.0, max_new_tokens=32,
-                         samples_per_prompt=4, n_benchmark=100, n_samples_table=24, best_of_n=[4, 16]))
+                         samples_per_prompt=4, n_benchmark=100, n_samples_table=24, best_of_n=(4, 16),
+                         judge="gold", judge_rm_from="rm_judge"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,13 +147,26 @@ def rm_config() -> ConfigDict:
       stage_dir="rm",
       source="policy",  # "policy" (rank SFT samples), "offline" (suite comparisons), "policy+offline", "file"
       file="",  # with source="file": a K-way rankings .jsonl, or a folder of rlhf_jax.data.real.prepare_rankings
+      # file_schema: how to read a file (not a folder) given as rm.file: a comparison schema of rlhf_jax.data.real
+      # ("rankings", "hh", "summarize_from_feedback", "ultrafeedback", "pairs"); converted once, cached by hash.
+      file_schema="rankings",
       init_from="sft",
+      # backbone: "decoder" (the policy's, from init_from) or "encoder" (the masked-LM stage's bidirectional
+      # encoder in WORKDIR/<encoder_from>, rlhf_jax/stages/mlm.py; the policy's size, model.causal=False).
+      backbone="decoder", encoder_from="mlm",
       model_size="",  # "" = the policy's config (backbone from SFT); else a preset name (fresh backbone)
       n_prompts=256, n_val_prompts=64, k_min=4, k_max=9, sample_temperature=1.0, max_new_tokens=32,
       # length_bucket: batches are cut to their longest sequence rounded up to this (0: always seq_len).
       seq_len=128, length_bucket=32, too_long="truncate", grouping="prompt", pair_weighting="uniform",
       clear_gold_margin=0.5,
-      train=ConfigDict(dict(steps=0, epochs=1.0, batch_size=16, log_every=10, eval_every=50)),
+      # target: "rankings" (the K-way loss) or "elo", a regression onto per-prompt normalised Elo ratings of each
+      # ranking's pairwise outcomes (rlhf_jax.data.comparisons.rating_targets).
+      target="rankings",
+      collected=(),  # with source="collected": the collect stage directories whose comparisons it trains on
+      finetune_from="",  # a reward-model stage directory whose backbone and head this one starts from
+      # evals_per_epoch > 0: evaluate (with the validation ranking loss) that many times an epoch instead of every
+      # eval_every steps (experiments/papers/rm_batching.py: per-epoch curves of the two arrangements).
+      train=ConfigDict(dict(steps=0, epochs=1.0, batch_size=16, log_every=10, eval_every=50, evals_per_epoch=0)),
       optimizer=optimizer_config(lr=1e-4, warmup_steps=10, weight_decay=0.0),
   ))
 
@@ -160,7 +179,8 @@ def ppo_config(ptx_coef: float = 0.0) -> ConfigDict:
   "loss" (GRPO's k3 term). grpo: scale_rewards and length_norm both False is Dr. GRPO.
   """
   return ConfigDict(dict(
-      stage_dir="ppo", init_from="sft", rm_from="rm", value_init="rm", algorithm="ppo",
+      # ref_from: the KL's (and the evaluation's) reference policy, "" = init_from's (online rounds: "sft").
+      stage_dir="ppo", init_from="sft", rm_from="rm", ref_from="", value_init="rm", algorithm="ppo",
       iterations=100, batch_size=64, n_minibatches=4, epochs=4, min_whiten=8, group_size=1,
       max_prompt_len=64, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
       clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
@@ -186,6 +206,60 @@ def dpo_config() -> ConfigDict:
   ))
 
 
+def collect_config() -> ConfigDict:
+  """Online feedback (rlhf_jax/stages/collect.py): K responses per prompt from the policy in `policy_from`,
+  ranked by the simulated labelers, on the suite's comparison prompts [prompt_offset, prompt_offset + n_prompts)
+  and the first n_val_prompts validation prompts."""
+  return ConfigDict(dict(stage_dir="collect", policy_from="sft", n_prompts=256, n_val_prompts=64, prompt_offset=0,
+                         k_min=4, k_max=9, sample_temperature=1.0, max_new_tokens=32))
+
+
+def elo_config() -> ConfigDict:
+  """A cross-model Elo table (rlhf_jax/stages/elo.py): every policy in `snapshots` (stage directories) answers
+  n_prompts held-out prompts samples_per_prompt times at the RL sampling settings, every pair plays a labeler's
+  game on each, and Elo (k_factor, the 400-point scale) and Bradley-Terry rate them beside their gold scores."""
+  return ConfigDict(dict(stage_dir="elo", snapshots=("pretrain", "sft", "ppo"), n_prompts=100, samples_per_prompt=2,
+                         k_factor=16.0))
+
+
+def mlm_config() -> ConfigDict:
+  """The masked-LM encoder (rlhf_jax/stages/mlm.py): the policy's Transformer with model.causal=False trained
+  with BERT's objective on the pretraining corpus (select_rate of the tokens; of those mask_fraction [MASK],
+  random_fraction a random token, the rest unchanged), then the cloze evaluation beside the decoder exported
+  in WORKDIR/<compare_from> ("" skips it). Not in any default pipeline."""
+  return ConfigDict(dict(
+      stage_dir="mlm", compare_from="pretrain", select_rate=0.15, mask_fraction=0.8, random_fraction=0.1,
+      cloze_batch_size=64, cloze_items_per_kind=0,  # 0: every cloze item; n: n evenly spaced items of each kind
+      train=train_config(steps=300, batch_size=16, seq_len=127, log_every=25, eval_every=100, eval_batches=4),
+      optimizer=optimizer_config(lr=3e-3, warmup_steps=30)))
+
+
+def experiment_config(path: str, preset: str | None = None) -> ConfigDict:
+  """get_config(preset) of the experiment file at `path`, loaded as run.py's --experiment loads it (experiments/
+  is not a package): how one experiment starts from another's presets (experiments/baselines from
+  experiments/instructgpt, say)."""
+  spec = importlib.util.spec_from_file_location(f"experiment_{abs(hash(path))}", path)
+  if spec is None or not os.path.isfile(path):
+    raise ValueError(f"{path}: no experiment file there")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def files_config() -> ConfigDict:
+  """A user's data files in place of the task suite (rlhf_jax/data/sources.py; schemas of rlhf_jax/data/real.py).
+
+  With `sft` set the run is on user data: the data stage converts each file once (cached by its hash) and the
+  stages read them where they read the suite's splits: `sft` for SFT (and, without `prompts`, its prompts for
+  RL and evaluation, its replies as the references), `prompts` for RL, `pretrain` ({"text"} documents) for
+  PPO-ptx, continued pretraining and the held-out LM loss. A file without a validation split keeps its last
+  `val_fraction` of records for validation. There are no simulated humans then: comparisons come from
+  rm.source="file" and the evaluation's judge is a held-out reward model (eval.judge="rm").
+  """
+  return ConfigDict(dict(sft="", sft_schema="sft", prompts="", prompts_schema="prompts", pretrain="",
+                         pretrain_schema="text", on_error="raise", val_fraction=0.1))
+
+
 def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   """Every block with the library's defaults, a `model_size` model and a `world` task suite.
 
@@ -204,6 +278,7 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   # from instead of config.model's fresh weights; every later stage inherits them. The config's runtime fields
   # (dtype, remat, dropout_rate) still apply.
   c.init = ConfigDict(dict(hf_path=""))
+  c.files = files_config()
   c.mesh = mesh_config()
   c.checkpoint = checkpoint_config()
   c.guard = guard_config()
@@ -213,10 +288,17 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   c.rm = rm_config()
   c.ppo = ppo_config()
   c.dpo = dpo_config()
+  c.mlm = mlm_config()
+  c.collect = collect_config()
+  c.elo = elo_config()
   # The "export" stage: policy_from / rm_from name the stage directories written as Hugging Face folders
   # ("" skips one); only for models imported with init.hf_path (rlhf_jax/stages/export.py).
   c.export = ConfigDict(dict(stage_dir="export", policy_from="ppo", rm_from="rm", max_shard_bytes=5 * 2**30))
   c.eval = eval_config()
   # name -> a partial config: the stages entry "ppo:name" runs the ppo stage with these values (pipeline.py).
   c.variants = ConfigDict()
+  # The "papers" stage (rlhf_jax/stages/papers.py): a paper's ablation read from the stages named in `runs`,
+  # written as WORKDIR/<stage_dir>/report_section.md with its figures, table and verdict (experiments/papers/).
+  c.papers = ConfigDict(dict(stage_dir="papers", experiment="gao", runs=(), rms=(), sft_from="sft",
+                             best_of_n=(1, 2, 4, 8, 16, 32, 64)))
   return c

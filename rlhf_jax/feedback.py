@@ -1,5 +1,6 @@
 """Human feedback for the stages that learn from it (the reward model, DPO): comparison records and the
-sampling of K responses per prompt from the SFT policy for the simulated labelers to rank.
+sampling of K responses per prompt from the SFT policy for the simulated labelers to rank (`sample_and_rank`,
+which the online rounds' collect stage also uses on the current policy; `rm.source = "collected"` reads them).
 
 The comparisons are configured in the `rm` block (rm.source, rm.n_prompts / n_val_prompts, rm.k_min / k_max,
 rm.sample_temperature, rm.max_new_tokens, rm.init_from, and rm.seq_len / too_long for tokenising), so the RM and
@@ -8,6 +9,7 @@ DPO learn from the same data; like rlhf_jax.runtime, this module reads the exper
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -20,7 +22,8 @@ from rlhf_jax.data import comparisons, real, sources, tfds_io
 from rlhf_jax.data.batching import decode_responses
 from rlhf_jax.evals import policy as policy_evals
 
-SOURCES = ("policy", "offline", "policy+offline", "file")
+SOURCES = ("policy", "offline", "policy+offline", "file", "collected")
+COLLECTED_FILES = {"train": "comparisons.jsonl", "validation": "comparisons_val.jsonl"}  # in a collect stage dir
 
 
 def check(config) -> None:
@@ -30,12 +33,59 @@ def check(config) -> None:
   runtime.check_choice(rc.source, "rm.source", SOURCES)
   if not 2 <= rc.k_min <= rc.k_max:
     raise ValueError(f"rm.k_min={rc.k_min}, rm.k_max={rc.k_max}: expected 2 <= k_min <= k_max")
+  if sources.on_user_data(config) and rc.source != "file":
+    raise ValueError(f"rm.source={rc.source!r} on a user's files (config.files): there are no simulated labelers; "
+                     "expected rm.source='file' with rm.file and rm.file_schema")
   if rc.source == "file":
+    runtime.check_choice(rc.file_schema, "rm.file_schema", real.COMPARISON_SCHEMAS)
     if os.path.isfile(rc.file):
-      real.check_rankings(rc.file)  # every line, now: a bad line 900 lines in must not wait for pretraining
+      real.check(rc.file_schema, rc.file)  # every line, now: a bad line 900 lines in must not wait for pretraining
     elif not os.path.isdir(rc.file):
-      raise ValueError(f"rm.file={rc.file!r}: expected a K-way rankings .jsonl file ({{\"prompt\", \"responses\", "
-                       "\"ranking\"} per line) or a dataset folder written by rlhf_jax.data.real.prepare_rankings")
+      what = ("a K-way rankings .jsonl file ({\"prompt\", \"responses\", \"ranking\"} per line)"
+              if rc.file_schema == "rankings" else f"a {rc.file_schema} comparisons file (rm.file_schema)")
+      raise ValueError(f"rm.file={rc.file!r}: expected {what} or a dataset folder written by "
+                       "rlhf_jax.data.real.prepare")
+  if rc.source == "collected" and not rc.collected:
+    raise ValueError("rm.collected=(): rm.source='collected' needs the collect stage directories to train on "
+                     "(e.g. ('collect_r0', 'collect_r1'))")
+
+
+def sample_and_rank(params, policy_cfg, tok, recs: Sequence[dict], *, ks: np.ndarray, sample_keys, scfg, gold, pool,
+                    rng: np.random.Generator, batch_size: int, mesh, rules) -> list[dict]:
+  """ks[i] responses of the policy to each prompt record {prompt_turns, prompt}, ranked by a random labeler of
+  `pool` around the gold scores: records {prompt_turns, prompt, responses, ranks, gold_scores, labeler_id}.
+  Sample j of every prompt is drawn with sample_keys[j] (max(ks) keys); rng picks the labelers and their noise."""
+  prompt_ids = [tokenizers.encode_prompt(tok, r["prompt_turns"]) for r in recs]
+  texts = []
+  with sharding.activate(mesh, rules):
+    for key in sample_keys:
+      out = policy_evals.sample(params, policy_cfg, prompt_ids, tok, scfg, key, batch_size=batch_size, mesh=mesh,
+                                rules=rules)
+      texts.append(decode_responses(tok, out["response_bn"], out["response_mask_bn"]))
+  records = []
+  for i, r in enumerate(recs):
+    responses = [texts[j][i] for j in range(ks[i])]
+    g = gold.score_batch([r["prompt"]] * len(responses), responses)
+    labeler = int(rng.integers(pool.n_labelers))
+    ranks = pool.rank_responses(g, responses, labeler, rng)
+    records.append({"prompt_turns": r["prompt_turns"], "prompt": r["prompt"], "responses": responses,
+                    "ranks": [int(x) for x in ranks], "gold_scores": [float(x) for x in g],
+                    "labeler_id": labeler})
+  return records
+
+
+def collected_comparisons(workdir: str, dirs: Sequence[str]) -> tuple[list[dict], list[dict]]:
+  """Every listed collect stage's training comparisons, and the last one's validation comparisons (samples of
+  the newest policy: what the next PPO round will be scored on)."""
+  out = {}
+  for split_name, name in COLLECTED_FILES.items():
+    for d in (dirs if split_name == "train" else dirs[-1:]):
+      path = os.path.join(workdir, d, name)
+      if not os.path.isfile(path):
+        raise ValueError(f"rm.collected: {path} does not exist; run the collect stage writing WORKDIR/{d} first")
+      with open(path) as f:
+        out.setdefault(split_name, []).extend(json.loads(line) for line in f if line.strip())
+  return out["train"], out["validation"]
 
 
 
@@ -63,26 +113,13 @@ def policy_comparisons(config, workdir: str, tok) -> tuple[list[dict], list[dict
                                     ("validation", "comparisons_val", rc.n_val_prompts)):
       src = sources.split(config, workdir, src_name)
       recs = [src[i] for i in range(min(n, len(src)))]
-      prompt_ids = [tokenizers.encode_prompt(tok, r["prompt_turns"]) for r in recs]
       rng = np.random.default_rng([config.seed, 17, len(splits)])
       ks = rng.integers(rc.k_min, rc.k_max + 1, size=len(recs))
-      texts = []
-      with sharding.activate(mesh, rules):
-        for j in range(rc.k_max):
-          out = policy_evals.sample(params, policy_cfg, prompt_ids, tok, scfg,
-                                    jax.random.fold_in(jax.random.PRNGKey(config.seed + 29), 1000 * len(splits) + j),
-                                    batch_size=config.eval.batch_size, mesh=mesh, rules=rules)
-          texts.append(decode_responses(tok, out["response_bn"], out["response_mask_bn"]))
-      records = []
-      for i, r in enumerate(recs):
-        responses = [texts[j][i] for j in range(ks[i])]
-        g = gold.score_batch([r["prompt"]] * len(responses), responses)
-        labeler = int(rng.integers(pool.n_labelers))
-        ranks = pool.rank_responses(g, responses, labeler, rng)
-        records.append({"prompt_turns": r["prompt_turns"], "prompt": r["prompt"], "responses": responses,
-                        "ranks": [int(x) for x in ranks], "gold_scores": [float(x) for x in g],
-                        "labeler_id": labeler})
-      splits[split_name] = records
+      keys = [jax.random.fold_in(jax.random.PRNGKey(config.seed + 29), 1000 * len(splits) + j)
+              for j in range(rc.k_max)]
+      splits[split_name] = sample_and_rank(params, policy_cfg, tok, recs, ks=ks, sample_keys=keys, scfg=scfg,
+                                           gold=gold, pool=pool, rng=rng, batch_size=config.eval.batch_size,
+                                           mesh=mesh, rules=rules)
     features = {"prompt_turns": "json", "prompt": "text", "responses": "text_seq", "ranks": "int32_seq",
                 "gold_scores": "float32_seq", "labeler_id": "int32"}
     if jax.process_index() == 0:
@@ -102,10 +139,14 @@ def comparison_records(config, workdir: str, tok) -> tuple[list[dict], list[dict
     return sources.offline_comparisons(config, workdir)
   if rc.source == "file":
     path = rc.file
-    if os.path.isfile(path):  # a rankings JSONL: converted once (cached by the file's hash) into the data folder
+    if os.path.isfile(path) and rc.file_schema == "rankings":  # converted once (cached by the file's hash)
       path = real.prepare_rankings(path, os.path.join(sources.data_dir(config, workdir), "user_rankings"),
                                    name=f"rankings_{real.file_sha256(path)[:16]}")
+    elif os.path.isfile(path):  # another schema (summarize_from_feedback, hh, ...): named by the file's hash
+      path = real.prepare(rc.file_schema, path, os.path.join(sources.data_dir(config, workdir), "user"))
     return sources.file_comparisons(path)
+  if rc.source == "collected":
+    return collected_comparisons(workdir, rc.collected)
   tr, va = policy_comparisons(config, workdir, tok)
   if rc.source == "policy+offline":
     # SFT samples plus the demonstrators' comparisons, whose wider range of mistakes (over-refusals, garbage,
@@ -133,7 +174,7 @@ def tokenized(config, workdir: str, tok) -> tuple[list[comparisons.Comparison], 
   rm.seq_len (over-long prompts cut from the left, or an error, per rm.too_long)."""
   rc = config.rm
   train_records, val_records = comparison_records(config, workdir, tok)
-  allow_empty = rc.source.startswith("policy")  # policy samples may be empty (just EOS); labelled data not
+  allow_empty = rc.source.startswith("policy") or rc.source == "collected"  # policy samples may be empty (EOS)
   train, n_trunc = comparisons.tokenize_comparisons(train_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,
                                                     source="rm train comparisons", allow_empty=allow_empty)
   val, n_trunc_val = comparisons.tokenize_comparisons(val_records, tok, seq_len=rc.seq_len, too_long=rc.too_long,

@@ -28,7 +28,7 @@ import ml_collections
 from absl import logging
 
 from rlhf_jax import checkpoint, preemption, training
-from rlhf_jax.stages import data, dpo, export, pretrain, report, rl, rm, sft
+from rlhf_jax.stages import collect, data, dpo, elo, export, mlm, papers, pretrain, report, rl, rm, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +41,15 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "data": Stage(data, always_run=True),
     "pretrain": Stage(pretrain, "pretrain"),
+    "mlm": Stage(mlm, "mlm"),
     "sft": Stage(sft, "sft"),
     "rm": Stage(rm, "rm"),
     "ppo": Stage(rl, "ppo"),
     "dpo": Stage(dpo, "dpo"),
+    "collect": Stage(collect, "collect"),  # online rounds: the current policy's samples ranked by the labelers
+    "elo": Stage(elo, "elo"),  # a cross-model Elo table of policy snapshots
     "export": Stage(export, "export"),
+    "papers": Stage(papers, "papers"),  # a paper's ablation from the other stages' files (experiments/papers/)
     "report": Stage(report, always_run=True),
 }
 

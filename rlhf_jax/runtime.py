@@ -17,6 +17,7 @@ import ml_collections
 
 from rlhf_jax import configs, sampling, sharding, training
 from rlhf_jax.data import sources
+from rlhf_jax.evals import judge as judge_lib
 from rlhf_jax.evals import lm as lm_evals
 from rlhf_jax.evals import policy as policy_evals
 from rlhf_jax.models import hf, transformer
@@ -70,6 +71,8 @@ def check_shared(config: ml_collections.ConfigDict) -> transformer.ModelConfig:
   mesh_and_rules(config)
   if config.init.hf_path:
     hf.check_folder(config.init.hf_path)  # every tensor's name and shape, before any stage writes
+  sources.check_files(config)
+  check_judge(config)
   return policy_config(config, config.model.vocab_size or 1)
 
 
@@ -99,6 +102,42 @@ def load_policy(workdir: str, name: str, mesh, rules, *, expect: transformer.Mod
   return params, cfg
 
 
+def load_reward_model(workdir: str, name: str, mesh, rules, *, field: str):
+  """(params, model config) of the reward model WORKDIR/<name> exported; another kind of export is an error."""
+  params, cfg, manifest = training.load_export(os.path.join(workdir, name), mesh, rules)
+  if manifest["kind"] != "reward_model":
+    raise ValueError(f"{field}={name!r}: {os.path.join(workdir, name)} holds a {manifest['kind']}, not a reward "
+                     "model")
+  return params, cfg
+
+
+def check_judge(config) -> None:
+  """eval.judge against the data: the simulated humans exist only on the task suite."""
+  if "eval" not in config:
+    return
+  check_choice(config.eval.judge, "eval.judge", ("gold", "rm"))
+  if sources.on_user_data(config) and config.eval.judge != "rm":
+    raise ValueError("eval.judge='gold' on a user's files (config.files): there are no simulated humans; set "
+                     "eval.judge='rm' and train the judge, a held-out reward model, into WORKDIR/<eval.judge_rm_from>")
+  if config.eval.judge == "rm" and not config.eval.judge_rm_from:
+    raise ValueError("eval.judge='rm' needs eval.judge_rm_from: the stage directory of the held-out reward model")
+
+
+def judge(config, workdir: str, tok, mesh, rules):
+  """Who scores responses in the evaluations: the task suite's gold scorer, or with eval.judge='rm' the held-out
+  reward model in WORKDIR/<eval.judge_rm_from> (rlhf_jax.evals.judge), over this run's RL and held-out prompts."""
+  if config.eval.judge == "gold":
+    return sources.gold_scorer(config, workdir)
+  rm_params, rm_cfg = load_reward_model(workdir, config.eval.judge_rm_from, mesh, rules, field="eval.judge_rm_from")
+  turns_of = {p["prompt"]: p["turns"] for which in ("train", "validation")
+              for p in sources.rl_prompts(config, workdir, tok, which=which)}
+  references = sources.user_references(config, workdir) if sources.on_user_data(config) else {}
+  pc = config.ppo
+  return judge_lib.RewardModelJudge(rm_params, rm_cfg, tok, turns_of, references, batch_size=config.eval.batch_size,
+                                    max_prompt_len=pc.max_prompt_len, max_response_len=pc.max_new_tokens + 1,
+                                    mesh=mesh, rules=rules)
+
+
 def _sft_baseline_key(seed: int) -> jax.Array:
   """The key of the SFT samples every win rate compares with (the same samples for PPO and best-of-n)."""
   return jax.random.fold_in(jax.random.PRNGKey(seed + 11), 1)
@@ -112,13 +151,16 @@ def evaluate_policy(config, workdir: str, tok, policy_cfg, policy_params, sft_pa
   rm_params None leaves out the reward model's score."""
   ec, pc = config.eval, config.ppo
   prompts = sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
-  gold = sources.gold_scorer(config, workdir)
+  gold = judge(config, workdir, tok, mesh, rules)
   # The evaluation samples at the RL temperature without top-k / top-p, as the evaluation always has.
   scfg = sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature)
-  _, pretrain_eval = sources.pretrain_iters(config, workdir, tok)
+  has_text = not sources.on_user_data(config) or bool(config.files.pretrain)  # a user's run may have no LM text
+  _, pretrain_eval = sources.pretrain_iters(config, workdir, tok) if has_text else (None, None)
   kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=rules)
 
   def pretrain_loss(params) -> float:
+    if pretrain_eval is None:
+      return float("nan")
     return lm_evals.held_out_loss(params, policy_cfg, pretrain_eval(), mesh, rules, config.pretrain.train.eval_batches)
 
   summary, rows = policy_evals.policy_eval(
@@ -126,6 +168,7 @@ def evaluate_policy(config, workdir: str, tok, policy_cfg, policy_params, sft_pa
       samples_per_prompt=ec.samples_per_prompt, rng=jax.random.PRNGKey(config.seed + 11),
       sft_rng=_sft_baseline_key(config.seed), benchmark=sources.benchmark(config, workdir)[:ec.n_benchmark],
       pretrain_loss=pretrain_loss, n_samples_table=ec.n_samples_table, **kw)
+  summary["judge"] = "gold" if ec.judge == "gold" else f"rm:{ec.judge_rm_from}"
   if jax.process_index() == 0:
     policy_evals.write_samples(os.path.join(stage_dir, "samples.jsonl"), rows)
   for n in (ec.best_of_n if best_of_n else ()):  # the cheapest baseline, on the same prompts and RM

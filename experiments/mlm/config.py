@@ -20,20 +20,18 @@ expect the decoder far ahead on the cloze at this budget (0.91 against 0.13 on s
 """
 
 import copy
-import importlib.util
 import os
 
 import ml_collections
+
+from rlhf_jax import configs
 
 _INSTRUCTGPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "instructgpt", "config.py")
 PRESETS = ("small", "tiny")
 
 
 def _instructgpt(preset: str):
-  spec = importlib.util.spec_from_file_location("instructgpt_config", _INSTRUCTGPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return configs.experiment_config(_INSTRUCTGPT, preset)
 
 
 def get_config(arg: str | None = None):

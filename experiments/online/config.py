@@ -27,20 +27,18 @@ iterations each, against 999 prompts and 42 iterations at once: four RMs and 84 
 a loaded 2-core CPU, not yet run); small_ft. Results: experiments/online/README.md.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from rlhf_jax import configs
 
 _INSTRUCTGPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "instructgpt", "config.py")
 PRESETS = ("small", "small_ft", "tiny", "tiny_ft")
 
 
 def _instructgpt(preset: str):
-  spec = importlib.util.spec_from_file_location("instructgpt_config", _INSTRUCTGPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return configs.experiment_config(_INSTRUCTGPT, preset)
 
 
 def online(c, *, rounds: int, prompts_per_round: int, iterations_per_round: int, finetune_rm: bool):

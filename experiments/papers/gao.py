@@ -22,20 +22,18 @@ Presets:
                from scratch) with its own RL run: a smoke test of every piece.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from rlhf_jax import configs
 
 _INSTRUCTGPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "instructgpt", "config.py")
 PRESETS = ("cpu", "accelerator", "tiny")
 
 
 def _instructgpt(preset: str):
-  spec = importlib.util.spec_from_file_location("instructgpt_config", _INSTRUCTGPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return configs.experiment_config(_INSTRUCTGPT, preset)
 
 
 def _rl(stage_dir: str, iterations: int, rm_from: str = "rm") -> dict:

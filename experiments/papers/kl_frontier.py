@@ -19,20 +19,18 @@ Presets:
   tiny         betas 0.1, 0.01, 0.001 and target 1.5, 2 iterations each: a smoke test.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from rlhf_jax import configs
 
 _INSTRUCTGPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "instructgpt", "config.py")
 PRESETS = ("cpu", "accelerator", "tiny")
 
 
 def _instructgpt(preset: str):
-  spec = importlib.util.spec_from_file_location("instructgpt_config", _INSTRUCTGPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return configs.experiment_config(_INSTRUCTGPT, preset)
 
 
 def get_config(arg: str | None = None):

@@ -25,13 +25,16 @@ every record and writes nothing, so a pipeline can reject a bad file before any 
   turns are the prompt ('prompt' is used only when the two lists hold just the replies).
 * "pairs": generic preference pairs {"prompt": str or turns, "chosen": str, "rejected": str}.
 * "prompts": prompts for RL, {"prompt": str or turns} or {"query": str or turns}.
+* "hh_sft": HH-RLHF's chosen dialogues as demonstrations, {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."}
+  (the "rejected" field, if present, is ignored).
+* "text": pretraining documents {"text": str} (for PPO-ptx, continued pretraining and the held-out LM loss).
 
 Summaries, TL;DR completions and HH turns lose their outer whitespace (OpenAI's summaries start with a space,
 meant for raw concatenation after "TL;DR:"; here the chat template separates turns); other texts are verbatim.
 
 Comparison datasets have records {prompt_turns: json, responses: text_seq, ranks: int32_seq} (lower rank is
 better; a pair gives [0, 1] with the chosen response first, except summarize_from_feedback, which keeps the file's
-order); SFT datasets have records {turns: json}; prompt datasets {prompt_turns: json}. Turns are
+order); SFT datasets have records {turns: json}; prompt datasets {prompt_turns: json}; text datasets {text}. Turns are
 [{"role": "system" | "user" | "assistant", "content": str}].
 
 Files, by name:
@@ -75,6 +78,7 @@ from rlhf_jax.data import tfds_io
 COMPARISON_FEATURES = {"prompt_turns": "json", "responses": "text_seq", "ranks": "int32_seq"}
 SFT_FEATURES = {"turns": "json"}
 PROMPT_FEATURES = {"prompt_turns": "json"}
+TEXT_FEATURES = {"text": "text"}
 
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -464,6 +468,19 @@ def _pairs_record(obj: Mapping[str, Any]) -> dict[str, Any]:
   return {"prompt_turns": prompt_turns, "responses": responses, "ranks": [0, 1]}
 
 
+def _hh_sft_record(obj: Mapping[str, Any]) -> dict[str, Any]:
+  if "chosen" not in obj:
+    raise _LineError("missing field 'chosen'; expected an HH dialogue string (the demonstration)")
+  turns = _parse_hh_dialogue(obj["chosen"], "chosen")
+  if not turns[-1]["content"]:
+    raise _LineError("field 'chosen': the final Assistant reply is empty; expected non-empty text")
+  return {"turns": turns}
+
+
+def _text_record(obj: Mapping[str, Any]) -> dict[str, Any]:
+  return {"text": _require_text(obj, "text", "a document of pretraining text")}
+
+
 def _prompt_record(obj: Mapping[str, Any]) -> dict[str, Any]:
   if "prompt" not in obj and "query" not in obj:
     raise _LineError("missing field 'prompt' (or 'query'); expected a string or a list of turns")
@@ -490,7 +507,12 @@ SCHEMAS = {
     "ultrafeedback": Schema("ultrafeedback", _ultrafeedback_record, COMPARISON_FEATURES),
     "pairs": Schema("pairs", _pairs_record, COMPARISON_FEATURES),
     "prompts": Schema("prompts", _prompt_record, PROMPT_FEATURES),
+    "hh_sft": Schema("hh_sft", _hh_sft_record, SFT_FEATURES),
+    "text": Schema("text", _text_record, TEXT_FEATURES),
 }
+# The kind of record each schema gives: what a stage can read it as.
+COMPARISON_SCHEMAS = tuple(k for k, v in SCHEMAS.items() if v.features is COMPARISON_FEATURES)
+SFT_SCHEMAS = tuple(k for k, v in SCHEMAS.items() if v.features is SFT_FEATURES)
 
 
 def _schema(name: str) -> Schema:
@@ -577,6 +599,19 @@ def prepare(
   return tfds_io.prepare_dataset(
       name, data_dir, spec.features, splits, version=version, metadata=stats, overwrite=overwrite,
       fingerprint=fingerprint, description=f"rlhf_jax {spec.kind} data converted from {all_files}")
+
+
+def records_with_places(schema: str, paths: Paths) -> Iterator[tuple[str, dict[str, Any]]]:
+  """("file:place", record) of every valid record of `paths`, as `prepare` converts them (bad ones skipped):
+  for checks that need more than the record itself (its length in a tokenizer, say) to name the file's line."""
+  spec = _schema(schema)
+  for files in _split_paths(paths).values():
+    for path in files:
+      for where, obj in _iter_records(path):
+        try:
+          yield f"{path}:{where}", spec.parse(obj)
+        except _LineError:
+          continue
 
 
 def check(schema: str, paths: Paths, *, on_error: str = "raise") -> int:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import tokenizers
-from rlhf_jax.data import pipeline, tfds_io
+from rlhf_jax.data import pipeline, real, tfds_io
 from rlhf_jax.data.batching import fit_prompt, left_pad
 from rlhf_jax.tasks import gold, storage, suite
 
@@ -43,9 +43,141 @@ def ensure_suite(config, workdir: str) -> dict[str, Any]:
 
 
 def split(config, workdir: str, name: str):
-  """A random-access source of one suite split (see rlhf_jax/tasks/suite.py for the record formats)."""
+  """A random-access source of one suite split (see rlhf_jax/tasks/suite.py for the record formats), or with
+  config.files, of the user's file that stands in for it (`user_split`)."""
+  if on_user_data(config):
+    return user_split(config, workdir, name)
   ensure_suite(config, workdir)
   return storage.load_suite(data_dir(config, workdir))[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A user's data files (config.files) in place of the suite.
+
+# suite split -> (config.files field, validation?); the others (comparisons, benchmark) have no user stand-in.
+USER_SPLITS = {"sft": ("sft", False), "sft_val": ("sft", True), "prompts": ("prompts", False),
+               "prompts_val": ("prompts", True), "pretrain": ("pretrain", False), "pretrain_val": ("pretrain", True)}
+
+
+def on_user_data(config) -> bool:
+  """Whether the run reads a user's files (config.files.sft set) instead of generating the task suite."""
+  return bool(config.get("files") and config.files.sft)
+
+
+def check_files(config) -> None:
+  """The preflight of config.files, from the config and the files' existence (parsing is the data stage's)."""
+  if "files" not in config:  # a config of the data stage alone (experiments/data)
+    return
+  fc = config.files
+  expected = {"sft": real.SFT_SCHEMAS, "prompts": ("prompts", *real.SFT_SCHEMAS), "pretrain": ("text",)}
+  for field, schemas in expected.items():
+    schema = fc[f"{field}_schema"]
+    if schema not in schemas:
+      raise ValueError(f"files.{field}_schema={schema!r}: expected one of {list(schemas)}")
+    for path in file_paths(fc[field]):
+      if not os.path.isfile(path):
+        raise ValueError(f"files.{field}={path}: file not found")
+  if fc.on_error not in ("raise", "skip"):
+    raise ValueError(f"files.on_error={fc.on_error!r}: expected 'raise' or 'skip'")
+  if not 0.0 < fc.val_fraction < 1.0:
+    raise ValueError(f"files.val_fraction={fc.val_fraction}: expected a fraction in (0, 1)")
+  if not fc.sft and (fc.prompts or fc.pretrain):
+    raise ValueError("files.prompts / files.pretrain are set but files.sft is empty: a run on user data starts "
+                     "from the demonstrations in files.sft")
+  if fc.sft and config.tokenizer.kind not in ("hf", "byte"):
+    raise ValueError(f"files.sft is set with tokenizer.kind={config.tokenizer.kind!r}: that tokenizer is trained "
+                     "on the task suite's corpus; expected 'hf' (the model's own) or 'byte'")
+
+
+def file_paths(value) -> list[str]:
+  """A files.* value: one path, or several separated by commas (one split read in order)."""
+  return [p.strip() for p in str(value).split(",") if p.strip()] if value else []
+
+
+_USER: dict[tuple, tuple[Any, Any]] = {}
+
+
+def user_datasets(config, workdir: str, field: str):
+  """(train, validation) random-access sources of config.files.<field>, converted once into DATA_DIR/user (cached
+  by the files' hash); without a validation split the last files.val_fraction of the records (at least one)."""
+  fc = config.files
+  paths, schema = file_paths(fc[field]), fc[f"{field}_schema"]
+  key = (data_dir(config, workdir), field, tuple(paths), schema, fc.on_error, fc.val_fraction)
+  if key not in _USER:
+    folder = real.prepare(schema, paths, os.path.join(data_dir(config, workdir), "user"), on_error=fc.on_error)
+    train = tfds_io.load_split_dir(folder, "train")
+    n_val = max(1, int(round(len(train) * fc.val_fraction)))
+    if len(train) < 2:
+      raise ValueError(f"files.{field}={fc[field]}: {len(train)} record(s); expected at least 2 (train and "
+                       "validation)")
+    _USER[key] = (_Slice(train, 0, len(train) - n_val), _Slice(train, len(train) - n_val, len(train)))
+  return _USER[key]
+
+
+class _Slice:
+  """Records [start, stop) of a random-access source, itself random access."""
+
+  def __init__(self, src, start: int, stop: int):
+    self.src, self.start, self.stop = src, start, stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, i: int):
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    return self.src[self.start + i]
+
+
+def prompt_text(turns) -> str:
+  """The text that names a prompt in tables and for the judge: the user's message of a one-turn prompt, else
+  every turn as "role: content"."""
+  if len(turns) == 1:
+    return turns[0]["content"]
+  return "\n\n".join(f"{t['role']}: {t['content']}" for t in turns)
+
+
+class _PromptsOf:
+  """The prompts of SFT records (every turn before the last assistant reply) as prompt records
+  {prompt_turns, reference}: RL and evaluation prompts when config.files.prompts is empty."""
+
+  def __init__(self, src):
+    self.src = src
+
+  def __len__(self) -> int:
+    return len(self.src)
+
+  def __getitem__(self, i: int):
+    turns = list(self.src[i]["turns"])
+    last = max(j for j, t in enumerate(turns) if t["role"] == "assistant")
+    return {"prompt_turns": turns[:last], "reference": turns[last]["content"]}
+
+
+def user_split(config, workdir: str, name: str):
+  if name not in USER_SPLITS:
+    raise ValueError(f"the {name!r} data of the task suite has no stand-in among a user's files (config.files): "
+                     + ("set rm.source='file' and rm.file" if name.startswith("comparisons") else
+                        "it is the suite's own"))
+  field, val = USER_SPLITS[name]
+  if field == "prompts" and not config.files.prompts:
+    return _PromptsOf(user_datasets(config, workdir, "sft")[val])
+  if not config.files[field]:
+    raise ValueError(f"this run needs {name!r} data but files.{field} is empty; expected a "
+                     f"{config.files[field + '_schema']} file")
+  src = user_datasets(config, workdir, field)[val]
+  if field == "prompts" and config.files.prompts_schema != "prompts":  # an SFT file given as prompts
+    return _PromptsOf(src)
+  return src
+
+
+def user_references(config, workdir: str) -> dict[str, str]:
+  """{prompt text: reference reply} of the validation demonstrations (the human-written summaries of TL;DR)."""
+  out = {}
+  src = _PromptsOf(user_datasets(config, workdir, "sft")[1])
+  for i in range(len(src)):
+    r = src[i]
+    out.setdefault(prompt_text(r["prompt_turns"]), r["reference"])
+  return out
 
 
 def tokenizer(config, workdir: str) -> tokenizers.Tokenizer:
@@ -189,11 +321,17 @@ def sft_iters(config, workdir: str, tok):
 def gold_scorer(config, workdir: str):
   """The simulated humans' hidden preference over the suite's world (the same seed and config.data)."""
   del workdir
+  if on_user_data(config):
+    raise ValueError("a run on a user's files (config.files) has no simulated humans to score or rank responses: "
+                     "set eval.judge='rm' (a held-out reward model) and rm.source='file'")
   return gold.GoldScorer(suite.make_world(config.seed, suite.DataConfig.from_config(config.data)))
 
 
 def labelers(config):
   """The simulated labeler pool of the suite (its noise and number of labelers from config.data)."""
+  if on_user_data(config):
+    raise ValueError("a run on a user's files (config.files) has no simulated labelers: its comparisons come from "
+                     "rm.source='file' (rm.file, rm.file_schema)")
   return suite.make_labelers(config.seed, suite.DataConfig.from_config(config.data))
 
 
@@ -206,11 +344,16 @@ def rl_prompts(config, workdir: str, tok, *, which: str = "train") -> list[dict]
   out = []
   for i in range(len(src)):
     r = src[i]
+    if "prompt_turns" in r:  # a user's prompts (config.files)
+      turns = list(r["prompt_turns"])
+      r = {"turns": turns, "prompt": prompt_text(turns)}
     out.append({"ids": tokenizers.encode_prompt(tok, r["turns"]), "turns": r["turns"], "prompt": r["prompt"]})
   return out
 
 
 def benchmark(config, workdir: str) -> list[dict]:
+  if on_user_data(config):
+    return []  # the world-knowledge benchmark is the suite's
   src = split(config, workdir, "benchmark")
   return [src[i] for i in range(len(src))]
 

@@ -102,7 +102,7 @@ def rm_scores(rm_params, rm_cfg, samples, *, batch_size: int, mesh, rules, no_eo
 def response_breakdown(gold, prompts: Sequence[str], responses: Sequence[str], scores: np.ndarray,
                        prefix: str = "") -> dict[str, float]:
   """Per-family mean gold score and correct fraction, and the share of the most common response."""
-  families = [gold.world.parse(p).family for p in prompts]
+  families = [gold.family(p) for p in prompts]
   correct = np.array([gold.is_correct(p, r) for p, r in zip(prompts, responses)], dtype=np.float64)
   out = {f"{prefix}gold_correct_frac": float(correct.mean())}
   for fam in sorted(set(families)):
@@ -194,14 +194,15 @@ def policy_eval(params, sft_params, cfg: transformer.ModelConfig, tok, prompts: 
     g_pol = gold.score_batch(texts_k, out_texts)
     g_sft = gold.score_batch(texts_k, sft_texts)
     g_pol_kn, g_sft_kn = g_pol.reshape(k, n), g_sft.reshape(k, n)
-    g_ref = gold.score_batch(texts_p, [gold.reference(p) for p in texts_p])
+    refs = [gold.reference(p) for p in texts_p]  # a judge without a reference for every prompt gives NaN
+    g_ref = gold.score_batch(texts_p, refs) if all(r is not None for r in refs) else np.full(n, np.nan)
     result = {
         "gold_score": float(g_pol.mean()),
         "sft_gold_score": float(g_sft.mean()),
         "win_rate_vs_sft": win_rate(g_pol_kn, g_sft_kn),
         "win_rate_vs_sft_se": win_rate_se(g_pol_kn, g_sft_kn),
         # The gold reference answer to every prompt against the same SFT samples: no policy can win more.
-        "reference_win_rate_vs_sft": win_rate(g_ref, g_sft_kn),
+        "reference_win_rate_vs_sft": win_rate(g_ref, g_sft_kn) if not np.isnan(g_ref).any() else float("nan"),
         "kl_to_sft": float(np.mean(lp_pol - lp_sft)),
         "n_eval_samples": len(out_texts),  # k * n of each policy
         "ended_frac": float(pol["ended_b"].mean()),
@@ -239,6 +240,31 @@ def best_of_n_eval(sft_params, cfg: transformer.ModelConfig, tok, prompts: Seque
   gold_np = np.stack([gold.score_batch(texts_p, t) for t in texts])
   g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
   return best_of_n_summary(rm, gold_np, g0.reshape(k, len(texts_p)))
+
+
+def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequence[dict], gold, *,
+                    rms: Sequence[tuple[Params, transformer.ModelConfig]], ns: Sequence[int],
+                    scfg: sampling.SamplingConfig, candidate_rngs: Sequence[jax.Array], samples_per_prompt: int,
+                    sft_rng: jax.Array, no_eos_penalty: float, batch_size: int, mesh, rules) -> list[dict[int, dict]]:
+  """Best-of-n at every n of `ns` from one set of len(candidate_rngs) >= max(ns) SFT candidates per prompt (the
+  first n of them: with best_of_n_eval's keys, the same candidates it draws), each reward model of `rms`
+  (params, cfg) choosing: Gao et al.'s best-of-n curve for 64 samples a prompt instead of 1 + 2 + ... + 64.
+  One {n: best_of_n_summary} per reward model."""
+  if not ns or min(ns) < 1 or max(ns) > len(candidate_rngs):
+    raise ValueError(f"best-of-n sizes {list(ns)}: expected sizes from 1 to the {len(candidate_rngs)} candidates")
+  kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
+  texts_p = [p["prompt"] for p in prompts]
+  ids = [p["ids"] for p in prompts]
+  k = samples_per_prompt
+  with sharding.activate(mesh, rules):
+    cands = [sample(sft_params, cfg, ids, tok, scfg, key, **kw) for key in candidate_rngs[:max(ns)]]
+    rm_np = [np.stack([rm_scores(p, c_rm, c, no_eos_penalty=no_eos_penalty, **kw) for c in cands]) for p, c_rm in rms]
+    base = sample(sft_params, cfg, ids * k, tok, scfg, sft_rng, **kw)
+  gold_np = np.stack([gold.score_batch(texts_p, decode_responses(tok, c["response_bn"], c["response_mask_bn"]))
+                      for c in cands])
+  g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
+  g0 = g0.reshape(k, len(texts_p))
+  return [{n: best_of_n_summary(r[:n], gold_np[:n], g0) for n in ns} for r in rm_np]
 
 
 def write_samples(path: str, rows: Sequence[dict[str, Any]]) -> None:

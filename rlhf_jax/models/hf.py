@@ -40,8 +40,10 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Files of the source model that travel with an export (tokenizer, generation defaults).
+# The chat template may live in its own file (transformers >= 4.43 writes chat_template.jinja).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json")
+                   "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 
 _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
               "F64": np.dtype(np.float64)}
@@ -566,6 +568,9 @@ def save_hf(params, cfg: ModelConfig, path: str, *, kind: str = "causal_lm", sou
   """
   if kind not in ("causal_lm", "reward"):
     raise ValueError(f"save_hf kind={kind!r}: expected 'causal_lm' or 'reward'")
+  if not cfg.causal:  # transformers would load the weights into a causal model and silently change what it computes
+    raise ValueError("save_hf: a bidirectional encoder (model.causal=False, the mlm stage's) has no Hugging Face "
+                     "*ForCausalLM / *ForSequenceClassification equivalent among the families; expected a decoder")
   if os.path.exists(path):
     raise ValueError(f"{path}: already exists; save_hf writes a new folder")
   source_config = read_config(source)[1] if source else {}

@@ -143,8 +143,8 @@ def family_table(summary: dict[str, Any]) -> str:
   columns += [("SFT at the RL temperature", f"{dirs[0]}.sft_")] if dirs else []
   columns += [(d, f"{d}.") for d in dirs]
   columns = [(name, pre) for name, pre in columns if f"{pre}top_response_frac" in summary]
-  if not columns:
-    return ""
+  if not any(f"{pre}{fam}.gold_score" in summary for _, pre in columns for fam in FAMILIES):
+    return ""  # no task families: a run on a user's data
   fmt = lambda v: f"{v:+.2f}" if isinstance(v, (int, float)) else "-"
   lines = ["| family | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for fam in FAMILIES:
@@ -267,6 +267,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   summary_path = os.path.join(workdir, "summary.json")
   summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
   lines = ["# rlhf_jax report", "", f"Workdir: `{workdir}`", ""]
+  judges = sorted({v for k, v in summary.items() if k.endswith(".judge") and str(v).startswith("rm:")})
+  if judges:  # a run on a user's data: no simulated humans
+    lines += [f"Every \"gold score\" below is the judge's: the held-out reward model in WORKDIR/"
+              f"{', '.join(j[3:] for j in judges)} (eval.judge='rm'), trained on other comparisons, standing in for "
+              "human labelers as in Gao et al. 2022; it is a proxy, not the simulated humans of the task suite.", ""]
   keys = ["pretrain.val_loss", "pretrain.unigram_entropy", "sft.val_loss", "sft.gold_score",
           "sft.pretrain_gold_score", "rm.val_accuracy",
           "rm.gold_ceiling_accuracy", "rm.val_gold_accuracy_clear"]

@@ -93,6 +93,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
   runtime.check_seq_len(pc.max_prompt_len + pc.max_new_tokens, policy, "ppo.max_prompt_len + ppo.max_new_tokens",
                         extra=0)
+  if pc.ptx.coef > 0 and sources.on_user_data(config) and not config.files.pretrain:
+    raise ValueError(f"ppo.ptx.coef={pc.ptx.coef} on a user's files: PPO-ptx needs pretraining text; set "
+                     "files.pretrain to a file of {\"text\"} documents")
   # The evaluation runs after training: its settings are checked now, not after the PPO iterations.
   if config.eval.samples_per_prompt < 1:
     raise ValueError(f"eval.samples_per_prompt={config.eval.samples_per_prompt}: expected at least 1 sample per "
@@ -122,6 +125,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Four parameter sets, all on the mesh with the same rules.
   sft_params, _ = runtime.load_policy(workdir, pc.init_from, mesh, rules, expect=policy_cfg, field="ppo.init_from")
   ref_params = sft_params  # frozen; jax arrays are immutable, so sharing the buffers is safe
+  if pc.ref_from:  # online rounds: start from the last round's policy, keep the KL (and the evaluation) to SFT's
+    ref_params, _ = runtime.load_policy(workdir, pc.ref_from, mesh, rules, expect=policy_cfg, field="ppo.ref_from")
   rm_params, rm_cfg, manifest = training.load_export(os.path.join(workdir, pc.rm_from), mesh, rules)
   if manifest["kind"] != "reward_model":
     raise ValueError(f"ppo.rm_from={pc.rm_from!r}: {os.path.join(workdir, pc.rm_from)} holds a "
@@ -150,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   label = pc.stage_dir  # progress lines and messages name the variant: [ppo], [grpo], ...
   state, start = training.resume(ckpt, state, state_sh, meta, data, stage=label)
 
-  gold = sources.gold_scorer(config, workdir)
+  gold = runtime.judge(config, workdir, tok, mesh, rules)  # the gold scorer, or a held-out RM on a user's data
   writer = metrics.MetricsWriter(stage_dir, stage=label, total_steps=pc.iterations, start_step=start,
                                  tokens_per_step=pc.batch_size * pc.max_new_tokens)
   with sharding.activate(mesh, rules):
@@ -198,7 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.wait()
   training.export_params(stage_dir, state["params"]["policy"], model_cfg=policy_cfg, tokenizer=tok)
   summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "wall_s": time.time() - t0}
-  summary.update(runtime.evaluate_policy(config, workdir, tok, policy_cfg, state["params"]["policy"], sft_params,
+  summary.update(runtime.evaluate_policy(config, workdir, tok, policy_cfg, state["params"]["policy"], ref_params,
                                          rm_params, rm_cfg, mesh, rules, stage_dir=stage_dir, best_of_n=True))
   summary = writer.summary(summary)
   writer.close()

@@ -27,6 +27,8 @@ Exported (`WORKDIR/rm/params`, kind "reward_model"): {"backbone": model params, 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
 from typing import Any
 
@@ -50,27 +52,52 @@ def check(config: ml_collections.ConfigDict) -> None:
   runtime.check_seq_len(rc.seq_len, rm_cfg, "rm.seq_len", extra=0)
   runtime.check_choice(rc.grouping, "rm.grouping", ("prompt", "pairs"))
   runtime.check_choice(rc.pair_weighting, "rm.pair_weighting", ("uniform", "per_prompt"))
+  runtime.check_choice(rc.backbone, "rm.backbone", ("decoder", "encoder"))
+  if rc.backbone == "encoder" and (rc.model_size or not rc.encoder_from):
+    raise ValueError(f"rm.backbone='encoder' starts from the mlm stage's encoder in WORKDIR/<rm.encoder_from> (the "
+                     f"policy's size): set rm.encoder_from (got {rc.encoder_from!r}) and leave rm.model_size empty "
+                     f"(got {rc.model_size!r})")
+  runtime.check_choice(rc.target, "rm.target", ("rankings", *comparisons.RATING_TARGETS))
   feedback.check(config)
 
 
 def rm_model_config(config, vocab_size: int) -> transformer.ModelConfig:
   """The reward model's size: the policy's unless rm.model_size names a preset ("tiny", "small", "base")."""
+  if config.rm.backbone == "encoder":  # the policy's architecture with bidirectional attention (stages/mlm.py)
+    return dataclasses.replace(runtime.policy_config(config, vocab_size), causal=False)
   if not config.rm.model_size:
     return runtime.policy_config(config, vocab_size)
   return configs.to_model_config(configs.model_config(config.rm.model_size), vocab_size)
 
 
-def ranking_loss_fn(model_cfg: transformer.ModelConfig) -> training.LossFn:
-  """The K-way ranking loss of a group batch as a `training.make_train_step` loss. The normalisation is set
-  after training; the loss does not read it, so its gradient is zero."""
+def ranking_loss_fn(model_cfg: transformer.ModelConfig, target: str = "rankings") -> training.LossFn:
+  """The K-way ranking loss of a group batch (or with target "elo", the regression onto the batch's
+  "target" ratings) as a `training.make_train_step` loss. The normalisation is set after training; the loss does
+  not read it, so its gradient is zero."""
 
   def loss_fn(params, batch, rng):
     del rng
     rewards_bk = heads.group_rewards(params, batch, model_cfg)
-    loss, m = losses.ranking_loss(rewards_bk, batch["ranks"], batch["valid"], weights_b=batch["weight"])
+    if target == "rankings":
+      loss, m = losses.ranking_loss(rewards_bk, batch["ranks"], batch["valid"], weights_b=batch["weight"])
+    else:
+      loss, m = losses.rating_regression_loss(rewards_bk, batch["target"], batch["ranks"], batch["valid"],
+                                              weights_b=batch["weight"])
     return loss, {"accuracy": m["accuracy"]}
 
   return loss_fn
+
+
+def val_ranking_loss(comps, rewards) -> float:
+  """InstructGPT eq. 1 on held-out comparisons: the mean over prompts of -1/P sum log sigmoid(r_w - r_l) over
+  a prompt's P strict pairs, whatever arrangement trained the RM (so grouped and shuffled pairs compare)."""
+  per_prompt = []
+  for c, r in zip(comps, rewards):
+    nll = [np.logaddexp(0.0, -(r[w] - r[l])) for w in range(len(c.ranks)) for l in range(len(c.ranks))
+           if c.ranks[w] < c.ranks[l]]
+    if nll:
+      per_prompt.append(np.mean(nll))
+  return float(np.mean(per_prompt)) if per_prompt else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,10 +118,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"rm.seq_len={rc.seq_len} exceeds the reward model's max_len={model_cfg.max_len}")
 
   train, val, n_truncated, _, val_records = feedback.tokenized(config, workdir, tok)
+  if rc.target != "rankings":
+    comparisons.set_rating_targets(train, rc.target)
   k = max(len(c.ranks) for c in train + val)
   groups = comparisons.make_groups(train, grouping=rc.grouping, pair_weighting=rc.pair_weighting)
   group_k = k if rc.grouping == "prompt" else 2
   steps = tc.steps or max(1, int(tc.epochs * len(groups)) // tc.batch_size)
+  # evals_per_epoch > 0: evaluation points at fixed fractions of an epoch, with the validation ranking loss and
+  # the epoch in their rows (the per-epoch curves of experiments/papers/rm_batching.py); off by default.
+  per_epoch = tc.get("evals_per_epoch", 0)
+  eval_every = max(1, len(groups) // tc.batch_size // per_epoch) if per_epoch > 0 else tc.eval_every
   logging.info("[rm] %d train comparisons (%d groups, %s), %d validation; %d steps", len(train), len(groups),
                rc.grouping, len(val), steps)
 
@@ -102,7 +135,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   axes = heads.rm_param_axes(model_cfg)
   optimizer = optim.make_optimizer(rc.optimizer, steps, optim.decay_mask_from_axes(axes))
   rng = jax.random.PRNGKey(config.seed + 1)
-  if dataclasses.asdict(model_cfg) == dataclasses.asdict(policy_cfg) and rc.init_from:
+  if rc.finetune_from:  # an earlier reward model's backbone and head (online rounds); its normalisation reset
+    prev, prev_cfg, manifest = training.load_export(os.path.join(workdir, rc.finetune_from), mesh, rules)
+    if manifest["kind"] != "reward_model" or prev_cfg != model_cfg:
+      raise ValueError(f"rm.finetune_from={rc.finetune_from!r}: expected a reward model of this run's RM config, "
+                       f"found a {manifest['kind']} (same config: {prev_cfg == model_cfg})")
+    init_params = {**prev, "norm": heads.init_rm_params(rng, model_cfg, prev["backbone"])["norm"]}
+    state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
+  elif rc.backbone == "encoder":  # the masked-LM encoder (rlhf_jax/stages/mlm.py), a fresh head on it
+    backbone, _ = runtime.load_policy(workdir, rc.encoder_from, mesh, rules, expect=model_cfg,
+                                      field="rm.encoder_from")
+    state, state_sh = optim.state_from_params(heads.init_rm_params(rng, model_cfg, backbone), axes, optimizer, rng,
+                                              mesh, rules)
+  elif dataclasses.asdict(model_cfg) == dataclasses.asdict(policy_cfg) and rc.init_from:
     backbone, _ = runtime.load_policy(workdir, rc.init_from, mesh, rules, expect=policy_cfg, field="rm.init_from")
     init_params = heads.init_rm_params(rng, model_cfg, backbone)
     state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
@@ -119,10 +164,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state, start = training.resume(ckpt, state, state_sh, meta, it, stage="rm")
 
   guard = config.guard
-  step_fn = training.make_train_step(ranking_loss_fn(model_cfg), optimizer,
+  step_fn = training.make_train_step(ranking_loss_fn(model_cfg, rc.target), optimizer,
                                      inject_nan_at_step=guard.inject_nan_at_step,
                                      skip_nonfinite=guard.on_nonfinite == "skip")
-  bsh = comparisons.batch_shardings(mesh, rules)
+  bsh = comparisons.batch_shardings(mesh, rules, with_target=rc.target != "rankings")
   # Batches are cut to their longest sequence (rm.length_bucket), so each row logs its own padded length.
   writer = metrics.MetricsWriter(stage_dir, stage="rm", total_steps=steps, start_step=start)
   with sharding.activate(mesh, rules):
@@ -133,15 +178,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       rewards = rm_evals.score_comparisons(score_fn, params, val, k=k, seq_len=rc.seq_len, pad_id=tok.pad_id,
                                            batch_size=tc.batch_size, mesh=mesh, rules=rules,
                                            length_bucket=rc.length_bucket)
-      return rm_evals.pair_metrics(val, rewards, clear_gold_margin=rc.clear_gold_margin), rewards
+      out = rm_evals.pair_metrics(val, rewards, clear_gold_margin=rc.clear_gold_margin)
+      if per_epoch > 0:
+        out["val_loss"] = val_ranking_loss(val, rewards)
+      return out, rewards
 
     state, _ = training.fit(
         state, stage="rm", train_step=train_step, batches=it, put=lambda b: sharding.put_batch(b, mesh, rules),
-        steps=steps, start=start, log_every=tc.log_every, eval_every=tc.eval_every,
+        steps=steps, start=start, eval_every=eval_every,
+        # training.fit evaluates on logged steps only: with per_epoch, log on every evaluation point too.
+        log_every=math.gcd(tc.log_every, eval_every) if per_epoch > 0 else tc.log_every,
         on_nonfinite=guard.on_nonfinite, ckpt=ckpt, meta=meta, writer=writer,
         evaluate=lambda params: evaluate(params)[0],
         log_row=lambda done, m, batch: {"loss": m["loss"], "train_accuracy": m["accuracy"],
-                                        "grad_norm": m["grad_norm"], "padded_len": batch["tokens"].shape[-1]})
+                                        "grad_norm": m["grad_norm"], "padded_len": batch["tokens"].shape[-1],
+                                        **({"epoch": done * tc.batch_size / len(groups)} if per_epoch > 0 else {})})
 
     final, val_rewards = evaluate(state["params"])
     families = feedback.suite_families(config, workdir, val_records)
@@ -173,6 +224,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {"step": steps, **final, "norm_gain": 1.0 / std, "norm_bias": -mean / std, "raw_score_mean": mean,
              "raw_score_std": std, "n_train_comparisons": len(train), "n_train_groups": len(groups),
              "n_truncated": n_truncated, "grouping": rc.grouping, "wall_s": time.time() - t0}
+  if rc.target != "rankings":
+    summary["target"] = rc.target
   summary = writer.summary(summary)
   writer.close()
   ckpt.close()

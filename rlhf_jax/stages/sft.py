@@ -25,6 +25,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   runtime.check_choice(config.sft.too_long, "sft.too_long", ("truncate", "error"))
   if not 0.0 <= config.sft.pretrain_mix < 1.0:
     raise ValueError(f"sft.pretrain_mix={config.sft.pretrain_mix}: expected a fraction in [0, 1)")
+  if config.sft.pretrain_mix > 0 and sources.on_user_data(config) and not config.files.pretrain:
+    raise ValueError(f"sft.pretrain_mix={config.sft.pretrain_mix} on a user's files needs pretraining text; set "
+                     "files.pretrain to a file of {\"text\"} documents")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -45,6 +48,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # Gold scores of held-out samples, from the exports (the training step donated the buffers it started from).
   ec = config.eval
+  if ec.judge != "gold":  # a held-out reward model judges, and it is trained after SFT: the RL stage compares
+    training.write_summary(stage_dir, summary)
+    return summary
   prompts = sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts]
   gold = sources.gold_scorer(config, workdir)
   scfg = sampling.SamplingConfig(max_new_tokens=ec.max_new_tokens, temperature=ec.temperature)

@@ -78,6 +78,9 @@ class GoldScorer:
   def reference(self, prompt: str) -> str:
     return self.world.parse(prompt).reference
 
+  def family(self, prompt: str) -> str:
+    return self.world.parse(prompt).family
+
   def score(self, prompt: str, response: str) -> float:
     return self.breakdown(prompt, response)["score"]
 

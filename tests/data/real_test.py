@@ -270,6 +270,28 @@ def _hh_text(turns):
   return "".join(f"\n\n{'Human' if role == 'user' else 'Assistant'}: {content}" for role, content in turns)
 
 
+_SUBJECTS = ("My neighbour", "The city council", "A friend of mine", "Our landlord", "The new manager", "My sister",
+             "The local library", "A small bakery", "The school board", "My roommate", "The bus company", "Our team")
+_VERBS = ("decided to", "finally agreed to", "refused to", "quietly planned to", "announced it would", "tried to")
+_OBJECTS = ("repaint the old fence", "open on Sundays", "cut the budget for parks", "move across the country",
+            "adopt a rescue dog", "start a running club", "replace the broken heater", "learn to play the violin",
+            "raise the rent by ten percent", "plant tomatoes on the balcony", "switch to a four-day week")
+_FOLLOW = ("Nobody was surprised.", "Everyone had an opinion about it.", "It took three meetings to settle.",
+           "The results were better than expected.", "Some people complained online.", "It was a long week.",
+           "We will see how it goes next month.", "Honestly, it made sense in the end.")
+
+
+def _pretrain_texts():
+  """32 short documents of plain text (PPO-ptx's pretraining text in experiments/tldr and hh)."""
+  rng = random.Random(7)
+  out = []
+  for _ in range(32):
+    sents = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(rng.randint(2, 4))]
+    sents.insert(rng.randint(1, len(sents)), rng.choice(_FOLLOW))
+    out.append({"text": " ".join(sents)})
+  return out
+
+
 def _fixture_rows():
   """file name -> rows, for every schema's fixture."""
   rng = random.Random(0)
@@ -331,6 +353,7 @@ def _fixture_rows():
       "summarize_from_feedback.parquet": parquet_comparisons,  # the hub's layout: struct columns, nulls
       "tldr_sft.json": tldr,  # a JSON list
       "ultrafeedback.parquet": ultra,
+      "pretrain_text.jsonl": _pretrain_texts(),
   }
 
 
@@ -338,7 +361,7 @@ FIXTURE_SCHEMAS = {
     "hh.jsonl": "hh", "rankings.jsonl": "rankings", "sft.jsonl": "sft", "pairs.jsonl": "pairs",
     "prompts.jsonl": "prompts", "summarize_batch.json": "summarize_from_feedback",
     "summarize_from_feedback.parquet": "summarize_from_feedback", "tldr_sft.json": "tldr_sft",
-    "ultrafeedback.parquet": "ultrafeedback",
+    "ultrafeedback.parquet": "ultrafeedback", "pretrain_text.jsonl": "text",
 }
 
 
@@ -415,6 +438,8 @@ def _expected(schema, row):
     else:
       prompt, completion = _tldr_format(row["subreddit"], row["title"], row["post"]), row["summary"]
     return {"turns": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.strip()}]}
+  if schema == "text":
+    return {"text": row["text"]}
   assert schema == "prompts", schema
   return {"prompt_turns": _turns(row["prompt"] if "prompt" in row else row["query"])}
 
@@ -562,6 +587,15 @@ BAD_RECORDS = {
     "prompts_ends_with_assistant": ("prompts", "x.jsonl", _set("prompt", [{"role": "assistant", "content": "a"}]),
                                     "field 'prompt': the last turn must be a 'user' turn"),
     "prompts_empty": ("prompts", "x.parquet", _set("prompt", " "), "field 'prompt': expected non-empty text"),
+    "hh_sft_missing": ("hh_sft", "x.jsonl", _del("chosen"), "missing field 'chosen'"),
+    "hh_sft_ends_with_human": ("hh_sft", "x.json", _set("chosen", "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: ok"),
+                               "field 'chosen': the dialogue must end with an Assistant turn"),
+    "hh_sft_empty_reply": ("hh_sft", "x.jsonl", _set("chosen", "\n\nHuman: hi\n\nAssistant:  "),
+                           "field 'chosen': the final Assistant reply is empty"),
+    "text_missing": ("text", "x.jsonl", lambda r: r.clear() or r.update(content="a"), "missing field 'text'"),
+    "text_type": ("text", "x.json", _set("text", ["a", "b"]),
+                  "field 'text': expected a document of pretraining text (a string), got list"),
+    "text_empty": ("text", "x.parquet", _set("text", "   "), "field 'text': the text is empty"),
 }
 
 _GOOD_ROWS = {
@@ -573,6 +607,8 @@ _GOOD_ROWS = {
     "ultrafeedback": lambda: _fixture_rows()["ultrafeedback.parquet"][:3],
     "pairs": lambda: _fixture_rows()["pairs.jsonl"][0:6:2],  # string prompts (a parquet column has one type)
     "prompts": lambda: _fixture_rows()["prompts.jsonl"][2:6:2],
+    "hh_sft": lambda: _fixture_rows()["hh.jsonl"][:3],
+    "text": lambda: _fixture_rows()["pretrain_text.jsonl"][:3],
 }
 
 

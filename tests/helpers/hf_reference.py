@@ -4,7 +4,8 @@
         [--kind causal_lm|reward]
     bench/.venv-peers/bin/python tests/helpers/hf_reference.py --jobs JOBS.json   # many, one torch start-up
 
-JOBS.json: a list of {"model", "inputs", "out", "kind"} objects.
+JOBS.json: a list of {"model", "inputs", "out", "kind"[, "greedy_new_tokens"]} objects (with greedy_new_tokens, also
+the tokens of transformers' greedy `generate`, as "generated", EOS-stopped rows padded by transformers).
 
 IN.npz holds `input_ids` and `attention_mask` ([b, t] integers, left padding allowed). OUT.npz gets
   causal_lm: `logits` [b, t, v] float32 (AutoModelForCausalLM)
@@ -25,7 +26,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def run(model_dir: str, inputs: str, out: str, kind: str) -> None:
+def run(model_dir: str, inputs: str, out: str, kind: str, greedy_new_tokens: int = 0) -> None:
     import numpy as np
     import torch
     import transformers
@@ -57,6 +58,12 @@ def run(model_dir: str, inputs: str, out: str, kind: str) -> None:
                     position_ids=torch.from_numpy(pos.astype(np.int64)), use_cache=False)
     logits = res.logits.float().numpy()
     arrays = {"logits": logits} if kind == "causal_lm" else {"scores": logits[:, 0].astype(np.float32)}
+    if greedy_new_tokens:  # transformers' own greedy decoding, from the folder's generation_config (its EOS stops)
+        with torch.no_grad():
+            gen = model.generate(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                                 attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=False,
+                                 max_new_tokens=greedy_new_tokens, temperature=None, top_p=None, top_k=None)
+        arrays["generated"] = gen[:, ids.shape[1]:].numpy().astype(np.int32)
     tmp = out + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, out)
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
         else:
             raise ValueError("give --jobs, or --model, --inputs and --out")
         for job in jobs:
-            run(job["model"], job["inputs"], job["out"], job.get("kind", "causal_lm"))
+            run(job["model"], job["inputs"], job["out"], job.get("kind", "causal_lm"), job.get("greedy_new_tokens", 0))
     except BaseException as e:  # noqa: BLE001 - one line, whatever went wrong
         if isinstance(e, SystemExit) and not e.code:
             return 0

@@ -2,7 +2,7 @@
 
 With pretrain.train.steps=0 the pretrain stage only imports (its export is the imported weights, bit for bit);
 with steps > 0 it continues pretraining from them; SFT and later stages inherit the imported architecture and,
-with tokenizer.kind="hf", its tokenizer and chat template; the export stage writes folders transformers loads. A
+with tokenizer.kind="hf", its tokenizer and chat template; the export stage writes a folder transformers loads. A
 broken folder fails the preflight before anything is written into the workdir.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from helpers import experiments
 from rlhf_jax import pipeline, runtime, sharding, tokenizers, training
-from rlhf_jax.models import heads, hf, transformer
+from rlhf_jax.models import hf, transformer
 from helpers import hf_helpers
 
 # A Qwen 2.5-shaped model (SwiGLU, GQA, q/k/v biases, tied embeddings) big enough for the byte tokenizer.
@@ -85,12 +85,13 @@ def test_a_broken_folder_fails_before_anything_is_written(hf_model, tmp_path):
     runtime.policy_config(_config(hf_model, ("pretrain",), 0), 500)
 
 
-def test_the_model_s_own_tokenizer_through_sft_and_rm_then_export_that_transformers_loads(hf_model, tmp_path):
+def test_the_model_s_own_tokenizer_through_sft_then_export_that_transformers_loads(hf_model, tmp_path):
   workdir = str(tmp_path / "w")
-  config = _config(hf_model, ("data", "pretrain", "sft", "rm", "export"), 0)
+  config = _config(hf_model, ("data", "pretrain", "sft", "export"), 0)
   config.tokenizer.kind = "hf"  # tokenizer.path "" = init.hf_path's tokenizer.json and chat template
-  config.rm.train.steps, config.rm.n_prompts, config.rm.n_val_prompts = 2, 16, 8
-  config.export.policy_from = "sft"
+  # The reward model's export through the pipeline is tests/stages/real_data_test.py's (and save_hf's,
+  # tests/models/hf_test.py's); here the policy only.
+  config.export.policy_from, config.export.rm_from = "sft", ""
   pipeline.run(config, workdir)
   # pretrain.train.steps=0: the stage only imported; its export is the imported weights, bit for bit.
   imported, cfg = hf.load_hf(hf_model, sharding.make_mesh(devices=jax.devices()[:1]))
@@ -109,9 +110,8 @@ def test_the_model_s_own_tokenizer_through_sft_and_rm_then_export_that_transform
   assert text == "yo<|im_end|>", text  # ChatML: the reply and its end-of-turn token are what SFT trains on
   assert tok.decode([tok.eos_id], skip_special=False) == "<|im_end|>"  # what sampling stops on
 
-  # The exported folders, loaded by transformers (the peers' environment): the SFT policy's logits and the
-  # reward model's normalised scores are ours.
-  policy_dir, reward_dir = (os.path.join(workdir, "export", n) for n in ("policy", "reward"))
+  # The exported folder, loaded by transformers (the peers' environment): the SFT policy's logits are ours.
+  policy_dir = os.path.join(workdir, "export", "policy")
   assert os.path.isfile(os.path.join(policy_dir, "tokenizer.json"))  # the imported model's tokenizer travels
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   prompts = [tokenizers.encode_prompt(tok, [{"role": "user", "content": q}]) for q in ("Hello there", "2+2?")]
@@ -120,13 +120,7 @@ def test_the_model_s_own_tokenizer_through_sft_and_rm_then_export_that_transform
   mask = (np.arange(width)[None] >= width - np.array([len(p) for p in prompts])[:, None]).astype(np.int32)
   np.savez(tmp_path / "inputs.npz", input_ids=ids, attention_mask=mask)
   got = hf_helpers.transformers_outputs([dict(model=policy_dir, inputs=str(tmp_path / "inputs.npz"),
-                                              kind="causal_lm"),
-                                         dict(model=reward_dir, inputs=str(tmp_path / "inputs.npz"),
-                                              kind="reward")], tmp_path)
+                                              kind="causal_lm")], tmp_path)
   sft, sft_cfg, _ = training.load_export(os.path.join(workdir, "sft"), mesh, sharding.DEFAULT_RULES)
   ours, _ = transformer.forward(sft, ids, sft_cfg, mask_bt=mask)
   np.testing.assert_allclose(got[0]["logits"][mask.astype(bool)], np.asarray(ours)[mask.astype(bool)], atol=1e-4)
-  rm, rm_cfg, _ = training.load_export(os.path.join(workdir, "rm"), mesh, sharding.DEFAULT_RULES)
-  with open(os.path.join(reward_dir, "config.json")) as f:
-    bias = json.load(f)["rlhf_jax_score_bias"]
-  np.testing.assert_allclose(got[1]["scores"] + bias, np.asarray(heads.scores(rm, ids, mask, rm_cfg)), atol=1e-4)

@@ -22,6 +22,9 @@ from rlhf_jax.models import transformer
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers_multihost"))
 import tiny_stages as ts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# scale_test, checkpoint_test and multihost_test share tiny_stages' cached runs (per mesh, per process): one worker
+pytestmark = pytest.mark.xdist_group("tiny_stages")
+
 ONE, SPLIT, WIDE = (1, 1, 1), (2, 2, 2), (8, 1, 1)
 
 

@@ -29,7 +29,9 @@ import tiny_stages as ts  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 240
-pytestmark = pytest.mark.xdist_group("multihost")  # one worker runs the module: the two processes start once
+# One worker runs the module (the two processes start once), with scale_test and checkpoint_test, whose tiny_stages
+# runs it reuses.
+pytestmark = pytest.mark.xdist_group("tiny_stages")
 
 
 def _tail(path, n=3000):

@@ -22,6 +22,9 @@ from rlhf_jax import sharding
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers_multihost"))
 import tiny_stages as ts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# scale_test, checkpoint_test and multihost_test share tiny_stages' cached runs (per mesh, per process): one worker
+pytestmark = pytest.mark.xdist_group("tiny_stages")
+
 ONE = (1, 1, 1)
 SHARDED = [(2, 2, 2), (8, 1, 1)]
 # The PPO comparisons (the costliest here) on the mesh that splits all three axes at once.

@@ -7,6 +7,7 @@ sampler from the PPO stage's own export; a rerun skips every finished stage. (ex
 schemas, which tests/data/user_files_test.py reads; its smoke preset is checked here up to the preflight.)
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -16,9 +17,9 @@ import numpy as np
 import pytest
 
 from helpers import experiments, hf_helpers, stage_runner
-from rlhf_jax import pipeline, sampling, sharding, training
+from rlhf_jax import pipeline, sampling, sharding, tokenizers, training
 from rlhf_jax.data import sources
-from rlhf_jax.models import heads
+from rlhf_jax.models import heads, hf
 
 pytestmark = pytest.mark.xdist_group("real_data")  # its module fixture (the pipeline run) is built once
 
@@ -102,6 +103,29 @@ def test_the_exported_policy_decodes_in_transformers_as_in_our_sampler(run, tmp_
     np.testing.assert_array_equal(got[i, :n], ours[i, :n], err_msg=f"prompt {i}")
   with open(os.path.join(workdir, "export", "policy", "config.json")) as f:
     assert json.load(f)["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_the_import_its_tokenizer_and_chat_template_carry_through_sft(run):
+  workdir, _, _ = run
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  c = _config(workdir)
+  imported, cfg = hf.load_hf(c.init.hf_path, mesh)
+  # pretrain.train.steps=0: the stage only imported; its export is the imported weights, bit for bit.
+  exported, exported_cfg, _ = training.load_export(os.path.join(workdir, "pretrain"), mesh, sharding.DEFAULT_RULES)
+  assert exported_cfg == dataclasses.replace(cfg, dtype="float32")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), imported, exported)
+  sft_params, sft_cfg, _ = training.load_export(os.path.join(workdir, "sft"), mesh, sharding.DEFAULT_RULES)
+  assert sft_cfg.family == "qwen2" and sft_cfg.qkv_bias and "bq" in sft_params["layers"]
+  assert not np.array_equal(np.asarray(sft_params["layers"]["w_in"]), np.asarray(imported["layers"]["w_in"]))
+  with open(os.path.join(workdir, "sft", "export.json")) as f:
+    manifest = json.load(f)
+  assert manifest["tokenizer"]["kind"] == "hf"
+  tok = tokenizers.load_from_dir(os.path.join(workdir, "sft"), manifest["tokenizer"])
+  ids, mask = tokenizers.encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+  text = tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+  assert text == "yo<|im_end|>", text  # ChatML: the reply and its end-of-turn token are what SFT trains on
+  assert tok.decode([tok.eos_id], skip_special=False) == "<|im_end|>"  # what sampling stops on
+  assert os.path.isfile(os.path.join(workdir, "export", "policy", "tokenizer.json"))  # the tokenizer travels
 
 
 def test_the_hh_smoke_preset_passes_its_preflight():

@@ -60,7 +60,7 @@ def test_pretraining_continues_from_the_import(hf_model, tmp_path):
   workdir = str(tmp_path / "w")
   proc = stage_runner.run(workdir, *(f"--experiment.stages={s}" for s in ("data", "pretrain")),
                           f"--experiment.init.hf_path={hf_model}", "--experiment.pretrain.train.steps=3",
-                          cache_dir=str(tmp_path / "xla_cache"), base_flags=(f"{stage_runner.TINY_FLAGS[0]}",))
+                          cache_dir=str(tmp_path / "xla_cache"), base_flags=stage_runner.TINY_FLAGS[:1])
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["pretrain.step"] == 3

@@ -17,7 +17,7 @@ import os
 
 import ml_collections
 
-from rlhf_jax.models import presets, transformer
+from rlhf_jax.models import lora, presets, transformer
 from rlhf_jax.tasks import suite
 
 ConfigDict = ml_collections.ConfigDict
@@ -48,6 +48,21 @@ def optimizer_config(lr: float = 1e-3, warmup_steps: int = 20, weight_decay: flo
   return ConfigDict(dict(
       lr=lr, warmup_steps=warmup_steps, schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
       eps_convention="pytorch", weight_decay=weight_decay, grad_clip=grad_clip))
+
+
+def lora_config(rank: int = 0, alpha: float = 16.0, targets: tuple[str, ...] = ("q", "v")) -> ConfigDict:
+  """LoRA for a trained stage (sft, dpo, ppo; rlhf_jax/models/lora.py): rank 0 is off (every weight trained);
+  rank r > 0 trains adapters scaled by alpha / r on the target projections ("q", "k", "v", "o", "mlp_in",
+  "mlp_gate", "mlp_out") of a frozen base, which in PPO is also the reference policy."""
+  return ConfigDict(dict(rank=rank, alpha=alpha, targets=tuple(targets)))
+
+
+def to_lora_config(lora_cd: ConfigDict, field: str) -> lora.LoraConfig:
+  """The typed LoraConfig of a stage's `lora` block; an error names `field` (e.g. "ppo.lora")."""
+  try:
+    return lora.LoraConfig(rank=int(lora_cd.rank), alpha=float(lora_cd.alpha), targets=tuple(lora_cd.targets))
+  except ValueError as e:
+    raise ValueError(str(e).replace("lora.", f"{field}.", 1)) from None
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ConfigDict:
@@ -138,7 +153,8 @@ def sft_config() -> ConfigDict:
   return ConfigDict(dict(
       stage_dir="sft", init_from="pretrain",
       train=train_config(steps=60, batch_size=16, seq_len=127, log_every=20, eval_every=60, eval_batches=2),
-      optimizer=optimizer_config(lr=5e-4, warmup_steps=10), pretrain_mix=0.0, too_long="truncate"))
+      optimizer=optimizer_config(lr=5e-4, warmup_steps=10), pretrain_mix=0.0, too_long="truncate",
+      lora=lora_config()))
 
 
 def rm_config() -> ConfigDict:
@@ -185,10 +201,15 @@ def ppo_config(ptx_coef: float = 0.0) -> ConfigDict:
       max_prompt_len=64, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
       clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
       whiten_rewards=True, no_eos_penalty=-1.0, log_every=5,
+      # old_logp: the PPO ratio's denominator, "recompute" (a forward pass of the policy over the rollout) or
+      # "sampler" (the sampler's own log-probs, one pass fewer); either way the update logs their mismatch with
+      # the training pass on its first minibatch (first_logratio_absmax).
+      old_logp="recompute",
       kl=ConfigDict(dict(adaptive=True, init_beta=0.02, target=6.0, horizon=10_000, mode="reward")),
       grpo=ConfigDict(dict(scale_rewards=True, length_norm=True)),
       ptx=ConfigDict(dict(coef=ptx_coef, ratio=1, seq_len=64)),
       optimizer=optimizer_config(lr=1e-5, warmup_steps=0, weight_decay=0.0),
+      lora=lora_config(),  # LoRA on the policy and the value model; the frozen base is the reference
   ))
 
 
@@ -203,6 +224,7 @@ def dpo_config() -> ConfigDict:
       stage_dir="dpo", init_from="sft", rm_from="rm", loss="dpo", beta=0.1, label_smoothing=0.0, pairs="all",
       train=ConfigDict(dict(steps=0, epochs=1.0, batch_size=16, log_every=10, eval_every=0)),
       optimizer=optimizer_config(lr=1e-5, warmup_steps=10, weight_decay=0.0),
+      lora=lora_config(),
   ))
 
 

@@ -57,7 +57,25 @@ def make_optimizer(opt_cfg, total_steps: int, decay_mask: Any = None) -> optax.G
   if opt_cfg.get("weight_decay", 0.0):
     parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(lr))
-  return optax.chain(*parts)
+  return float32_state(optax.chain(*parts))
+
+
+def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` run in float32 whatever the parameters' dtype: its state (Adam's mu and nu) is float32, and so are
+  the updates, which optax.apply_updates adds to the parameters before rounding to their dtype once.
+
+  optax's scale_by_adam keeps nu in the parameters' dtype (its mu_dtype covers mu only); bfloat16 moments would
+  round away most of nu's 1 - b2 = 5% steps. For float32 parameters every cast here is the identity.
+  """
+  to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+  def init_fn(params):
+    return inner.init(to32(params))
+
+  def update_fn(updates, state, params=None):
+    return inner.update(to32(updates), state, None if params is None else to32(params))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _scale_by_adam_tf(b1: float, b2: float, eps: float) -> optax.GradientTransformation:

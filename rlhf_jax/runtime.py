@@ -34,7 +34,7 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
 
 
 # ModelConfig fields that say how to run a model, not what it is: an imported model takes them from config.model.
-RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate")
+RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "param_dtype")
 
 
 def policy_config(config: ml_collections.ConfigDict, vocab_size: int) -> transformer.ModelConfig:
@@ -92,8 +92,14 @@ def check_lm_block(config: ml_collections.ConfigDict, block: str, *, allow_zero_
 def load_policy(workdir: str, name: str, mesh, rules, *, expect: transformer.ModelConfig | None = None,
                 field: str = "init_from"):
   """The parameters the stage in WORKDIR/<name> exported, on this run's mesh. With `expect`, a model config
-  other than the one this run uses is an error naming both (`field` is the config field that chose `name`)."""
+  other than the one this run uses is an error naming both (`field` is the config field that chose `name`);
+  the RUNTIME_FIELDS say how to run a model, not which model it is, so they come from `expect` (an export in
+  another model.param_dtype is cast to this run's: a float32 SFT model starts a bfloat16 PPO run)."""
   params, cfg, _ = training.load_export(os.path.join(workdir, name), mesh, rules)
+  if expect is not None:
+    if cfg.param_dtype != expect.param_dtype:
+      params = jax.tree.map(lambda x: x.astype(expect.param_dtype), params)
+    cfg = dataclasses.replace(cfg, **{k: getattr(expect, k) for k in RUNTIME_FIELDS})
   if expect is not None and cfg != expect:
     diffs = {k: (v, getattr(expect, k)) for k, v in dataclasses.asdict(cfg).items() if getattr(expect, k) != v}
     detail = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in sorted(diffs.items()))

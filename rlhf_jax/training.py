@@ -25,7 +25,7 @@ import optax
 
 from rlhf_jax import checkpoint, losses, metrics, optim, preemption, sharding, tokenizers
 from rlhf_jax.evals import lm as lm_evals
-from rlhf_jax.models import heads, transformer
+from rlhf_jax.models import heads, lora, transformer
 
 Batch = dict[str, Any]
 # loss_fn(params, batch, rng) -> (scalar loss, {name: scalar}); rng is fold_in(state rng, step).
@@ -36,19 +36,20 @@ NonFiniteError = checkpoint.NonFiniteError
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, inject_nan_at_step: int = -1,
                     skip_nonfinite: bool = False) -> Callable:
-  """train_step(state, batch) -> (state, metrics): one optimizer step on `loss_fn`. Pure.
+  """train_step(state, batch, frozen=None) -> (state, metrics): one optimizer step on `loss_fn`. Pure.
 
   metrics: "loss", what loss_fn reports beside it, "grad_norm" and "finite". With skip_nonfinite a step whose
   loss or gradient is not finite keeps the old parameters and optimizer state. inject_nan_at_step >= 0 plants a
-  NaN in the loss at that step (to test the guard).
+  NaN in the loss at that step (to test the guard). `frozen`, when given, is passed to the loss after the batch
+  and rng and never differentiated (the base weights of LoRA adapters, `lora_loss_fn`).
   """
 
-  def train_step(state, batch):
+  def train_step(state, batch, frozen=None):
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)  # a resumed run draws the same numbers
 
     def wrapped(params):
-      loss, aux = loss_fn(params, batch, rng)
+      loss, aux = loss_fn(params, batch, rng) if frozen is None else loss_fn(params, batch, rng, frozen)
       if inject_nan_at_step >= 0:
         loss = jnp.where(step == inject_nan_at_step, jnp.nan, loss)
       return loss, aux
@@ -75,6 +76,16 @@ def lm_loss_fn(model_cfg: transformer.ModelConfig) -> LossFn:
     return loss, {"n_tokens": n_tokens}
 
   return loss_fn
+
+
+def lora_loss_fn(loss_fn: LossFn, lcfg: lora.LoraConfig) -> Callable:
+  """`loss_fn` of the full weights as a loss of LoRA adapters: (adapters, batch, rng, base) -> loss_fn(base
+  with the adapters merged, batch, rng); with `make_train_step`, only the adapters are trained."""
+
+  def adapted(adapters, batch, rng, base):
+    return loss_fn(lora.merge(base, adapters, lcfg), batch, rng)
+
+  return adapted
 
 
 def make_checkpointer(checkpoint_cfg, stage_dir: str) -> checkpoint.Checkpointer:
@@ -150,6 +161,7 @@ def train_lm(
     init_params: Any = None,
     extra_summary: dict[str, Any] | None = None,
     write_summary: bool = True,
+    lora_cfg: lora.LoraConfig | None = None,
 ) -> tuple[dict[str, Any], Any]:
   """The next-token training loop shared by pretraining and SFT; returns (summary, final parameters).
 
@@ -160,14 +172,26 @@ def train_lm(
   tokenizer: exported beside the parameters (export_params);
   init_params: starting parameters (e.g. the pretrained ones for SFT); default a fresh `transformer.init`.
   write_summary=False leaves summary.json (the stage's "complete" mark) to the caller, which has more to do.
+  lora_cfg (enabled): train LoRA adapters on the frozen init_params instead of every weight; checkpoints hold the
+  adapters, the export and the returned parameters the merged weights.
   """
   t0 = time.time()
   tc = train_cfg
   sharding.check_batch(tc.batch_size, mesh, rules, field=f"{stage}.train.batch_size")
-  axes = transformer.param_axes(model_cfg)
+  use_lora = lora_cfg is not None and lora_cfg.enabled
+  if use_lora and init_params is None:
+    raise ValueError(f"{stage}.lora.rank={lora_cfg.rank}: LoRA adapts a trained model; {stage} has no init_from "
+                     "model to adapt")
+  params_axes = transformer.param_axes(model_cfg)
+  axes = lora.adapter_axes(model_cfg, lora_cfg) if use_lora else params_axes
   optimizer = optim.make_optimizer(optimizer_cfg, tc.steps, optim.decay_mask_from_axes(axes))
   rng = jax.random.PRNGKey(seed)
-  if init_params is None:
+  base = None
+  if use_lora:  # the trained state is the adapters; the base is a frozen argument of every step
+    base = init_params
+    state, state_sh = optim.create_state(lambda k: lora.init_adapters(k, model_cfg, lora_cfg), axes, optimizer,
+                                         rng, mesh, rules)
+  elif init_params is None:
     state, state_sh = optim.create_state(lambda k: transformer.init(k, model_cfg), axes, optimizer, rng, mesh,
                                          rules)
   else:
@@ -175,18 +199,34 @@ def train_lm(
 
   ckpt = make_checkpointer(checkpoint_cfg, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": stage}
+  if use_lora:  # a checkpoint of adapters resumes only with the same adapters
+    meta["model"]["lora"] = dataclasses.asdict(lora_cfg) | {"targets": list(lora_cfg.targets)}
   state, start = resume(ckpt, state, state_sh, meta, train_iter, stage=stage)
 
-  step_fn = make_train_step(lm_loss_fn(model_cfg), optimizer, inject_nan_at_step=guard_cfg.inject_nan_at_step,
+  loss_fn = lora_loss_fn(lm_loss_fn(model_cfg), lora_cfg) if use_lora else lm_loss_fn(model_cfg)
+  step_fn = make_train_step(loss_fn, optimizer, inject_nan_at_step=guard_cfg.inject_nan_at_step,
                             skip_nonfinite=guard_cfg.on_nonfinite == "skip")
   batch_sh = {k: sharding.batch_sharding(mesh, rules, 2) for k in ("tokens", "mask", "loss_mask")}
+  params_sh = sharding.tree_shardings(params_axes, base, mesh, rules) if use_lora else state_sh["params"]
   with sharding.activate(mesh, rules):
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                         donate_argnums=0)
-    eval_step = jax.jit(lm_evals.make_eval_step(model_cfg), in_shardings=(state_sh["params"], batch_sh))
+    if use_lora:
+      lora_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, params_sh), out_shardings=(state_sh, None),
+                          donate_argnums=0)
+      train_step = lambda state, batch: lora_step(state, batch, base)
+      merge = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=params_sh)
+    else:
+      train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                           donate_argnums=0)
+    eval_step = jax.jit(lm_evals.make_eval_step(model_cfg), in_shardings=(params_sh, batch_sh))
+
+  def full(params):  # the model's weights: the adapters merged into the base with LoRA
+    if not use_lora:
+      return params
+    with sharding.activate(mesh, rules):
+      return merge(base, params)
 
   def evaluate(params):
-    return lm_evals.evaluate(eval_step, params, eval_iter_fn(), mesh, rules, tc.eval_batches)
+    return lm_evals.evaluate(eval_step, full(params), eval_iter_fn(), mesh, rules, tc.eval_batches)
 
   schedule = optim.learning_rate_schedule(optimizer_cfg, tc.steps)
   tokens_per_step = tc.batch_size * tc.seq_len
@@ -201,18 +241,21 @@ def train_lm(
         log_row=lambda done, m, _: {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": schedule(done)})
 
   final_eval = evaluate(state["params"])
-  export_params(stage_dir, state["params"], model_cfg=model_cfg, tokenizer=tokenizer)
+  final = full(state["params"])
+  export_params(stage_dir, final, model_cfg=model_cfg, tokenizer=tokenizer)
   if not last and os.path.exists(writer.jsonl_path):  # resumed after the last step: report the logged loss
     rows = metrics.read_jsonl(writer.jsonl_path)
     last = rows[-1] if rows else {}
   summary = {"step": tc.steps, "train_loss": last.get("loss"), **final_eval, "wall_s": time.time() - t0,
              "num_params": model_cfg.num_params(), "tokens_per_step": tokens_per_step,
              "devices": jax.device_count(), **(extra_summary or {})}
+  if use_lora:
+    summary["lora_params"] = lora.num_params(model_cfg, lora_cfg)
   if write_summary:
     summary = writer.summary(summary)
   writer.close()
   ckpt.close()
-  return summary, state["params"]
+  return summary, final
 
 
 EXPORT_MANIFEST = "export.json"

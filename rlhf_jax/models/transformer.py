@@ -77,7 +77,9 @@ class ModelConfig:
   sliding_window: int = 0  # > 0: a query sees only the last `sliding_window` keys, itself included (Mistral)
   family: str = ""  # the Hugging Face family the weights follow ("" = this project's own; see models.hf)
   dropout_rate: float = 0.0  # no dropout unless asked (RL needs a first ratio of exactly 1)
-  dtype: str = "float32"  # compute dtype; parameters stay float32
+  dtype: str = "float32"  # compute dtype
+  # storage dtype of the parameters ("float32" or "bfloat16"); optimizer moments stay float32 (rlhf_jax.optim)
+  param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass
   remat_policy: str = "nothing_saveable"  # with remat: "nothing_saveable" or "dots_saveable" (keep matmul outputs)
   scan_layers: bool = False  # the uncached pass as one lax.scan over the stacked layers (compiles once per model)
@@ -122,6 +124,8 @@ class ModelConfig:
       raise ValueError(f"model.remat_policy must be one of {sorted(_REMAT_POLICIES)}, got {self.remat_policy!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+    if self.param_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"model.param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
     for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_len"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -208,10 +212,13 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def init(rng: jax.Array, cfg: ModelConfig) -> Params:
-  """Fresh parameters. Wrap in `jax.jit(..., out_shardings=...)` to create them already sharded."""
+  """Fresh parameters in model.param_dtype (drawn in float32, then cast). Wrap in `jax.jit(...,
+  out_shardings=...)` to create them already sharded."""
   specs = _param_specs(cfg)
   keys = jax.random.split(rng, len(specs))
-  return _unflatten({name: fn(key, shape) for key, (name, (shape, _, fn)) in zip(keys, sorted(specs.items()))})
+  dt = jnp.dtype(cfg.param_dtype)
+  return _unflatten({name: fn(key, shape).astype(dt)
+                     for key, (name, (shape, _, fn)) in zip(keys, sorted(specs.items()))})
 
 
 def param_axes(cfg: ModelConfig) -> Params:
@@ -656,7 +663,10 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
 def unembed(params: Params, h_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Logits [b, t, v] in float32."""
   w_dv = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv.astype(cfg.compute_dtype))
+  if cfg.compute_dtype == jnp.float32:
+    logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv.astype(cfg.compute_dtype))
+  else:  # accumulated and returned in float32: log-probs and the PPO ratio need more than bfloat16's 8 bits
+    logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
   return _constrain(logits_btv.astype(jnp.float32), ("batch", "length", "vocab"))
 
 

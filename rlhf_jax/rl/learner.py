@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
-from rlhf_jax.rl.rollout import PPOSettings, Rollout, policy_logprobs, value_estimates
+from rlhf_jax.rl.rollout import PPOSettings, Rollout, policy_logprobs, value_estimates, with_frozen
 
 Params = dict[str, Any]
 
@@ -40,9 +40,11 @@ ALGORITHMS = {
 }
 
 
-def ppo_loss(trainable: Params, mb: Rollout, ptx_batch, policy_cfg, s: PPOSettings, beta=0.0):
+def ppo_loss(trainable: Params, mb: Rollout, ptx_batch, policy_cfg, s: PPOSettings, beta=0.0, frozen=None):
   """Policy (+ value, + entropy, + KL, + ptx) loss of one minibatch, and its metrics. `beta` weighs the k3 KL
-  term when the KL is a loss term (s.kl_in_loss)."""
+  term when the KL is a loss term (s.kl_in_loss). With LoRA, `trainable` holds adapters on the `frozen` base
+  weights (rollout.with_frozen)."""
+  trainable = with_frozen(trainable, frozen, s.lora)
   temp = s.sampling.logprob_temperature
   logp_bn, entropy = policy_logprobs(trainable["policy"], mb, policy_cfg, temp, with_entropy=True)
   policy_loss, value_loss = ALGORITHMS[s.algorithm]
@@ -68,45 +70,57 @@ def ppo_loss(trainable: Params, mb: Rollout, ptx_batch, policy_cfg, s: PPOSettin
     loss = loss + s.ptx_coef * ptx
     m["ptx_loss"] = ptx
   m["loss"] = loss
+  # Before any update (the first minibatch of the first epoch) this is how far the training pass is from the
+  # old log-probs: float32 rounding with ppo.old_logp="recompute", the sampler's mismatch with "sampler".
+  m["logratio_absmax"] = jnp.max(jnp.abs(jnp.where(mb.response_mask_bn, logp_bn - mb.old_logp_bn, 0.0)))
   return loss, m
 
 
-def minibatch_step(carry, mb_and_ptx, *, optimizer, policy_cfg, s: PPOSettings, beta=0.0):
+def minibatch_step(carry, mb_and_ptx, *, optimizer, policy_cfg, s: PPOSettings, beta=0.0, frozen=None):
   trainable, opt_state = carry
   mb, ptx_batch = mb_and_ptx
-  (_, m), grads = jax.value_and_grad(ppo_loss, has_aux=True)(trainable, mb, ptx_batch, policy_cfg, s, beta)
+  (_, m), grads = jax.value_and_grad(ppo_loss, has_aux=True)(trainable, mb, ptx_batch, policy_cfg, s, beta,
+                                                             frozen)
   m["grad_norm"] = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   return (optax.apply_updates(trainable, updates), opt_state), m
 
 
-def ppo_epoch(carry, epoch_rng, *, rollout: Rollout, ptx, optimizer, policy_cfg, s: PPOSettings, beta=0.0):
+def ppo_epoch(carry, epoch_rng, *, rollout: Rollout, ptx, optimizer, policy_cfg, s: PPOSettings, beta=0.0,
+              frozen=None):
   """One pass over the rollout in shuffled minibatches."""
   b = rollout.prompt_bp.shape[0]
   perm = jax.random.permutation(epoch_rng, b).reshape(s.n_minibatches, b // s.n_minibatches)
   minibatches = jax.tree.map(lambda x: x[perm], rollout)  # [n_minibatches, mb, ...]
-  step = functools.partial(minibatch_step, optimizer=optimizer, policy_cfg=policy_cfg, s=s, beta=beta)
+  step = functools.partial(minibatch_step, optimizer=optimizer, policy_cfg=policy_cfg, s=s, beta=beta,
+                           frozen=frozen)
   carry, m = jax.lax.scan(step, carry, (minibatches, ptx))
-  return carry, jax.tree.map(jnp.mean, m)
+  first = m["logratio_absmax"][0]
+  m = jax.tree.map(jnp.mean, m)
+  m["first_logratio_absmax"] = first
+  return carry, m
 
 
 def make_update(optimizer, policy_cfg, s: PPOSettings):
-  """update(state, rollout, ptx_batches) -> (state, metrics); ptx_batches is [n_minibatches, ...] or None."""
+  """update(state, rollout, ptx_batches, frozen=None) -> (state, metrics); ptx_batches is [n_minibatches, ...] or
+  None; frozen: with LoRA (s.lora), the base weights the trained adapters adapt (rollout.with_frozen)."""
 
-  def update_fn(state, rollout: Rollout, ptx):
+  def update_fn(state, rollout: Rollout, ptx, frozen=None):
     rng = jax.random.fold_in(state["rng"], state["step"])
     epoch_rngs = jax.random.split(rng, s.epochs)
     if s.inject_nan_at_step >= 0:
       rollout = rollout._replace(advantages_bn=jnp.where(state["step"] == s.inject_nan_at_step, jnp.nan,
                                                          rollout.advantages_bn))
     epoch = functools.partial(ppo_epoch, rollout=rollout, ptx=ptx, optimizer=optimizer, policy_cfg=policy_cfg, s=s,
-                              beta=state.get("kl_beta", 0.0))
+                              beta=state.get("kl_beta", 0.0), frozen=frozen)
     (trainable, opt_state), m = jax.lax.scan(epoch, (state["params"], state["opt_state"]), epoch_rngs)
     finite = jnp.all(jnp.isfinite(m["loss"])) & jnp.all(jnp.isfinite(m["grad_norm"]))
     if s.skip_nonfinite:
       trainable = jax.tree.map(lambda a, b: jnp.where(finite, a, b), trainable, state["params"])
       opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state, state["opt_state"])
+    first = m["first_logratio_absmax"][0]  # the first epoch's first minibatch: before any update
     m = jax.tree.map(lambda x: x[-1], m)  # metrics of the last epoch
+    m["first_logratio_absmax"] = first
     m["finite"] = finite
     return {**state, "params": trainable, "opt_state": opt_state, "step": state["step"] + 1}, m
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import losses, sampling
-from rlhf_jax.models import heads, transformer
+from rlhf_jax.models import heads, lora, transformer
 
 Params = dict[str, Any]
 
@@ -65,11 +65,30 @@ class PPOSettings:
   kl_in_loss: bool = False  # the KL is a k3 loss term (GRPO) instead of a per-token penalty in the reward
   scale_rewards: bool = True  # GRPO divides by the group's std; False is Dr. GRPO
   aggregation: str = "token"  # how the policy loss reduces its tokens (losses.aggregate)
+  # "recompute": the old log-probs are a forward pass of the policy over the rollout; "sampler": the sampler's
+  # own (the same function of the same weights, one pass fewer; they differ by float32 rounding only).
+  old_logp: str = "recompute"
+  # LoRA (ppo.lora): the trained policy is adapters on a frozen base and the value model adapters plus a head on
+  # a frozen backbone (`with_frozen`); None trains every weight.
+  lora: lora.LoraConfig | None = None
 
   @property
   def uses_critic(self) -> bool:
     """PPO and A2C learn a value model; GRPO and RLOO take their baselines from the other samples of a prompt."""
     return self.algorithm in ("ppo", "a2c")
+
+
+def with_frozen(trainable: Params, frozen: Params | None, lcfg: lora.LoraConfig | None) -> Params:
+  """The full policy (and value) parameters of the trained ones: `trainable` itself without LoRA (frozen None);
+  with it, {"policy": adapters, "value": {"adapters", "head"}} merged into the frozen {"policy": base, "value":
+  backbone} inside the jitted caller, so the gradient reaches the adapters and the value head only."""
+  if frozen is None:
+    return trainable
+  out = {"policy": lora.merge(frozen["policy"], trainable["policy"], lcfg)}
+  if trainable.get("value") is not None:
+    out["value"] = {"backbone": lora.merge(frozen["value"], trainable["value"]["adapters"], lcfg),
+                    "head": trainable["value"]["head"]}
+  return out
 
 
 def policy_logprobs(params, rollout_like, cfg, temperature: float, *, with_entropy: bool = False):
@@ -115,15 +134,22 @@ def rewards_and_advantages(score_b, old_logp_bn, ref_logp_bn, values_bn, mask_bn
 
 
 def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
-  """rollout(policy, value, ref, rm, prompts, prompt_mask, rng, beta) -> (Rollout, scores, stats); `value` is
-  None for the critic-free algorithms."""
+  """rollout(policy, value, ref, rm, prompts, prompt_mask, rng, beta, frozen=None) -> (Rollout, scores, stats);
+  `value` is None for the critic-free algorithms. With LoRA (s.lora), `policy` and `value` are the trained
+  adapters (and head) and `frozen` the base weights they adapt (`with_frozen`)."""
 
-  def rollout_fn(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, beta):
+  def rollout_fn(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, beta, frozen=None):
+    if frozen is not None:
+      full = with_frozen({"policy": policy, "value": value}, frozen, s.lora)
+      policy, value = full["policy"], full.get("value")
     out = sampling.generate(policy, prompt_bp, prompt_mask_bp, rng, policy_cfg, s.sampling, eos_id=s.eos_id,
                             pad_id=s.pad_id)
     temp = s.sampling.logprob_temperature
     partial = Rollout(prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, *([None] * 6))
-    old_logp_bn = policy_logprobs(policy, partial, policy_cfg, temp)
+    if s.old_logp == "sampler":
+      old_logp_bn = out.logprobs_bn  # 0 where the mask is, as policy_logprobs
+    else:
+      old_logp_bn = policy_logprobs(policy, partial, policy_cfg, temp)
     ref_logp_bn = policy_logprobs(ref, partial, policy_cfg, temp)
     values_bn = value_estimates(value, partial, policy_cfg) if s.uses_critic else jnp.zeros_like(old_logp_bn)
     rm_b = heads.response_scores(rm, prompt_bp, prompt_mask_bp, out.tokens_bn, out.mask_bn, rm_cfg)
@@ -140,8 +166,9 @@ def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
         "score": score_b.mean(),
         "ended_frac": out.ended_b.mean(),
         "response_len": out.lengths_b.mean(),
-        "sampler_logp_maxdiff": jnp.max(jnp.abs(jnp.where(out.mask_bn, out.logprobs_bn - old_logp_bn, 0.0))),
     }
+    if s.old_logp == "recompute":  # with "sampler" the update measures it (first_logratio_absmax)
+      stats["sampler_logp_maxdiff"] = jnp.max(jnp.abs(jnp.where(out.mask_bn, out.logprobs_bn - old_logp_bn, 0.0)))
     return ro, rm_b, stats
 
   return rollout_fn

@@ -12,6 +12,8 @@ the comparisons, so a resumed run recomputes them identically. The loop is the s
 implicit-reward accuracy and margin, and the implicit reward beta * log(pi / ref) as a ranker against the gold
 ordering (`val_gold_accuracy_clear`, beside the RM's). At the end the policy is evaluated against SFT like PPO's
 (win rate, KL to SFT on its own samples, gold and RM scores, the alignment tax; rlhf_jax.runtime.evaluate_policy).
+With `dpo.lora.rank` > 0 the policy is LoRA adapters on the frozen SFT weights, which are also the reference (one
+copy); the export holds the merged weights.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import feedback, losses, metrics, optim, runtime, sharding, training
+from rlhf_jax import configs, feedback, losses, metrics, optim, runtime, sharding, training
 from rlhf_jax.data import comparisons, sources
 from rlhf_jax.evals import rm as rm_evals
-from rlhf_jax.models import transformer
+from rlhf_jax.models import lora, transformer
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -46,6 +48,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"dpo.label_smoothing={dc.label_smoothing} applies to dpo.loss='dpo' only, not {dc.loss!r}")
   sharding.check_batch(dc.train.batch_size, mesh, rules, field="dpo.train.batch_size")
   runtime.check_seq_len(config.rm.seq_len, policy, "rm.seq_len (the comparisons' length)", extra=0)
+  lcfg = configs.to_lora_config(dc.lora, "dpo.lora")
+  if lcfg.enabled:
+    lora.check(lcfg, policy, "dpo.lora")
   feedback.check(config)
 
 
@@ -87,42 +92,64 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with sharding.activate(mesh, rules):
     train = _with_logp(train, rm_evals.score_comparisons(lp_fn, ref_params, train, **kw))
     val = _with_logp(val, rm_evals.score_comparisons(lp_fn, ref_params, val, **kw))
+  lcfg = configs.to_lora_config(dc.lora, "dpo.lora")
+  base = ref_params if lcfg.enabled else None  # LoRA: the reference is also the frozen base of the adapters
   del ref_params
   groups = comparisons.make_groups(train, grouping="prompt", pair_weighting="uniform")
   steps = tc.steps or max(1, int(tc.epochs * len(groups)) // tc.batch_size)
   logging.info("[%s] %d train comparisons (%d groups), %d validation; %d steps", dc.stage_dir, len(train),
                len(groups), len(val), steps)
 
-  init_params, _ = runtime.load_policy(workdir, dc.init_from, mesh, rules, expect=model_cfg, field="dpo.init_from")
-  axes = transformer.param_axes(model_cfg)
-  optimizer = optim.make_optimizer(dc.optimizer, steps, optim.decay_mask_from_axes(axes))
-  state, state_sh = optim.state_from_params(init_params, axes, optimizer, jax.random.PRNGKey(config.seed + 3),
-                                            mesh, rules)
+  if base is None:
+    init_params, _ = runtime.load_policy(workdir, dc.init_from, mesh, rules, expect=model_cfg, field="dpo.init_from")
+    axes = transformer.param_axes(model_cfg)
+    optimizer = optim.make_optimizer(dc.optimizer, steps, optim.decay_mask_from_axes(axes))
+    state, state_sh = optim.state_from_params(init_params, axes, optimizer, jax.random.PRNGKey(config.seed + 3),
+                                              mesh, rules)
+  else:  # the trained state is the adapters (B = 0: the policy starts as the reference)
+    axes = lora.adapter_axes(model_cfg, lcfg)
+    optimizer = optim.make_optimizer(dc.optimizer, steps, optim.decay_mask_from_axes(axes))
+    state, state_sh = optim.create_state(lambda k: lora.init_adapters(k, model_cfg, lcfg), axes, optimizer,
+                                         jax.random.PRNGKey(config.seed + 3), mesh, rules)
   it = comparisons.GroupIterator(train, groups, batch_size=tc.batch_size, k=k, seq_len=rc.seq_len, pad_id=tok.pad_id,
                                  seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
                                  length_bucket=rc.length_bucket)
   ckpt = training.make_checkpointer(config.checkpoint, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": "dpo"}
+  if base is not None:  # a checkpoint of adapters resumes only with the same adapters
+    meta["model"]["lora"] = dataclasses.asdict(lcfg) | {"targets": list(lcfg.targets)}
   label = dc.stage_dir  # progress lines name the variant: [dpo], [ipo], ...
   state, start = training.resume(ckpt, state, state_sh, meta, it, stage=label)
   guard = config.guard
-  step_fn = training.make_train_step(preference_loss_fn(model_cfg, dc), optimizer,
+  loss_fn = preference_loss_fn(model_cfg, dc)
+  step_fn = training.make_train_step(loss_fn if base is None else training.lora_loss_fn(loss_fn, lcfg), optimizer,
                                      inject_nan_at_step=guard.inject_nan_at_step,
                                      skip_nonfinite=guard.on_nonfinite == "skip")
   bsh = comparisons.batch_shardings(mesh, rules, with_ref=True)
   writer = metrics.MetricsWriter(stage_dir, stage=label, total_steps=steps, start_step=start)
+  if base is not None:
+    base_sh = sharding.tree_shardings(transformer.param_axes(model_cfg), base, mesh, rules)
+    merge = jax.jit(lambda b, a: lora.merge(b, a, lcfg), out_shardings=base_sh)
+
+  def full(params):  # the policy's weights: the adapters merged into the base with LoRA
+    return params if base is None else merge(base, params)
 
   def evaluate(params) -> dict[str, float]:
     """The implicit reward beta * (log pi - log ref) on the held-out comparisons: against the labels (and its
     margin), and as a ranker against the gold ordering on clearly different pairs (rlhf_jax.evals.rm)."""
-    logp = rm_evals.score_comparisons(lp_fn, params, val, **kw)
+    logp = rm_evals.score_comparisons(lp_fn, full(params), val, **kw)
     rewards = [dc.beta * (np.asarray(lp) - np.asarray(c.ref_logp)) for lp, c in zip(logp, val)]
     out = rm_evals.pair_metrics(val, rewards, clear_gold_margin=rc.clear_gold_margin)
     out.pop("val_calibration_ece", None)  # sigmoid(beta * d) is no calibrated probability
     return out
 
   with sharding.activate(mesh, rules):
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=0)
+    if base is None:
+      train_step = jax.jit(step_fn, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=0)
+    else:
+      lora_step = jax.jit(step_fn, in_shardings=(state_sh, bsh, base_sh), out_shardings=(state_sh, None),
+                          donate_argnums=0)
+      train_step = lambda state, batch: lora_step(state, batch, base)
     state, _ = training.fit(
         state, stage=label, train_step=train_step, batches=it, put=lambda b: sharding.put_batch(b, mesh, rules),
         steps=steps, start=start, log_every=tc.log_every, eval_every=tc.eval_every,
@@ -131,7 +158,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                                     "chosen_logp", "rejected_logp", "grad_norm")},
                                         "padded_len": batch["tokens"].shape[-1]})
     final = evaluate(state["params"])
-  training.export_params(stage_dir, state["params"], model_cfg=model_cfg, tokenizer=tok)
+    policy = full(state["params"])
+  training.export_params(stage_dir, policy, model_cfg=model_cfg, tokenizer=tok)
+  del policy
   summary = {"step": steps, **final, "n_train_comparisons": len(train), "n_truncated": n_truncated,
              "train_wall_s": time.time() - t0}
   rm_params = rm_cfg = None

@@ -46,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh, rules = runtime.mesh_and_rules(config)
   init_params = None
   if config.init.hf_path:  # continue pretraining the imported model (a resumed run restores its checkpoint)
-    init_params, _ = hf.load_hf(config.init.hf_path, mesh, rules)
+    init_params, _ = hf.load_hf(config.init.hf_path, mesh, rules, dtype=model_cfg.param_dtype)
     if pc.train.steps == 0:  # no pretraining: the stage only imports, for SFT to start from
       return _import_only(config, workdir, init_params, model_cfg, tok, eval_iter_fn, mesh, rules, entropy)
   summary, _ = training.train_lm(

@@ -6,7 +6,9 @@ Four parameter sets: the policy (from `ppo.init_from`, SFT) and the value model 
 zero head) are trained; the reference (SFT) and the reward model (`ppo.rm_from`) are frozen. One iteration, read
 top to bottom in `run`:
   1. rollout (rlhf_jax.rl.rollout): sampling at `ppo.temperature`, RM scores (a fixed `ppo.no_eos_penalty` for
-     responses that never stop), old and reference log-probs, values, KL-penalised rewards and GAE advantages;
+     responses that never stop), old log-probs (a policy pass, or the sampler's own with ppo.old_logp="sampler";
+     the update logs their distance from its training pass, first_logratio_absmax) and reference log-probs,
+     values, KL-penalised rewards and GAE advantages;
   2. update (rlhf_jax.rl.learner): `ppo.epochs` passes over shuffled minibatches inside one jit, the policy loss
      of `ppo.algorithm` ("ppo" clipped, "a2c" unclipped with one pass), and for PPO-ptx gamma * the next-token
      loss on pretraining text;
@@ -16,6 +18,11 @@ Then the policy is evaluated on held-out prompts against SFT and best-of-n (rlhf
 Checkpoints hold the policy, value, optimizer state, step, rng, beta and the prompt iterator's position; the
 frozen reference and reward model are re-read from their stages' exports. The stage writes
 WORKDIR/<ppo.stage_dir> (ppo, or a variant's ppo_ptx, ppo_kl0, ...).
+
+With LoRA (`ppo.lora.rank` > 0, rlhf_jax/models/lora.py) the policy is adapters on the frozen SFT weights, which
+are also the reference (one copy), and the value model is adapters plus a head on the frozen backbone of
+`ppo.value_init` (the reward model's or SFT's, shared with it): the four roles cost the SFT and RM weights plus
+adapters and a head. Checkpoints then hold the adapters and the head; the export holds the merged policy.
 """
 
 from __future__ import annotations
@@ -30,10 +37,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, losses, metrics, optim, preemption, runtime, sampling, sharding, training
+from rlhf_jax import checkpoint, configs, losses, metrics, optim, preemption, runtime, sampling, sharding, training
 from rlhf_jax.data import sources
 from rlhf_jax.data.batching import decode_responses
-from rlhf_jax.models import heads, transformer
+from rlhf_jax.models import heads, lora, transformer
 from rlhf_jax.rl import learner
 from rlhf_jax.rl.rollout import PPOSettings, make_rollout
 
@@ -65,6 +72,14 @@ def check_settings(pc) -> None:
   if pc.kl.mode == "loss" and pc.algorithm != "grpo":
     raise ValueError(f"ppo.kl.mode='loss' (GRPO's k3 KL term) needs ppo.algorithm='grpo', got {pc.algorithm!r}")
   sampling_config(pc)
+  runtime.check_choice(pc.old_logp, "ppo.old_logp", ("recompute", "sampler"))
+  lora_config(pc)
+
+
+def lora_config(pc) -> lora.LoraConfig | None:
+  """config.ppo.lora as a LoraConfig, or None when LoRA is off (rank 0)."""
+  lcfg = configs.to_lora_config(pc.lora, "ppo.lora")
+  return lcfg if lcfg.enabled else None
 
 
 def settings_from_config(pc, tok, guard=None) -> PPOSettings:
@@ -80,7 +95,8 @@ def settings_from_config(pc, tok, guard=None) -> PPOSettings:
       skip_nonfinite=guard is not None and guard.on_nonfinite == "skip",
       group_size=pc.group_size, kl_in_loss=pc.kl.mode == "loss", scale_rewards=pc.grpo.scale_rewards,
       # GRPO averages each response's tokens (Dr. GRPO: sums over the token budget); PPO, A2C, RLOO every token.
-      aggregation=("sequence" if pc.grpo.length_norm else "constant") if pc.algorithm == "grpo" else "token")
+      aggregation=("sequence" if pc.grpo.length_norm else "constant") if pc.algorithm == "grpo" else "token",
+      lora=lora_config(pc), old_logp=pc.old_logp)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -88,6 +104,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   policy = runtime.check_shared(config)
   mesh, rules = runtime.mesh_and_rules(config)
   check_settings(pc)
+  if lora_config(pc) is not None:
+    lora.check(lora_config(pc), policy, "ppo.lora")
   runtime.check_choice(pc.value_init, "ppo.value_init", ("rm", "sft"))
   sharding.check_batch(pc.batch_size, mesh, rules, field="ppo.batch_size")
   sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
@@ -109,6 +127,21 @@ def init_value_params(value_init: str, policy_cfg, rm_cfg, rm_params, sft_params
   if value_init == "rm" and dataclasses.asdict(rm_cfg) == dataclasses.asdict(policy_cfg):
     return {"backbone": rm_params["backbone"], "head": dict(rm_params["head"])}
   return heads.init_value_params(jax.random.PRNGKey(0), policy_cfg, sft_params)
+
+
+def lora_trainable(full: dict[str, Any], policy_cfg, lcfg: lora.LoraConfig, rng: jax.Array):
+  """(trainable, axes, frozen) of a LoRA run from the full-parameter roles {"policy", "value"?}: fresh adapters
+  for the policy and the value backbone (B = 0, so both start as the models they adapt) and the value head; the
+  full weights become the frozen arguments (the same buffers, no copy)."""
+  k_policy, k_value = jax.random.split(rng)
+  trainable = {"policy": lora.init_adapters(k_policy, policy_cfg, lcfg)}
+  axes = {"policy": lora.adapter_axes(policy_cfg, lcfg)}
+  frozen = {"policy": full["policy"]}
+  if "value" in full:
+    trainable["value"] = {"adapters": lora.init_adapters(k_value, policy_cfg, lcfg), "head": full["value"]["head"]}
+    axes["value"] = {"adapters": lora.adapter_axes(policy_cfg, lcfg), "head": heads.scalar_head_axes()}
+    frozen["value"] = full["value"]["backbone"]
+  return trainable, axes, frozen
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -136,6 +169,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if s.uses_critic:  # GRPO and RLOO have no value model
     trainable["value"] = init_value_params(pc.value_init, policy_cfg, rm_cfg, rm_params, sft_params)
     axes["value"] = heads.value_axes(policy_cfg)
+  frozen = None
+  if s.lora is not None:  # train adapters (and the value head) on frozen backbones shared with SFT / the RM
+    trainable, axes, frozen = lora_trainable(trainable, policy_cfg, s.lora, jax.random.PRNGKey(config.seed + 4))
   optimizer = optim.make_optimizer(pc.optimizer, pc.iterations * s.epochs * s.n_minibatches,
                                    optim.decay_mask_from_axes(axes))
   state, state_sh = optim.state_from_params(trainable, axes, optimizer, jax.random.PRNGKey(config.seed + 2), mesh,
@@ -152,6 +188,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   ckpt = training.make_checkpointer(config.checkpoint, stage_dir)
   meta = {"model": dataclasses.asdict(policy_cfg), "stage": "ppo"}
+  if s.lora is not None:  # a checkpoint of adapters resumes only with the same adapters
+    meta["model"]["lora"] = dataclasses.asdict(s.lora) | {"targets": list(s.lora.targets)}
   label = pc.stage_dir  # progress lines and messages name the variant: [ppo], [grpo], ...
   state, start = training.resume(ckpt, state, state_sh, meta, data, stage=label)
 
@@ -170,14 +208,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), 1)
       ro, _, stats = rollout_fn(state["params"]["policy"], state["params"].get("value"), ref_params, rm_params,
                                 *sharding.put_batch({"p": prompt_bp, "m": prompt_mask_bp}, mesh, rules).values(),
-                                rng, state["kl_beta"])
+                                rng, state["kl_beta"], frozen)
       jax.block_until_ready(ro)  # dispatch is asynchronous: time the rollout itself
       t_roll = time.time() - t_it
       ptx = None
       if ptx_it is not None:
         # Each process holds its own pretraining rows; numpy passed to jit would be taken as the global value.
         ptx = sharding.put_minibatches(sources.ptx_minibatches(ptx_it, s.n_minibatches), mesh, rules)
-      state, m = update_fn(state, ro, ptx)
+      state, m = update_fn(state, ro, ptx, frozen)
       checkpoint.guard_nonfinite(m, step=it, stage=label, on_nonfinite=config.guard.on_nonfinite, ckpt=ckpt)
       stats = jax.device_get(stats)
       kl = float(stats["kl_seq"])
@@ -201,9 +239,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if done < pc.iterations and preemption.should_stop(done):
         training.stop_for_preemption(ckpt, done, state, data.get_state(), meta, label)
     ckpt.wait()
-  training.export_params(stage_dir, state["params"]["policy"], model_cfg=policy_cfg, tokenizer=tok)
+    policy = state["params"]["policy"]
+    if s.lora is not None:  # adapters merged into the weights: the export is an ordinary policy
+      policy = jax.jit(lambda base, adapters: lora.merge(base, adapters, s.lora))(frozen["policy"], policy)
+  training.export_params(stage_dir, policy, model_cfg=policy_cfg, tokenizer=tok)
   summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "wall_s": time.time() - t0}
-  summary.update(runtime.evaluate_policy(config, workdir, tok, policy_cfg, state["params"]["policy"], ref_params,
+  if s.lora is not None:
+    summary["lora_params"] = lora.num_params(policy_cfg, s.lora)
+  summary.update(runtime.evaluate_policy(config, workdir, tok, policy_cfg, policy, ref_params,
                                          rm_params, rm_cfg, mesh, rules, stage_dir=stage_dir, best_of_n=True))
   summary = writer.summary(summary)
   writer.close()

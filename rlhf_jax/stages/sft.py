@@ -5,6 +5,8 @@ loss counts assistant tokens only (`tokenizers.encode_chat` builds that mask). O
 batch is pretraining text (`sft.pretrain_mix`), as InstructGPT did for its PPO initialisation. The loop is the
 shared next-token loop (rlhf_jax.training.train_lm). At the end, responses sampled on held-out prompts by the
 SFT model and by the model it started from are scored by the task suite's gold scorer: what SFT adds.
+With `sft.lora.rank` > 0 only LoRA adapters on the frozen starting model are trained (rlhf_jax/models/lora.py);
+the export holds the merged weights.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from rlhf_jax import runtime, sampling, training
+from rlhf_jax import configs, runtime, sampling, training
 from rlhf_jax.data import sources
 from rlhf_jax.evals import policy as policy_evals
+from rlhf_jax.models import lora
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -28,6 +31,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.sft.pretrain_mix > 0 and sources.on_user_data(config) and not config.files.pretrain:
     raise ValueError(f"sft.pretrain_mix={config.sft.pretrain_mix} on a user's files needs pretraining text; set "
                      "files.pretrain to a file of {\"text\"} documents")
+  lcfg = configs.to_lora_config(config.sft.lora, "sft.lora")
+  if lcfg.enabled:
+    lora.check(lcfg, runtime.check_shared(config), "sft.lora")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -44,7 +50,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       stage="sft", stage_dir=stage_dir, model_cfg=model_cfg, train_cfg=sc.train, optimizer_cfg=sc.optimizer,
       checkpoint_cfg=config.checkpoint, guard_cfg=config.guard, seed=config.seed, mesh=mesh, rules=rules,
       train_iter=train_iter_fn(jax.process_index(), jax.process_count()), eval_iter_fn=eval_iter_fn,
-      tokenizer=tok, init_params=init_params, write_summary=False)
+      tokenizer=tok, init_params=init_params, write_summary=False,
+      lora_cfg=configs.to_lora_config(sc.lora, "sft.lora"))
 
   # Gold scores of held-out samples, from the exports (the training step donated the buffers it started from).
   ec = config.eval

@@ -216,3 +216,40 @@ def test_critic_free_settings_reject_bad_config(change, message):
   with pytest.raises(ValueError) as e:
     rl.settings_from_config(cfg, tokenizers.ByteTokenizer())
   assert message in str(e.value)
+
+
+def test_sampler_logprobs_as_the_old_logprobs_and_the_mismatch_the_update_logs(rollout_out):
+  # ppo.old_logp="sampler": the same samples (same rng) with the sampler's own log-probs as the ratio's
+  # denominator instead of a recomputed forward pass (equal to float32 rounding).
+  import optax
+  (policy, ref, rm, value), s, ro_re, _, _ = rollout_out
+  s_sa = dataclasses.replace(s, old_logp="sampler")
+  prompt, mask = _prompts()
+  ro_sa, _, stats = jax.jit(rollout.make_rollout(CFG, CFG, s_sa))(policy, value, ref, rm, prompt, mask,
+                                                                  jax.random.PRNGKey(3), jnp.float32(0.05))
+  np.testing.assert_array_equal(np.asarray(ro_sa.response_bn), np.asarray(ro_re.response_bn))
+  out = sampling.generate(policy, prompt, mask, jax.random.PRNGKey(3), CFG, s.sampling, eos_id=EOS, pad_id=PAD)
+  np.testing.assert_allclose(np.asarray(ro_sa.old_logp_bn), np.asarray(out.logprobs_bn), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ro_sa.old_logp_bn), np.asarray(ro_re.old_logp_bn), atol=1e-5)
+  assert "sampler_logp_maxdiff" not in stats
+  # The update's first_logratio_absmax is max |training pass - old log-probs| over its first minibatch, before
+  # any step: with old log-probs off the policy's by known amounts (as a stale or mismatched sampler's would
+  # be), it is the largest of them over that minibatch's rows (NumPy), and ~0 for the recomputed ones.
+  noise = np.random.default_rng(1).uniform(-0.3, 0.3, ro_re.old_logp_bn.shape) * np.asarray(ro_re.response_mask_bn)
+  optimizer = optax.sgd(0.1)
+  state = {"params": {"policy": policy, "value": value}, "step": jnp.zeros((), jnp.int32),
+           "opt_state": optimizer.init({"policy": policy, "value": value}), "rng": jax.random.PRNGKey(0)}
+  update = jax.jit(learner.make_update(optimizer, CFG, s))
+  _, m_re = update(state, ro_re, None)
+  _, m_off = update(state, ro_re._replace(old_logp_bn=ro_re.old_logp_bn + noise), None)
+  rng = jax.random.fold_in(state["rng"], state["step"])  # the first epoch's permutation (learner.ppo_epoch)
+  first_rows = np.asarray(jax.random.permutation(jax.random.split(rng, s.epochs)[0], 8)).reshape(
+      s.n_minibatches, -1)[0]
+  assert float(m_re["first_logratio_absmax"]) < 2e-6
+  np.testing.assert_allclose(float(m_off["first_logratio_absmax"]), np.abs(noise[first_rows]).max(), atol=2e-6)
+  assert np.abs(noise[first_rows]).max() != np.abs(noise).max()  # the first minibatch, not the whole batch
+  cfg = configs.ppo_config()
+  cfg.old_logp = "cached"
+  from rlhf_jax import tokenizers
+  with pytest.raises(ValueError, match=r"ppo.old_logp='cached': expected 'recompute' or 'sampler'"):
+    rl.settings_from_config(cfg, tokenizers.ByteTokenizer())

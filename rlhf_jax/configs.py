@@ -117,6 +117,7 @@ def data_config(preset: str) -> ConfigDict:
     raise ValueError(f"unknown data preset {preset!r}; expected one of {sorted(DATA_PRESETS)}")
   fields = suite.DataConfig(**DATA_PRESETS[preset]).to_json()
   fields["family_weights"] = ConfigDict(fields["family_weights"])
+  fields.update({k: v for k, v in suite.OPT_IN_FIELDS.items() if k not in fields})  # settable, off by default
   fields["data_dir"] = ""
   fields["overwrite"] = False
   return ConfigDict(fields)
@@ -154,7 +155,10 @@ def sft_config() -> ConfigDict:
       stage_dir="sft", init_from="pretrain",
       train=train_config(steps=60, batch_size=16, seq_len=127, log_every=20, eval_every=60, eval_batches=2),
       optimizer=optimizer_config(lr=5e-4, warmup_steps=10), pretrain_mix=0.0, too_long="truncate",
-      lora=lora_config()))
+      lora=lora_config(),
+      # exclude_families: task families whose demonstrations SFT leaves out (a record is dropped when any of its
+      # user turns is of one), for the held-out-family test of instruction tuning (experiments/icl).
+      exclude_families=()))
 
 
 def rm_config() -> ConfigDict:
@@ -256,6 +260,29 @@ def mlm_config() -> ConfigDict:
       optimizer=optimizer_config(lr=3e-3, warmup_steps=30)))
 
 
+def icl_config() -> ConfigDict:
+  """In-context learning (rlhf_jax/stages/icl.py): n_items items of each family, posed with k shots for every k
+  of `ks` in each style ("prompt": the corpus's Q&A completion; "instruction": a chat turn with options) to every
+  policy of `policies` present in the workdir, answered greedily with up to max_new_tokens tokens; shots drawn
+  from `seed`. held_out_from: an SFT without `held_out_family` (sft.exclude_families), compared zero-shot with
+  sft_from and with pretrained_from's few-shot accuracy ("" skips it). Not in any default pipeline."""
+  return ConfigDict(dict(
+      stage_dir="icl", policies=("pretrain", "sft", "ppo"), ks=(0, 1, 2, 4, 8), styles=("prompt", "instruction"),
+      families=("fact", "arithmetic", "string", "unanswerable", "harmful"), n_items=48, batch_size=64,
+      max_new_tokens=16, seed=0, held_out_from="", held_out_family="arithmetic", sft_from="sft",
+      pretrained_from="pretrain"))
+
+
+def cot_config() -> ConfigDict:
+  """Chain of thought (rlhf_jax/stages/cot.py): the pretrained models in `pretrained` (stage directories) answer
+  n_items held-out multi-step items of each kind few-shot (`shots` demonstrations, direct or worked), the SFT
+  models in `sft` zero-shot, greedily with up to max_new_tokens (worked) or max_new_tokens_direct (direct, one-step)
+  new tokens; too_long: "error" or "truncate" (keep the prompt's end) for a prompt past model.max_len. Not in
+  any default pipeline (experiments/cot)."""
+  return ConfigDict(dict(stage_dir="cot", pretrained=("pretrain",), sft=(), n_items=48, shots=3, max_new_tokens=48,
+                         max_new_tokens_direct=16, batch_size=64, too_long="error"))
+
+
 def experiment_config(path: str, preset: str | None = None) -> ConfigDict:
   """get_config(preset) of the experiment file at `path`, loaded as run.py's --experiment loads it (experiments/
   is not a package): how one experiment starts from another's presets (experiments/baselines from
@@ -311,8 +338,10 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   c.ppo = ppo_config()
   c.dpo = dpo_config()
   c.mlm = mlm_config()
+  c.cot = cot_config()
   c.collect = collect_config()
   c.elo = elo_config()
+  c.icl = icl_config()
   # The "export" stage: policy_from / rm_from name the stage directories written as Hugging Face folders
   # ("" skips one); only for models imported with init.hf_path (rlhf_jax/stages/export.py).
   c.export = ConfigDict(dict(stage_dir="export", policy_from="ppo", rm_from="rm", max_shard_bytes=5 * 2**30))

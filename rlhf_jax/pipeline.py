@@ -28,7 +28,7 @@ import ml_collections
 from absl import logging
 
 from rlhf_jax import checkpoint, preemption, training
-from rlhf_jax.stages import collect, data, dpo, elo, export, mlm, papers, pretrain, report, rl, rm, sft
+from rlhf_jax.stages import collect, cot, data, dpo, elo, export, icl, mlm, papers, pretrain, report, rl, rm, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ STAGES: dict[str, Stage] = {
     "data": Stage(data, always_run=True),
     "pretrain": Stage(pretrain, "pretrain"),
     "mlm": Stage(mlm, "mlm"),
+    "cot": Stage(cot, "cot"),  # direct against step-by-step answers, by model size (experiments/cot)
     "sft": Stage(sft, "sft"),
     "rm": Stage(rm, "rm"),
     "ppo": Stage(rl, "ppo"),
@@ -50,6 +51,7 @@ STAGES: dict[str, Stage] = {
     "elo": Stage(elo, "elo"),  # a cross-model Elo table of policy snapshots
     "export": Stage(export, "export"),
     "papers": Stage(papers, "papers"),  # a paper's ablation from the other stages' files (experiments/papers/)
+    "icl": Stage(icl, "icl"),  # k-shot accuracy, prompt- and instruction-style, and the held-out family
     "report": Stage(report, always_run=True),
 }
 

@@ -287,11 +287,45 @@ class MixIterator:
     self.b.set_state(state["b"])
 
 
+class _Subset:
+  """Records `indices` of a random-access source, itself random access."""
+
+  def __init__(self, src, indices: Sequence[int]):
+    self.src, self.indices = src, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.src[self.indices[i]]
+
+
+def record_families(record, world) -> set[str]:
+  """The task families of an SFT record: its "family" and, for the world's families, that of every user turn
+  (a multi-turn harmful prompt starts with a fact question, whose demonstration SFT would learn from too)."""
+  out = {record["family"]}
+  if record["family"] in suite.FAMILIES:
+    out |= {world.parse(t["content"]).family for t in record["turns"] if t["role"] == "user"}
+  return out
+
+
+def without_families(src, families, world) -> _Subset:
+  """The records of `src` with none of `families` among their record_families (sft.exclude_families)."""
+  drop = set(families)
+  kept = [i for i in range(len(src)) if not record_families(src[i], world) & drop]
+  if not kept:
+    raise ValueError(f"sft.exclude_families={tuple(families)} leaves no demonstration")
+  return _Subset(src, kept)
+
+
 def sft_iters(config, workdir: str, tok):
   """Chat batches (loss on assistant tokens), optionally mixed with pretraining rows (sft.pretrain_mix)."""
   tc = config.sft.train
   train_src = split(config, workdir, "sft")
   val_src = split(config, workdir, "sft_val")
+  if config.sft.exclude_families:  # the held-out-family test (experiments/icl): SFT never sees these families
+    world = gold_scorer(config, workdir).world
+    train_src, val_src = (without_families(src, config.sft.exclude_families, world) for src in (train_src, val_src))
   mix = float(config.sft.pretrain_mix)
   if not 0.0 <= mix < 1.0:
     raise ValueError(f"sft.pretrain_mix={mix}: expected a fraction in [0, 1)")

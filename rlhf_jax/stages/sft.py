@@ -21,6 +21,7 @@ from rlhf_jax import configs, runtime, sampling, training
 from rlhf_jax.data import sources
 from rlhf_jax.evals import policy as policy_evals
 from rlhf_jax.models import lora
+from rlhf_jax.tasks.world import FAMILIES
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -28,6 +29,12 @@ def check(config: ml_collections.ConfigDict) -> None:
   runtime.check_choice(config.sft.too_long, "sft.too_long", ("truncate", "error"))
   if not 0.0 <= config.sft.pretrain_mix < 1.0:
     raise ValueError(f"sft.pretrain_mix={config.sft.pretrain_mix}: expected a fraction in [0, 1)")
+  excluded = tuple(config.sft.exclude_families)
+  if excluded and (set(excluded) - set(FAMILIES) or len(set(excluded)) == len(FAMILIES)):
+    raise ValueError(f"sft.exclude_families={excluded}: expected some (not all) of {FAMILIES}")
+  if excluded and sources.on_user_data(config):
+    raise ValueError(f"sft.exclude_families={excluded}: a user's files (config.files) carry no task families; "
+                     "it works on the task suite only")
   if config.sft.pretrain_mix > 0 and sources.on_user_data(config) and not config.files.pretrain:
     raise ValueError(f"sft.pretrain_mix={config.sft.pretrain_mix} on a user's files needs pretraining text; set "
                      "files.pretrain to a file of {\"text\"} documents")

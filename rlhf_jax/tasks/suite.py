@@ -41,6 +41,7 @@ from rlhf_jax.tasks import curation
 from rlhf_jax.tasks import demonstrator as demo
 from rlhf_jax.tasks import language as lang
 from rlhf_jax.tasks import labelers as labelers_lib
+from rlhf_jax.tasks import multistep
 from rlhf_jax.tasks.gold import GoldScorer
 from rlhf_jax.tasks.world import FAMILIES, Task, World
 
@@ -101,6 +102,11 @@ class DataConfig:
   labeler_noise: float = labelers_lib.DEFAULT_NOISE
   labeler_noise_spread: float = 0.2
   labeler_length_bias: float = 0.1
+  # Multi-step questions (rlhf_jax/tasks/multistep.py), opt-in: pretraining documents of their training items
+  # (appended to the pretrain split) and step-by-step SFT demonstrations (appended to sft, a tenth as many to
+  # sft_val). At 0 they are left out of the fingerprint, so every suite generated before them is unchanged.
+  n_multistep_docs: int = 0
+  n_multistep_sft: int = 0
 
   def __post_init__(self):
     def check(cond, field, expected):
@@ -115,6 +121,8 @@ class DataConfig:
               "n_comparisons", "n_comparisons_val", "max_sections"):
       check(getattr(self, f) >= 1, f, "at least 1")
     check(self.n_heavy_users >= 0, "n_heavy_users", ">= 0")
+    for f in OPT_IN_FIELDS:
+      check(getattr(self, f) >= 0, f, ">= 0 (0: off)")
     check(self.n_heavy_users == 0 or self.heavy_user_prompts > self.max_prompts_per_user, "heavy_user_prompts",
           f"more than data.max_prompts_per_user={self.max_prompts_per_user} (heavy users exceed the cap)")
     # Canonical order, so that the same weights given in another order generate the same suite (the
@@ -145,7 +153,14 @@ class DataConfig:
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["family_weights"] = {k: v for k, v in self.family_weights}
+    for f, default in OPT_IN_FIELDS.items():  # off: not part of what the suite is (the fingerprint stays)
+      if out[f] == default:
+        del out[f]
     return out
+
+
+# Opt-in fields and their "off" value: to_json leaves them out when off.
+OPT_IN_FIELDS = {"n_multistep_docs": 0, "n_multistep_sft": 0}
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -382,6 +397,13 @@ def generate(seed: int, cfg: DataConfig) -> tuple[dict[str, list[dict[str, Any]]
   splits["comparisons_val"] = [comparison_record(world, gold, pool, p, cfg, rng_cmp) for p in val[av:bv]]
   splits["prompts"] = [_prompt_record(p) for p in train[b:n_train]]
   splits["prompts_val"] = [_prompt_record(p) for p in val[bv:n_val]]
+  if cfg.n_multistep_docs:  # opt-in streams of their own: every split above is as without them
+    splits["pretrain"] += multistep.multistep_documents(world, cfg.n_multistep_docs, _rng(seed, 11))
+  if cfg.n_multistep_sft:
+    rng_ms = _rng(seed, 12)
+    splits["sft"] += multistep.sft_records(world, cfg.n_multistep_sft, rng_ms, user_id="multistep")
+    splits["sft_val"] += multistep.sft_records(world, max(1, cfg.n_multistep_sft // 10), rng_ms,
+                                               user_id="multistep")
 
   stats = suite_stats(splits, world, gold, pool, cfg, seed)
   stats.update({f"curation_{k}": v for k, v in cur.items()})
@@ -402,10 +424,14 @@ def suite_stats(splits: Mapping[str, list[dict[str, Any]]], world: World, gold: 
   stats["pretrain_val_chars"] = sum(len(r["text"]) for r in splits["pretrain_val"])
   stats["n_entities"], stats["n_facts"] = len(world.entities), len(world.entities) * len(lang.ATTRIBUTES)
 
-  demos = [(r["turns"][-2]["content"], r["turns"][-1]["content"]) for r in splits["sft"] + splits["sft_val"]]
+  demos = [(r["turns"][-2]["content"], r["turns"][-1]["content"]) for r in splits["sft"] + splits["sft_val"]
+           if r["family"] in FAMILIES]  # the gold scorer judges the world's families (not "multistep")
   stats["demo_accuracy_measured"] = float(np.mean([gold.is_correct(p, r) for p, r in demos]))
   stats["demo_gold_mean"] = float(np.mean([gold.score(p, r) for p, r in demos]))
-  stats["sft_multi_turn_fraction"] = float(np.mean([len(r["turns"]) > 2 for r in splits["sft"]]))
+  stats["sft_multi_turn_fraction"] = float(np.mean([len(r["turns"]) > 2 for r in splits["sft"]
+                                                    if r["family"] in FAMILIES]))
+  if cfg.n_multistep_docs or cfg.n_multistep_sft:
+    stats["n_multistep_docs"], stats["n_multistep_sft"] = cfg.n_multistep_docs, cfg.n_multistep_sft
   prompts = splits["prompts"] + splits["prompts_val"]
   stats["reference_gold_mean"] = float(np.mean([gold.score(p["prompt"], p["reference"]) for p in prompts]))
   stats["prompt_families"] = {f: sum(p["family"] == f for p in splits["prompts"]) for f in FAMILIES}

@@ -128,6 +128,11 @@ class Settings:
   ppo_epochs: int = 4
   ppo_minibatches: int = 4
   ppo_iterations: int = 1  # timed iterations after one warm-up iteration
+  # The `base`-size PPO iteration (groups ppo_base, ppo_base_lora; bench/ppo_memory.py): where the parameters,
+  # not the runtime, dominate memory. (size, batch, prompt, response, epochs, minibatches), and the LoRA run's
+  # rank on every attention and MLP projection.
+  ppo_base: tuple[str, int, int, int, int, int] = ("base", 8, 32, 32, 1, 1)
+  ppo_base_lora_rank: int = 16
   # Peak: a chain of square float32 matrix products.
   matmul_n: int = 2048
   matmul_chain: int = 8
@@ -135,6 +140,13 @@ class Settings:
   def quick(self) -> "Settings":
     return dataclasses.replace(self, train_warmup=1, train_steps=1, gen_repeats=1, ppo_iterations=1,
                                matmul_chain=2)
+
+
+def ppo_base_settings(st: Settings) -> Settings:
+  """`st` with its PPO fields at the ppo_base shapes."""
+  size, b, p, n, e, m = st.ppo_base
+  return dataclasses.replace(st, ppo_size=size, ppo_batch=b, ppo_prompt_len=p, ppo_response_len=n, ppo_epochs=e,
+                             ppo_minibatches=m)
 
 
 def settings(quick: bool = False) -> Settings:
@@ -194,7 +206,7 @@ def git_revision(repo: str) -> str:
     return "unknown"
 
 
-GROUPS = ("peak", "train", "generate", "ppo")
+GROUPS = ("peak", "train", "generate", "ppo", "ppo_base", "ppo_base_lora")  # ppo_base_lora: ours only
 
 
 def main(run, doc: str | None, argv=None) -> None:

@@ -12,6 +12,8 @@ Groups:
   ppo       one PPO iteration (bench/ppo_iteration.py) split by phase, and its peak memory with the four
             parameter sets: device `peak_bytes_in_use` on GPU/TPU, process RSS high-water mark on CPU (run
             this group in its own process for a clean number; compare.py does).
+  ppo_base  the same at the `base` size and common.Settings.ppo_base's shapes (bench/ppo_memory.py);
+  ppo_base_lora  and with LoRA adapters (rank ppo_base_lora_rank) on every projection.
 
 Every timing blocks on the result (`block_until_ready`); compilation happens in untimed warm-up calls.
 """
@@ -135,15 +137,20 @@ def bench_generate(st: common.Settings) -> dict[str, Any]:
   return out
 
 
-def bench_ppo(st: common.Settings) -> dict[str, Any]:
+def bench_ppo(st: common.Settings, lora_rank: int = 0) -> dict[str, Any]:
   import ppo_iteration  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.models import lora  # pylint: disable=g-import-not-at-top
 
   rss_before = common.peak_rss_bytes()
   cfg = model_config(st.ppo_size)
   s = ppo_iteration.PPOSettings(batch=st.ppo_batch, prompt_len=st.ppo_prompt_len,
                                 response_len=st.ppo_response_len, epochs=st.ppo_epochs,
                                 minibatches=st.ppo_minibatches, eos_id=common.EOS_ID, pad_id=common.PAD_ID)
-  it = ppo_iteration.Iteration(cfg, s)
+  lora_cfg = None
+  if lora_rank:  # every attention and MLP projection, alpha = 2 r
+    lora_cfg = lora.LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank,
+                               targets=("q", "k", "v", "o", "mlp_in", "mlp_out"))
+  it = ppo_iteration.Iteration(cfg, s, lora_cfg=lora_cfg)
   warm_times, _ = it.run(jax.random.PRNGKey(100))  # compiles every phase
   runs = [it.run(jax.random.PRNGKey(i)) for i in range(st.ppo_iterations)]
   phases = {k: common.median([t[k] for t, _ in runs]) for k in runs[0][0]}
@@ -156,7 +163,8 @@ def bench_ppo(st: common.Settings) -> dict[str, Any]:
     mem.update(kind="process RSS high-water mark", peak_bytes=common.peak_rss_bytes(),
                rss_before_models_bytes=rss_before)
   return {"settings": {"batch": s.batch, "prompt_len": s.prompt_len, "response_len": s.response_len,
-                       "epochs": s.epochs, "minibatches": s.minibatches, "size": st.ppo_size},
+                       "epochs": s.epochs, "minibatches": s.minibatches, "size": st.ppo_size,
+                       "lora_rank": lora_rank},
           "iteration_s": phases["total"], "phases_s": phases, "first_iteration_s": warm_times["total"],
           "info": runs[-1][1], "memory": mem}
 
@@ -182,6 +190,10 @@ def run(groups: list[str], st: common.Settings) -> dict[str, Any]:
     res["generate"] = bench_generate(st)
   if "ppo" in groups:
     res["ppo"] = bench_ppo(st)
+  if "ppo_base" in groups:
+    res["ppo_base"] = bench_ppo(common.ppo_base_settings(st))
+  if "ppo_base_lora" in groups:
+    res["ppo_base_lora"] = bench_ppo(common.ppo_base_settings(st), lora_rank=st.ppo_base_lora_rank)
   return res
 
 

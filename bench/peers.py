@@ -244,6 +244,10 @@ def run(groups: list[str], st: common.Settings) -> dict[str, Any]:
     res["generate"] = bench_generate(st)
   if "ppo" in groups:
     res["ppo"] = bench_ppo(st)
+  if "ppo_base" in groups:
+    res["ppo_base"] = bench_ppo(common.ppo_base_settings(st))
+  if "ppo_base_lora" in groups:
+    raise SystemExit("ppo_base_lora: ours only (TRL's PPOTrainer with peft is not benchmarked here)")
   return res
 
 

@@ -55,7 +55,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(wrapped, has_aux=True)(state["params"])
-    grad_norm = optax.tree.norm(grads)
+    grads, grad_norm = optim.settled_gradient(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -18,7 +18,7 @@ and budgets: experiments/cot/README.md.
 small: SentencePiece 768 pieces; sizes 2x64 (tiny), 4x128 (small, the default policy) and 4x192 (large), all with
 a 256-token context and trained on 255-token windows (a few-shot prompt of three worked demonstrations is ~170
 tokens and RoPE does not stretch past the trained length); 300 steps of 16 x 255 tokens each (1.2M tokens),
-SFT 100 steps of 16 x 127. About 40 minutes per seed on a 2-core CPU shared with other jobs (README.md).
+SFT 100 steps of 16 x 127. About 10 minutes per seed on a 2-core CPU (README.md).
 tiny: byte tokens, the tiny world, sizes 1x32, 2x64 and 2x96, a few dozen steps each: a smoke test of every
 stage of the experiment, not a result.
 """

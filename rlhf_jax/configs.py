@@ -350,6 +350,7 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   c.variants = ConfigDict()
   # The "papers" stage (rlhf_jax/stages/papers.py): a paper's ablation read from the stages named in `runs`,
   # written as WORKDIR/<stage_dir>/report_section.md with its figures, table and verdict (experiments/papers/).
+  # ptx_coefs: alignment_tax's PPO-ptx coefficient of each run; dpo_runs: dpo_vs_ppo's DPO runs (`runs`: PPO).
   c.papers = ConfigDict(dict(stage_dir="papers", experiment="gao", runs=(), rms=(), sft_from="sft",
-                             best_of_n=(1, 2, 4, 8, 16, 32, 64)))
+                             best_of_n=(1, 2, 4, 8, 16, 32, 64), ptx_coefs=(), dpo_runs=()))
   return c

@@ -163,3 +163,64 @@ def overfits_after_one_epoch(epochs: Sequence[float], val_loss: Sequence[float],
     evidence += f"; grouped by prompt: {ov.min():.4f} lowest, rise {other_rise:+.4f} from epoch 1 to {oe[-1]:.2f}"
   return Verdict("shuffled comparison pairs overfit after one epoch (all pairs of a prompt in one batch element "
                  "overfit less)", held, evidence)
+
+
+def frontier_envelope(kls: Sequence[float], gold: Sequence[float], at: Sequence[float]) -> np.ndarray:
+  """The best gold score reachable at or below each KL of `at`, from the points (kls, gold) joined by straight
+  lines in KL order: a point at KL x is compared with the better of the interpolated curve and every point at
+  smaller KL (one can always spend less KL than the budget). nan past the largest measured KL."""
+  k, g = np.asarray(kls, np.float64), np.asarray(gold, np.float64)
+  order = np.argsort(k)
+  k, g = k[order], g[order]
+  out = []
+  for x in np.asarray(at, np.float64):
+    if x > k[-1] or x < k[0]:
+      out.append(np.nan)
+      continue
+    out.append(max(float(np.interp(x, k, g)), float(g[k <= x].max())))
+  return np.asarray(out)
+
+
+def frontier_dominates(kls: Sequence[float], gold: Sequence[float], other_kls: Sequence[float],
+                       other_gold: Sequence[float], *, method: str = "DPO", other: str = "PPO") -> Verdict:
+  """The DPO paper (Rafailov et al. 2023, Fig. 2): DPO's reward-KL frontier dominates PPO's. Held when every
+  point of `method` inside the KL range `other` measured lies at or above `other`'s frontier_envelope there
+  (and at least one point is in range). Both point sets should hold the shared start (SFT at KL 0)."""
+  k, g = np.asarray(kls, np.float64), np.asarray(gold, np.float64)
+  env = frontier_envelope(other_kls, other_gold, k)
+  inside = np.isfinite(env)
+  margins = g[inside] - env[inside]
+  held = bool(inside.any()) and bool(np.all(margins >= 0))
+  parts = [f"KL {x:.2f}: {method} {y:+.3f} vs {other} {e:+.3f}" for x, y, e in zip(k[inside], g[inside], env[inside])]
+  if (~inside).any():
+    parts.append(f"{int((~inside).sum())} point(s) outside {other}'s KL range [{min(other_kls):.2f}, "
+                 f"{max(other_kls):.2f}]")
+  return Verdict(f"{method}'s gold-KL frontier dominates {other}'s (every {method} point at or above {other}'s "
+                 "best at that KL)", held, "; ".join(parts))
+
+
+def alignment_tax(coefs: Sequence[float], lm_loss: Sequence[float], skill: Sequence[float],
+                  win_rate: Sequence[float], win_rate_se: Sequence[float], sft_lm_loss: float) -> list[Verdict]:
+  """InstructGPT (sec 4.2, Fig. 28-29): PPO pays an alignment tax and PPO-ptx recovers it. Three verdicts:
+  the run without pretraining gradients (coef 0) ends with a held-out pretraining loss above SFT's; the loss
+  falls as the coefficient grows (never rises from one coefficient to the next, and the largest is below coef
+  0's) and the benchmark skill of the largest coefficient is at least coef 0's; the largest coefficient keeps
+  the gold win rate within two standard errors of coef 0's (the tax recovered without giving up alignment)."""
+  c = np.asarray(coefs, np.float64)
+  order = np.argsort(c)
+  c, lo, sk = c[order], np.asarray(lm_loss, np.float64)[order], np.asarray(skill, np.float64)[order]
+  wr, se = np.asarray(win_rate, np.float64)[order], np.asarray(win_rate_se, np.float64)[order]
+  if len(c) < 2 or c[0] != 0:
+    raise ValueError(f"alignment_tax: coefficients {tuple(c)}; expected 0 (plain PPO) and at least one more")
+  table = "; ".join(f"coef {x:g}: LM loss {l:.3f}, skill {s:.3f}, win rate {w:.3f}" for x, l, s, w in
+                    zip(c, lo, sk, wr))
+  tax = Verdict("PPO without pretraining gradients pays an alignment tax (held-out pretraining loss above SFT's)",
+                bool(lo[0] > sft_lm_loss), f"SFT {sft_lm_loss:.3f}, PPO {lo[0]:.3f}")
+  recovered = Verdict("PPO-ptx recovers it: the pretraining loss falls as the ptx coefficient grows, and the "
+                      "benchmark skill does not fall", bool(np.all(np.diff(lo) <= 0) and lo[-1] < lo[0]
+                                                            and sk[-1] >= sk[0]), table)
+  gap = float(wr[-1] - wr[0])
+  kept = Verdict("at the largest ptx coefficient the gold win rate stays within 2 standard errors of PPO's",
+                 bool(abs(gap) <= 2 * math.hypot(se[0], se[-1]) or gap > 0),
+                 f"win rate {wr[-1]:.3f} +- {se[-1]:.3f} at coef {c[-1]:g} against {wr[0]:.3f} +- {se[0]:.3f}")
+  return [tax, recovered, kept]

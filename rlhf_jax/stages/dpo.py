@@ -162,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   training.export_params(stage_dir, policy, model_cfg=model_cfg, tokenizer=tok)
   del policy
   summary = {"step": steps, **final, "n_train_comparisons": len(train), "n_truncated": n_truncated,
-             "train_wall_s": time.time() - t0}
+             "beta": float(dc.beta), "loss": dc.loss, "train_wall_s": time.time() - t0}
   rm_params = rm_cfg = None
   rm_dir = os.path.join(workdir, dc.rm_from) if dc.rm_from else ""
   if rm_dir and os.path.isfile(os.path.join(rm_dir, training.EXPORT_MANIFEST)):  # the RM's score, for the report

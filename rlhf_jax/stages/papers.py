@@ -14,6 +14,11 @@ file per paper, with the variants that produce those directories):
   rm_batching  InstructGPT sec 3.5: the reward-model runs' validation loss and accuracy per epoch (rows with
                `epoch`, from rm.train.evals_per_epoch); whether shuffled pairs overfit after one epoch where
                prompt-grouped pairs do not.
+  alignment_tax  InstructGPT sec 4.2: PPO runs at the PPO-ptx coefficients `papers.ptx_coefs` (0 included):
+               held-out pretraining loss and benchmark skill against the gold win rate (their summary.json);
+               whether plain PPO pays a tax over SFT and ptx recovers it at little cost in win rate.
+  dpo_vs_ppo   The DPO paper, Fig. 2: DPO runs (`papers.dpo_runs`) and PPO runs (`runs`) at several betas, held-
+               out gold score against KL to SFT; whether DPO's frontier lies above PPO's.
 Writes WORKDIR/<papers.stage_dir>/{report_section.md, <experiment>.png, summary.json}; the report stage includes
 the section. Summary keys are flat numbers (fits, verdicts as 1/0), so a --seeds sweep averages them.
 """
@@ -34,7 +39,7 @@ from rlhf_jax.data import sources
 from rlhf_jax.evals import policy as policy_evals
 from rlhf_jax.evals import scaling
 
-EXPERIMENTS = ("gao", "kl_frontier", "rm_batching")
+EXPERIMENTS = ("gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo")
 SECTION_FILE = "report_section.md"  # the name rlhf_jax/stages/report.py looks for
 
 
@@ -52,6 +57,13 @@ def check(config: ml_collections.ConfigDict) -> None:
     if len(ns) < 2 or min(ns) != 1 or len(set(ns)) != len(ns):
       raise ValueError(f"papers.best_of_n={tuple(ns)}: expected distinct sizes including 1 (the origin, SFT "
                        "itself) and at least one more")
+  if pc.experiment == "alignment_tax":
+    coefs = list(pc.ptx_coefs)
+    if len(coefs) != len(pc.runs) or 0 not in coefs or len(set(coefs)) != len(coefs) or min(coefs) < 0:
+      raise ValueError(f"papers.ptx_coefs={tuple(coefs)}: expected one distinct non-negative coefficient per "
+                       f"papers.runs entry ({len(pc.runs)}), 0 (plain PPO) among them")
+  if pc.experiment == "dpo_vs_ppo" and not pc.dpo_runs:
+    raise ValueError("papers.dpo_runs is empty: expected the DPO stage directories to set against papers.runs' PPO")
   if pc.experiment == "rm_batching" and len(pc.runs) != 2:
     raise ValueError(f"papers.runs={tuple(pc.runs)}: rm_batching compares two reward-model runs (grouped by "
                      "prompt and shuffled pairs)")
@@ -321,6 +333,148 @@ def _plot_rm(curves, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The alignment tax and PPO-ptx.
+
+_EVAL_KEYS = ("gold_score", "kl_to_sft", "win_rate_vs_sft", "win_rate_vs_sft_se")
+
+
+def _eval_point(workdir: str, run: str, keys: tuple[str, ...]) -> dict[str, Any]:
+  s = _read_summary(workdir, run)
+  missing = [k for k in keys if not isinstance(s.get(k), (int, float))]
+  if missing:
+    raise ValueError(f"{os.path.join(workdir, run, 'summary.json')}: no {', '.join(missing)}; expected a PPO or DPO "
+                     "stage's summary with its held-out evaluation")
+  return {"run": run, **{k: float(s[k]) for k in keys}, "sft_gold_score": float(s.get("sft_gold_score", np.nan)),
+          "sft_pretrain_val_loss": float(s.get("sft_pretrain_val_loss", np.nan))}
+
+
+def alignment_tax(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
+  pc = config.papers
+  keys = (*_EVAL_KEYS, "pretrain_val_loss", "benchmark_accuracy")
+  pts = sorted(({**_eval_point(workdir, run, keys), "coef": float(c)} for run, c in zip(pc.runs, pc.ptx_coefs)),
+               key=lambda p: p["coef"])
+  sft_loss = next((p["sft_pretrain_val_loss"] for p in pts if np.isfinite(p["sft_pretrain_val_loss"])), np.nan)
+  verdicts = scaling.alignment_tax([p["coef"] for p in pts], [p["pretrain_val_loss"] for p in pts],
+                                   [p["benchmark_accuracy"] for p in pts], [p["win_rate_vs_sft"] for p in pts],
+                                   [p["win_rate_vs_sft_se"] for p in pts], sft_loss)
+  summary = {"tax_held": float(verdicts[0].held), "recovered_held": float(verdicts[1].held),
+             "win_rate_kept_held": float(verdicts[2].held), "sft_pretrain_val_loss": sft_loss}
+  table = ["| run | ptx coefficient | held-out pretraining loss | benchmark accuracy | gold | KL to SFT | "
+           "win rate vs SFT |", "|---|---|---|---|---|---|---|", f"| sft | - | {sft_loss:.3f} | - | - | 0 | - |"]
+  for p in pts:
+    table.append(f"| {p['run']} | {p['coef']:g} | {p['pretrain_val_loss']:.3f} | {p['benchmark_accuracy']:.3f} | "
+                 f"{p['gold_score']:+.3f} | {p['kl_to_sft']:.2f} | {p['win_rate_vs_sft']:.3f} +- "
+                 f"{p['win_rate_vs_sft_se']:.3f} |")
+    summary.update({f"{p['run']}_{k}": p[k] for k in ("pretrain_val_loss", "benchmark_accuracy", "win_rate_vs_sft",
+                                                       "gold_score")})
+  _plot_tax(pts, sft_loss, os.path.join(out_dir, "alignment_tax.png"))
+  lines = ["## The alignment tax and PPO-ptx (InstructGPT sec 4.2)", "",
+           "PPO at several PPO-ptx coefficients (the weight of the next-token loss on pretraining text mixed into "
+           "every PPO minibatch; 0 is plain PPO): the held-out pretraining loss and the benchmark's exact-match "
+           "skill, against the gold win rate over SFT on held-out prompts.", "",
+           "![pretraining loss and benchmark against win rate](alignment_tax.png)", "", *table, ""]
+  return lines, summary, verdicts
+
+
+def _plot_tax(pts, sft_loss: float, path: str) -> None:
+  import matplotlib  # lazy: a heavy plotting library, needed only when the section is drawn
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # lazy: as above
+
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  wr = [p["win_rate_vs_sft"] for p in pts]
+  for ax, key, name in ((axes[0], "pretrain_val_loss", "held-out pretraining loss"),
+                        (axes[1], "benchmark_accuracy", "benchmark accuracy")):
+    ax.plot(wr, [p[key] for p in pts], "o-")
+    for p in pts:
+      ax.annotate(f"ptx {p['coef']:g}", (p["win_rate_vs_sft"], p[key]), fontsize=7)
+    ax.set_xlabel("gold win rate vs SFT")
+    ax.set_ylabel(name)
+  axes[0].axhline(sft_loss, ls=":", c="gray", label="SFT")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPO against PPO.
+
+
+def _dpo_beta(config, workdir: str, run: str) -> float:
+  """A DPO run's beta: its summary's, or (runs from before the summary held it) the config that names the run."""
+  s = _read_summary(workdir, run)
+  if isinstance(s.get("beta"), (int, float)):
+    return float(s["beta"])
+  for v in config.variants.values():
+    if "dpo" in v and v.dpo.get("stage_dir") == run:
+      return float(v.dpo.get("beta", config.dpo.beta))
+  if run == config.dpo.stage_dir:
+    return float(config.dpo.beta)
+  raise ValueError(f"{os.path.join(workdir, run, 'summary.json')}: no beta, and no dpo variant of this experiment "
+                   "writes that directory")
+
+
+def dpo_vs_ppo(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
+  pc = config.papers
+  series = {}
+  for method, runs in (("PPO", pc.runs), ("DPO", pc.dpo_runs)):
+    pts = []
+    for run in runs:
+      if method == "PPO":  # None: the adaptive controller
+        rows = _read_rows(workdir, run, ("beta",))
+        beta = None if max(r["beta"] for r in rows) > min(r["beta"] for r in rows) else rows[0]["beta"]
+      else:
+        beta = _dpo_beta(config, workdir, run)
+      pts.append({**_eval_point(workdir, run, _EVAL_KEYS), "beta": beta})
+    series[method] = sorted(pts, key=lambda p: p["kl_to_sft"])
+  sft_gold = next((p["sft_gold_score"] for ps in series.values() for p in ps if np.isfinite(p["sft_gold_score"])),
+                  np.nan)  # every run is evaluated against the same SFT samples
+  # Both frontiers start at SFT itself (KL 0); the adaptive PPO runs count as points of PPO's frontier too.
+  kl_of = lambda m: [0.0] + [p["kl_to_sft"] for p in series[m]]  # noqa: E731
+  gold_of = lambda m: [sft_gold] + [p["gold_score"] for p in series[m]]  # noqa: E731
+  v = scaling.frontier_dominates(kl_of("DPO")[1:], gold_of("DPO")[1:], kl_of("PPO"), gold_of("PPO"))
+  summary = {"dpo_dominates_held": float(v.held), "sft_gold_score": sft_gold,
+             "best_gold_dpo": max(p["gold_score"] for p in series["DPO"]),
+             "best_gold_ppo": max(p["gold_score"] for p in series["PPO"])}
+  table = ["| method | run | beta | KL to SFT | gold | win rate vs SFT |", "|---|---|---|---|---|---|",
+           f"| SFT | sft | - | 0 | {sft_gold:+.3f} | 0.5 |"]
+  for method, pts in series.items():
+    for p in pts:
+      beta = "adaptive" if p["beta"] is None else f"{p['beta']:g}"
+      table.append(f"| {method} | {p['run']} | {beta} | {p['kl_to_sft']:.2f} | {p['gold_score']:+.3f} | "
+                   f"{p['win_rate_vs_sft']:.3f} +- {p['win_rate_vs_sft_se']:.3f} |")
+      summary.update({f"{p['run']}_{k}": p[k] for k in ("gold_score", "kl_to_sft", "win_rate_vs_sft")})
+  _plot_dpo_ppo(series, sft_gold, os.path.join(out_dir, "dpo_vs_ppo.png"))
+  lines = ["## DPO against PPO (Rafailov et al. 2023, Fig. 2)", "",
+           "Held-out gold score against the KL to SFT each policy ended at, for DPO and PPO at several betas on "
+           "the same SFT model and the same comparisons (DPO trains on them directly, PPO through the reward "
+           "model trained on them). A PPO point's KL is measured on its held-out samples, as DPO's.", "",
+           "![gold against KL, DPO and PPO](dpo_vs_ppo.png)", "", *table, ""]
+  return lines, summary, [v]
+
+
+def _plot_dpo_ppo(series, sft_gold: float, path: str) -> None:
+  import matplotlib  # lazy: a heavy plotting library, needed only when the section is drawn
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # lazy: as above
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for (method, pts), marker in zip(series.items(), ("o-", "s-")):
+    ax.plot([0.0] + [p["kl_to_sft"] for p in pts], [sft_gold] + [p["gold_score"] for p in pts], marker,
+            label=method)
+    for p in pts:
+      ax.annotate("adaptive" if p["beta"] is None else f"{p['beta']:g}", (p["kl_to_sft"], p["gold_score"]),
+                  fontsize=7)
+  ax.set_xlabel("KL(policy || SFT), nats per response")
+  ax.set_ylabel("gold score (held-out)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The stage.
 
 
@@ -329,8 +483,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   check(config)
   out_dir = runtime.stage_dir(config, workdir, "papers")
   os.makedirs(out_dir, exist_ok=True)
-  lines, summary, verdicts = {"gao": gao, "kl_frontier": kl_frontier,
-                              "rm_batching": rm_batching}[config.papers.experiment](config, workdir, out_dir)
+  lines, summary, verdicts = {"gao": gao, "kl_frontier": kl_frontier, "rm_batching": rm_batching,
+                              "alignment_tax": alignment_tax,
+                              "dpo_vs_ppo": dpo_vs_ppo}[config.papers.experiment](config, workdir, out_dir)
   lines += ["Verdicts (rlhf_jax/evals/scaling.py):", "", *[f"- {v.markdown()}" for v in verdicts], ""]
   summary = {**summary, "n_verdicts_held": sum(v.held for v in verdicts), "n_verdicts": len(verdicts),
              "wall_s": time.time() - t0}

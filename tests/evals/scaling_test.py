@@ -88,3 +88,45 @@ def test_overfits_after_one_epoch():
   assert not scaling.overfits_after_one_epoch(e, pairs, other_epochs=e, other_val_loss=[0.6, 0.5, 0.7, 0.9]).held
   with pytest.raises(ValueError, match="two or more epochs"):
     scaling.overfits_after_one_epoch([1.0], [0.5])
+
+
+def _envelope_by_grid(kls, gold, x, n=20001):
+  # Independent: the piecewise-linear curve sampled densely up to x, its running maximum read at x.
+  order = np.argsort(kls)
+  k, g = np.asarray(kls, float)[order], np.asarray(gold, float)[order]
+  grid = np.linspace(k[0], x, n)
+  return float(np.max(np.interp(grid, k, g)))
+
+
+def test_frontier_envelope_against_a_dense_grid():
+  kls, gold = [0.0, 1.0, 2.5, 6.0, 9.0], [0.1, 0.3, 0.25, 0.45, -0.2]
+  at = [0.0, 0.5, 1.7, 2.5, 4.0, 7.5, 9.0]
+  env = scaling.frontier_envelope(kls, gold, at)
+  for x, e in zip(at, env):
+    assert e == pytest.approx(_envelope_by_grid(kls, gold, x), abs=1e-4), x
+  assert np.isnan(scaling.frontier_envelope(kls, gold, [9.5])[0])  # beyond what was measured
+
+
+def test_frontier_dominates():
+  ppo_kl, ppo_gold = [0.0, 1.0, 4.0], [0.1, 0.3, 0.2]
+  v = scaling.frontier_dominates([0.5, 2.0], [0.25, 0.31], ppo_kl, ppo_gold)
+  assert v.held and "KL 0.50: DPO +0.250 vs PPO +0.200" in v.evidence
+  # 2.0's envelope is the 0.3 reached at KL 1 (the curve itself is lower there): 0.29 is below it.
+  assert not scaling.frontier_dominates([0.5, 2.0], [0.25, 0.29], ppo_kl, ppo_gold).held
+  out = scaling.frontier_dominates([0.5, 7.0], [0.25, 9.0], ppo_kl, ppo_gold)
+  assert out.held and "1 point(s) outside PPO's KL range" in out.evidence
+  assert not scaling.frontier_dominates([7.0], [9.0], ppo_kl, ppo_gold).held  # nothing to compare
+
+
+def test_alignment_tax_verdicts():
+  # coef 0: the loss rises above SFT's 1.0; more ptx lowers it, skill rises, the win rate holds.
+  tax, rec, kept = scaling.alignment_tax([1.0, 0.0, 3.0], [0.9, 1.2, 0.7], [0.8, 0.6, 0.85], [0.60, 0.62, 0.58],
+                                         [0.02, 0.02, 0.02], sft_lm_loss=1.0)
+  assert tax.held and rec.held and kept.held  # |0.58 - 0.62| = 0.04 <= 2 * hypot(0.02, 0.02) = 0.057
+  assert rec.evidence.startswith("coef 0: LM loss 1.200, skill 0.600, win rate 0.620")
+  _, rec, kept = scaling.alignment_tax([0.0, 1.0, 3.0], [1.2, 0.9, 1.0], [0.6, 0.8, 0.85], [0.62, 0.6, 0.50],
+                                       [0.02, 0.02, 0.02], sft_lm_loss=1.0)
+  assert not rec.held and not kept.held  # the loss rose from 1 to 3; the win rate fell by 0.12
+  assert not scaling.alignment_tax([0.0, 1.0], [0.9, 0.8], [0.5, 0.5], [0.6, 0.6], [0.02, 0.02], 1.0)[0].held
+  with pytest.raises(ValueError, match="expected 0"):
+    scaling.alignment_tax([0.5, 1.0], [1.0, 0.9], [0.5, 0.5], [0.6, 0.6], [0.02, 0.02], 1.0)

@@ -133,3 +133,63 @@ def test_rm_validation_loss_is_the_grouped_ranking_loss():
   ref, _ = losses.ranking_loss(pad(rewards, 0.0), pad([c.ranks for c in comps], 0),
                                pad([[True] * len(c.ranks) for c in comps], False))
   assert rm.val_ranking_loss(comps, rewards) == pytest.approx(float(ref), rel=1e-5)
+
+
+def _eval_summary(gold, kl, wr=0.55, **extra):
+  return {"gold_score": gold, "kl_to_sft": kl, "rm_score": 0.3, "win_rate_vs_sft": wr, "win_rate_vs_sft_se": 0.02,
+          "sft_gold_score": 0.1, "sft_pretrain_val_loss": 1.4, **extra}
+
+
+def test_alignment_tax_section(tmp_path):
+  wd = str(tmp_path)
+  for run, loss, skill, wr in (("ppo", 1.5, 0.7, 0.59), ("ppo_ptx", 0.7, 0.9, 0.62), ("ppo_ptx0_3", 1.0, 0.8, 0.6)):
+    _write(wd, run, _eval_summary(0.2, 4.0, wr, pretrain_val_loss=loss, benchmark_accuracy=skill), [{"beta": 0.05}])
+  c = _config("alignment_tax", ("ppo", "ppo_ptx0_3", "ppo_ptx"))
+  c.papers.ptx_coefs = (0.0, 0.3, 1.0)
+  s = papers.run(c, wd)
+  assert (s["tax_held"], s["recovered_held"], s["win_rate_kept_held"]) == (1.0, 1.0, 1.0)
+  assert s["ppo_ptx0_3_pretrain_val_loss"] == 1.0 and s["sft_pretrain_val_loss"] == 1.4
+  text = open(tmp_path / "papers_alignment_tax" / papers.SECTION_FILE).read()
+  assert "| ppo_ptx0_3 | 0.3 | 1.000 | 0.800 | +0.200 | 4.00 | 0.600 +- 0.020 |" in text
+  assert "| sft | - | 1.400 |" in text and text.count("**Held**") == 3
+  assert open(tmp_path / "papers_alignment_tax" / "alignment_tax.png", "rb").read(4) == b"\x89PNG"
+  c.papers.ptx_coefs = (0.3, 1.0, 3.0)
+  with pytest.raises(ValueError, match="0 .plain PPO. among them"):
+    papers.check(c)
+  _write(wd, "ppo", {"gold_score": 0.1}, [{"beta": 0.05}])
+  c.papers.ptx_coefs = (0.0, 0.3, 1.0)
+  with pytest.raises(ValueError, match="no kl_to_sft, win_rate_vs_sft"):
+    papers.run(c, wd)
+
+
+def test_dpo_vs_ppo_section(tmp_path):
+  wd = str(tmp_path)
+  for run, beta, kl, gold in (("ppo_beta0_1", 0.1, 1.0, 0.3), ("ppo_beta0_01", 0.01, 5.0, 0.2)):
+    _write(wd, run, _eval_summary(gold, kl, final_beta=beta), [{"beta": beta}, {"beta": beta}])
+  _write(wd, "ppo_target", _eval_summary(0.28, 2.0, final_beta=0.07), [{"beta": 0.05}, {"beta": 0.07}])
+  _write(wd, "dpo", _eval_summary(0.32, 0.6), [{"loss": 0.6}])  # a summary from before DPO wrote its beta
+  _write(wd, "dpo_beta1", _eval_summary(0.35, 2.5, beta=1.0), [{"loss": 0.6}])
+  c = _config("dpo_vs_ppo", ("ppo_beta0_1", "ppo_beta0_01", "ppo_target"))
+  c.papers.dpo_runs = ("dpo", "dpo_beta1")
+  s = papers.run(c, wd)
+  # PPO's envelope: (0, 0.1), (1, 0.3), (2, 0.28), (5, 0.2). DPO at 0.6 (+0.32 vs 0.22) and 2.5 (+0.35 vs 0.3).
+  assert s["dpo_dominates_held"] == 1.0 and s["best_gold_dpo"] == 0.35 and s["best_gold_ppo"] == 0.3
+  text = open(tmp_path / "papers_dpo_vs_ppo" / papers.SECTION_FILE).read()
+  assert "| DPO | dpo | 0.1 | 0.60 | +0.320 |" in text  # beta from config.dpo.beta (the default stage)
+  assert "| PPO | ppo_target | adaptive | 2.00 | +0.280 |" in text and "KL 0.60: DPO +0.320 vs PPO +0.220" in text
+  _write(wd, "dpo_beta1", _eval_summary(0.25, 2.5, beta=1.0), [{"loss": 0.6}])
+  assert papers.run(c, wd)["dpo_dominates_held"] == 0.0
+  c.papers.dpo_runs = ()
+  with pytest.raises(ValueError, match="papers.dpo_runs is empty"):
+    papers.check(c)
+
+
+@pytest.mark.parametrize("name", ["gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo"])
+@pytest.mark.parametrize("preset", ["cpu", "accelerator", "tiny"])
+def test_every_run_a_papers_experiment_reads_is_written_by_one_of_its_stages(name, preset):
+  from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
+  c = configs.experiment_config(os.path.join(stage_runner.ROOT, "experiments", "papers", f"{name}.py"), preset)
+  papers.check(c)
+  written = {pipeline.stage_dir_name(cfg, stage) for _, stage, cfg in pipeline.stages_to_run(c)}
+  wanted = set(c.papers.runs) | set(c.papers.dpo_runs) | set(c.papers.rms)
+  assert wanted <= written, sorted(wanted - written)

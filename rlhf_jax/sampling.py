@@ -39,6 +39,11 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1.0 = off
   use_cache: bool = True  # False recomputes a full forward pass per token (benchmarks only)
+  # With the cache: the decoding loop runs in up to this many segments, each with a KV cache only as long as
+  # its last step needs, so a step attends over the filled slots rounded up to its segment's end instead of
+  # all prompt + max_new_tokens (a step at batch 64 is bound by reading the cache). Each segment is one more
+  # compiled loop body; 1 = one cache of full length (no segments).
+  cache_segments: int = 4
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -51,6 +56,8 @@ class SamplingConfig:
       raise ValueError(f"sampling.top_p must be in (0, 1] (1 = off), got {self.top_p}")
     if not isinstance(self.use_cache, bool):
       raise ValueError(f"sampling.use_cache must be a bool, got {self.use_cache!r}")
+    if not isinstance(self.cache_segments, int) or self.cache_segments < 1:
+      raise ValueError(f"sampling.cache_segments must be an int >= 1 (1 = off), got {self.cache_segments!r}")
 
   @property
   def greedy(self) -> bool:
@@ -158,14 +165,29 @@ class _LoopState(NamedTuple):
   done_b: jax.Array  # the row has emitted EOS
 
 
-def _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id):
-  """Runs the prompt; returns the logits after its last column and the initial model state."""
+def cache_lengths(prompt_len: int, max_new_tokens: int, segments: int) -> tuple[int, ...]:
+  """The KV cache lengths of the decoding loop's segments, shortest first (at most `segments` of them).
+
+  The step that samples new token i writes cache slot prompt_len + i, so a segment whose cache has L slots
+  runs the steps i < L - prompt_len. The new tokens are split into chunks of ceil(max_new_tokens / segments)
+  rounded up to a multiple of 8 slots; the last length is prompt_len + max_new_tokens.
+  """
+  total = prompt_len + max_new_tokens
+  chunk = -(-max_new_tokens // segments)
+  chunk = -(-chunk // 8) * 8
+  return tuple(range(prompt_len + chunk, total, chunk)) + (total,)
+
+
+def _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id, length):
+  """Runs the prompt; returns the logits after its last column and the initial model state (a cache of
+  `length` slots, or token buffers of prompt + max_new_tokens)."""
   b, p = prompt_bp.shape
   total = p + sampling_cfg.max_new_tokens
   if sampling_cfg.use_cache:
-    h_bpd, cache = transformer.prefill(params, prompt_bp, model_cfg, length=total, mask_bt=prompt_mask_bp)
-    # Prompts are left-padded: the last column holds every row's last real token; unembed only that one.
-    return transformer.unembed(params, h_bpd[:, -1:], model_cfg)[:, 0], cache
+    # Prompts are left-padded: the last column holds every row's last real token; only that one is unembedded.
+    h_b1d, cache = transformer.prefill(params, prompt_bp, model_cfg, length=length, mask_bt=prompt_mask_bp,
+                                       last_only=True)
+    return transformer.unembed(params, h_b1d, model_cfg)[:, 0], cache
   tokens_bs = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(prompt_bp)
   mask_bs = jnp.zeros((b, total), jnp.bool_).at[:, :p].set(prompt_mask_bp)
   # Slots after the prompt are masked and causally in the future, so they do not change these logits.
@@ -188,34 +210,38 @@ def _feed(params, model_state, token_b, step, prompt_len, model_cfg, sampling_cf
   return logits_bv, (tokens_bs, mask_bs)
 
 
+def _decode_step(state: _LoopState, params, rng, *, p, model_cfg, sampling_cfg, eos_id, pad_id) -> _LoopState:
+  """Samples the token at `state.step` from the carried logits, records it and feeds it to the model."""
+  # fold_in(step) rather than splitting a carried key: the cached and uncached paths (and any cache
+  # segmentation) draw the same numbers.
+  sampled_b = sample_token(state.logits_bv, jax.random.fold_in(rng, state.step), sampling_cfg)
+  logprob_b = transformer.token_logprobs(state.logits_bv[:, None], sampled_b[:, None],
+                                         sampling_cfg.logprob_temperature)[:, 0]
+  live_b = ~state.done_b
+  token_b = jnp.where(live_b, sampled_b, pad_id)
+  put = lambda buf_bn, col_b: jax.lax.dynamic_update_slice_in_dim(buf_bn, col_b[:, None], state.step, 1)
+  tokens_bn = put(state.tokens_bn, token_b)
+  logprobs_bn = put(state.logprobs_bn, jnp.where(live_b, logprob_b, 0.0))
+  mask_bn = put(state.mask_bn, live_b)
+  done_b = state.done_b | (live_b & (sampled_b == eos_id))
+  # Always feed, even after the last token: a lax.cond here would make XLA copy the whole KV cache every
+  # step (the untaken branch returns the old buffers), which costs far more than one wasted forward pass.
+  logits_bv, model_state = _feed(params, state.model_state, token_b, state.step, p, model_cfg, sampling_cfg)
+  return _LoopState(state.step + 1, logits_bv, model_state, tokens_bn, logprobs_bn, mask_bn, done_b)
+
+
 def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg, eos_id, pad_id):
   b, p = prompt_bp.shape
   n = sampling_cfg.max_new_tokens
-  logits_bv, model_state = _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id)
+  segments = cache_lengths(p, n, sampling_cfg.cache_segments if sampling_cfg.use_cache else 1)
+  logits_bv, model_state = _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id,
+                                    segments[0])
   if sampling_cfg.use_cache:
     params = transformer.unstack_layers(params)  # sliced once here, not at every step of the loop
+  body = functools.partial(_decode_step, params=params, rng=rng, p=p, model_cfg=model_cfg,
+                           sampling_cfg=sampling_cfg, eos_id=eos_id, pad_id=pad_id)
 
-  def cond(state: _LoopState):
-    return (state.step < n) & ~jnp.all(state.done_b)
-
-  def body(state: _LoopState) -> _LoopState:
-    # fold_in(step) rather than splitting a carried key: the cached and uncached paths draw the same numbers.
-    sampled_b = sample_token(state.logits_bv, jax.random.fold_in(rng, state.step), sampling_cfg)
-    logprob_b = transformer.token_logprobs(state.logits_bv[:, None], sampled_b[:, None],
-                                     sampling_cfg.logprob_temperature)[:, 0]
-    live_b = ~state.done_b
-    token_b = jnp.where(live_b, sampled_b, pad_id)
-    put = lambda buf_bn, col_b: jax.lax.dynamic_update_slice_in_dim(buf_bn, col_b[:, None], state.step, 1)
-    tokens_bn = put(state.tokens_bn, token_b)
-    logprobs_bn = put(state.logprobs_bn, jnp.where(live_b, logprob_b, 0.0))
-    mask_bn = put(state.mask_bn, live_b)
-    done_b = state.done_b | (live_b & (sampled_b == eos_id))
-    # Always feed, even after the last token: a lax.cond here would make XLA copy the whole KV cache every
-    # step (the untaken branch returns the old buffers), which costs far more than one wasted forward pass.
-    logits_bv, model_state = _feed(params, state.model_state, token_b, state.step, p, model_cfg, sampling_cfg)
-    return _LoopState(state.step + 1, logits_bv, model_state, tokens_bn, logprobs_bn, mask_bn, done_b)
-
-  init = _LoopState(
+  state = _LoopState(
       step=jnp.zeros((), jnp.int32),
       logits_bv=logits_bv,
       model_state=model_state,
@@ -224,13 +250,19 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
       mask_bn=jnp.zeros((b, n), jnp.bool_),
       done_b=jnp.zeros((b,), jnp.bool_),
   )
-  final = jax.lax.while_loop(cond, body, init)
+  # One while_loop per cache length (static shapes under jit), each stopping early once every row has ended;
+  # the later segments then exit at their first test.
+  for length in segments:
+    if sampling_cfg.use_cache:
+      state = state._replace(model_state=transformer.grow_cache(state.model_state, length))
+    stop = min(n, length - p)
+    state = jax.lax.while_loop(lambda st, stop=stop: (st.step < stop) & ~jnp.all(st.done_b), body, state)
   return SampleOutput(
-      tokens_bn=final.tokens_bn,
-      logprobs_bn=final.logprobs_bn,
-      mask_bn=final.mask_bn,
-      ended_b=final.done_b,
-      lengths_b=final.mask_bn.sum(axis=1, dtype=jnp.int32),
+      tokens_bn=state.tokens_bn,
+      logprobs_bn=state.logprobs_bn,
+      mask_bn=state.mask_bn,
+      ended_b=state.done_b,
+      lengths_b=state.mask_bn.sum(axis=1, dtype=jnp.int32),
   )
 
 

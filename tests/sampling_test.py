@@ -7,6 +7,7 @@ Distribution tests draw the first token of 4096 copies of one prompt in a single
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -311,6 +312,71 @@ def test_logprobs_match_full_forward_and_uncached_path():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A segmented KV cache (cache_segments > 1): each loop segment attends over a cache only as long as it needs.
+
+
+def test_cache_lengths():
+  assert sampling.cache_lengths(64, 64, 4) == (80, 96, 112, 128)
+  assert sampling.cache_lengths(64, 64, 1) == (128,)
+  assert sampling.cache_lengths(6, 40, 4) == (22, 38, 46)  # chunks of ceil(40 / 4) = 10 rounded up to 16
+  assert sampling.cache_lengths(6, 2, 4) == (8,)
+  for p, n, k in ((1, 1, 1), (5, 50, 4), (64, 768, 4), (7, 9, 8)):
+    lengths = sampling.cache_lengths(p, n, k)
+    assert len(lengths) <= k and lengths[-1] == p + n and lengths[0] > p and list(lengths) == sorted(set(lengths))
+
+
+# GQA (4 query heads over 2 kv heads) and a sliding window of 5 keys, far shorter than the 46 slots.
+WINDOWED = transformer.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                   max_len=64, sliding_window=5)
+SEGMENTED_NEW = 40  # 4 segments: caches of 22, 38 and 46 slots, so the loop crosses two segment boundaries
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.8, 5)])
+@pytest.mark.parametrize("model", ["gqa", "gqa_window"])
+def test_segmented_cache_equals_one_cache(temperature, top_k, model):
+  cfg = WINDOWED if model == "gqa_window" else dataclasses.replace(WINDOWED, sliding_window=0)
+  params = _spread_params(cfg, seed=1)
+  prompts_bp, mask_bp = _prompts(seed=4, lengths=(6, 5, 4, 3, 2, 1, 6, 3))  # left padding
+  run = lambda segments, eos_id: sampling.generate(
+      params, prompts_bp, mask_bp, jax.random.key(7), cfg,
+      sampling.SamplingConfig(max_new_tokens=SEGMENTED_NEW, temperature=temperature, top_k=top_k,
+                              cache_segments=segments), eos_id=eos_id, pad_id=PAD)
+  # The EOS token: the first whose one-cache run has a row decoding past the last boundary (new token 32) and,
+  # when sampling, some row stopped, so the segments' early exits are exercised too.
+  chosen = None
+  for eos_id in range(1, VOCAB):
+    one = run(1, eos_id)
+    if one.lengths_b.max() > 32 and (temperature == 0.0 or one.ended_b.any()):
+      chosen = eos_id
+      break
+  assert chosen is not None
+  seg = run(4, chosen)
+  for name in ("tokens_bn", "mask_bn", "ended_b", "lengths_b"):
+    np.testing.assert_array_equal(getattr(seg, name), getattr(one, name), err_msg=name)
+  np.testing.assert_allclose(seg.logprobs_bn, one.logprobs_bn, atol=1e-5)
+  # And both are the training forward pass's numbers.
+  full_bn = sampling.sequence_logprobs(params, prompts_bp, mask_bp, seg.tokens_bn, seg.mask_bn, cfg,
+                                       temperature=1.0 if temperature == 0.0 else temperature)
+  np.testing.assert_allclose(seg.logprobs_bn, full_bn, atol=1e-5)
+
+
+def test_segmented_cache_all_rows_stop_in_first_segment():
+  # Every row ends within the first segment: the later segments only grow the cache and exit at once.
+  params = _spread_params(WINDOWED, seed=1)
+  same_bp, same_mask_bp = _prompts(seed=4, lengths=(6, 6, 6))
+  same_bp, same_mask_bp = np.repeat(same_bp[:1], 3, 0), np.repeat(same_mask_bp[:1], 3, 0)
+  greedy = sampling.SamplingConfig(max_new_tokens=SEGMENTED_NEW, temperature=0.0, cache_segments=1)
+  ref = sampling.generate(params, same_bp, same_mask_bp, jax.random.key(0), WINDOWED, greedy, eos_id=3, pad_id=PAD)
+  eos_id = int(ref.tokens_bn[0, 4])
+  outs = [sampling.generate(params, same_bp, same_mask_bp, jax.random.key(0), WINDOWED,
+                            dataclasses.replace(greedy, cache_segments=k), eos_id=eos_id, pad_id=PAD)
+          for k in (1, 4)]
+  assert outs[1].ended_b.all() and (outs[1].lengths_b <= 5).all()
+  for name in ("tokens_bn", "mask_bn", "ended_b", "lengths_b", "logprobs_bn"):
+    np.testing.assert_allclose(getattr(outs[1], name), getattr(outs[0], name), atol=1e-5, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Errors, raised before any tracing: params=None would fail inside jit, so reaching the ValueError proves it.
 
 
@@ -331,6 +397,7 @@ def test_too_long_raises_before_compute():
         (dict(max_new_tokens=4, top_k=-1), "top_k"),
         (dict(max_new_tokens=4, top_p=0.0), "top_p"),
         (dict(max_new_tokens=4, top_p=1.5), "top_p"),
+        (dict(max_new_tokens=4, cache_segments=0), "cache_segments"),
     ],
 )
 def test_sampling_config_validation(kwargs, field):

@@ -364,12 +364,14 @@ def _constrain(x, axes):
   return sharding.constrain(x, axes)
 
 
-def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng):
+def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng, last_query_only=False):
   """One pre-norm Transformer block.
 
   kv_cache is None (attend over the block's own keys) or (k_cache_bkse, v_cache_bkse, write_at), this layer's
   cache: the new keys/values are written at slot `write_at` and the attention runs over the whole cache.
   Returns the new x and the updated cache, or without one the block's own keys and values [b, k, t, e].
+  last_query_only (without a cache): keys and values of all t positions, but the new x [b, 1, d] of the last
+  position only (the last layer of a prefill, where only the last column is unembedded).
   """
   dt = cfg.compute_dtype
   b, t, _ = x_btd.shape
@@ -395,7 +397,10 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   k_bkte, v_bkte = k_btke.transpose(0, 2, 1, 3), v_btke.transpose(0, 2, 1, 3)
 
   # Over the block's own t positions, causal: the blocked path skips the masked upper blocks.
-  causal_self_attention = kv_cache is None and cfg.causal
+  causal_self_attention = kv_cache is None and cfg.causal and not last_query_only
+  if last_query_only:
+    q_bthe, x_btd, allowed_bts = q_bthe[:, -1:], x_btd[:, -1:], allowed_bts[:, -1:]
+    t = 1
   if kv_cache is not None:
     k_cache_bkse, v_cache_bkse, write_at = kv_cache
     k_cache_bkse = jax.lax.dynamic_update_slice_in_dim(k_cache_bkse, k_bkte.astype(k_cache_bkse.dtype), write_at, 2)
@@ -513,7 +518,8 @@ def backbone(
   appended after what the cache holds and attend to it, and `params` may have unstacked layers
   (`unstack_layers`).
   """
-  h_btd, new_cache, _ = _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, keep_kv=False)
+  h_btd, new_cache, _ = _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, keep_kv=False,
+                                  last_only=False)
   return h_btd, new_cache
 
 
@@ -524,11 +530,14 @@ def prefill(
     *,
     length: int,
     mask_bt: jax.Array | None = None,
+    last_only: bool = False,
 ) -> tuple[jax.Array, Cache]:
   """Hidden states [b, t, d] of a prompt and a new cache of `length` slots holding it.
 
   The same as `backbone(..., cache=init_cache(cfg, b, length))`, but cheaper: the prompt attends over its own
-  t keys (the uncached path) instead of all `length` slots, most of them still empty.
+  t keys (the uncached path) instead of all `length` slots, most of them still empty. last_only: the hidden
+  state of the last column only, [b, 1, d] (what decoding unembeds), skipping the last layer's attention
+  output and MLP at every other position (about 1/l of the prefill).
   """
   b, t = tokens_bt.shape
   _check_causal_for_cache(cfg)
@@ -536,7 +545,8 @@ def prefill(
     raise ValueError(f"{t} prompt tokens do not fit a KV cache of {length} positions")
   cache = init_cache(cfg, b, length)
   mask_bt = jnp.ones((b, t), jnp.bool_) if mask_bt is None else mask_bt.astype(jnp.bool_)
-  h_btd, _, (k_lbkte, v_lbkte) = _backbone(params, tokens_bt, cfg, mask_bt, None, None, keep_kv=True)
+  h_btd, _, (k_lbkte, v_lbkte) = _backbone(params, tokens_bt, cfg, mask_bt, None, None, keep_kv=True,
+                                           last_only=last_only)
   # The prompt fills slots [0, t), as backbone with the empty cache would write them; the rest stay zero.
   fill = lambda x_bkte: jnp.pad(x_bkte.astype(cache["k"][0].dtype), ((0, 0), (0, 0), (0, length - t), (0, 0)))
   cache["k"] = tuple(fill(k_lbkte[i]) for i in range(cfg.n_layers))
@@ -545,6 +555,20 @@ def prefill(
   cache["index"] = jnp.asarray(t, jnp.int32)
   cache["lengths"] = mask_bt.sum(axis=1, dtype=jnp.int32)
   return h_btd, cache
+
+
+def grow_cache(cache: Cache, length: int) -> Cache:
+  """`cache` with room for `length` slots: the slots it has keep their keys, values and mask, the new ones
+  are empty (zero, masked). `generate` grows its cache bucket by bucket so that each decoding step attends over
+  the slots filled so far rounded up to a bucket, not over the whole prompt + max_new_tokens."""
+  s = cache["mask"].shape[1]
+  if length < s:
+    raise ValueError(f"grow_cache: a cache of {s} slots cannot shrink to {length}")
+  if length == s:
+    return cache
+  pad_slots = lambda x_bkse: jnp.pad(x_bkse, ((0, 0), (0, 0), (0, length - s), (0, 0)))
+  return {**cache, "k": tuple(pad_slots(k) for k in cache["k"]), "v": tuple(pad_slots(v) for v in cache["v"]),
+          "mask": jnp.pad(cache["mask"], ((0, 0), (0, length - s)))}
 
 
 def unstack_layers(params: Params) -> Params:
@@ -559,8 +583,9 @@ def unstack_layers(params: Params) -> Params:
   return {**params, "layers": layers}
 
 
-def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
-  """backbone, plus (without a cache and with keep_kv) every layer's keys and values [l, b, k, t, e]."""
+def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv, last_only):
+  """backbone, plus (without a cache and with keep_kv) every layer's keys and values [l, b, k, t, e].
+  last_only (without a cache): the hidden state of the last position only, [b, 1, d]."""
   b, t = tokens_bt.shape
   mask_bt = jnp.ones((b, t), jnp.bool_) if mask_bt is None else mask_bt.astype(jnp.bool_)
   seen_b = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
@@ -629,7 +654,11 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
       kvs = []
       for i in range(cfg.n_layers):
         layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
-        x_btd, kv_bkte = step(x_btd, layer, None if layer_rngs is None else layer_rngs[i])
+        rng = None if layer_rngs is None else layer_rngs[i]
+        if last_only and i == cfg.n_layers - 1:
+          x_btd, kv_bkte = _block(cfg, x_btd, layer, positions_bt, allowed_bts, None, rng, last_query_only=True)
+        else:
+          x_btd, kv_bkte = step(x_btd, layer, rng)
         kvs.append(kv_bkte)
       if keep_kv:
         kv = jax.tree.map(lambda *xs: jnp.stack(xs), *kvs)
@@ -646,6 +675,8 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv):
       x_btd, (k_out[i], v_out[i]) = _block(cfg, x_btd, layer, positions_bt, allowed_bts,
                                            (k_out[i], v_out[i], write_at), rng)
     k_out, v_out = tuple(k_out), tuple(v_out)
+  if last_only:
+    x_btd = x_btd[:, -1:]  # a no-op after the unrolled loop's last layer; the scanned one computed every position
   h_btd = _norm(cfg, x_btd, params, "final_norm")
 
   new_cache = None

@@ -182,6 +182,11 @@ def rm_config() -> ConfigDict:
       # target: "rankings" (the K-way loss) or "elo", a regression onto per-prompt normalised Elo ratings of each
       # ranking's pairwise outcomes (rlhf_jax.data.comparisons.rating_targets).
       target="rankings",
+      # score_at: where the score is read, "eos" (the last real token), "last" (the token before it: the last
+      # response token) or "mean" (over the response tokens); lm_coef: an auxiliary next-token loss on the
+      # responses, 0 = off (experiments/papers/rm_proxy.py).
+      score_at="eos", lm_coef=0.0,
+      seed_offset=0,  # > 0: another head initialisation and data order (the members of an RM ensemble)
       collected=(),  # with source="collected": the collect stage directories whose comparisons it trains on
       finetune_from="",  # a reward-model stage directory whose backbone and head this one starts from
       # evals_per_epoch > 0: evaluate (with the validation ranking loss) that many times an epoch instead of every
@@ -351,6 +356,8 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   # The "papers" stage (rlhf_jax/stages/papers.py): a paper's ablation read from the stages named in `runs`,
   # written as WORKDIR/<stage_dir>/report_section.md with its figures, table and verdict (experiments/papers/).
   # ptx_coefs: alignment_tax's PPO-ptx coefficient of each run; dpo_runs: dpo_vs_ppo's DPO runs (`runs`: PPO).
+  # rm_proxy: `rms` the reward models compared, `runs` the PPO run against each ("" = none), `ensembles` groups
+  # of `rms` entries whose mean score chooses as one more row.
   c.papers = ConfigDict(dict(stage_dir="papers", experiment="gao", runs=(), rms=(), sft_from="sft",
-                             best_of_n=(1, 2, 4, 8, 16, 32, 64), ptx_coefs=(), dpo_runs=()))
+                             best_of_n=(1, 2, 4, 8, 16, 32, 64), ptx_coefs=(), dpo_runs=(), ensembles=()))
   return c

@@ -262,12 +262,14 @@ EXPORT_MANIFEST = "export.json"
 
 
 def export_params(stage_dir: str, params, *, model_cfg: transformer.ModelConfig | None = None,
-                  tokenizer: tokenizers.Tokenizer | None = None, kind: str = "policy") -> None:
+                  tokenizer: tokenizers.Tokenizer | None = None, kind: str = "policy",
+                  extra: dict[str, Any] | None = None) -> None:
   """The stage's final parameters in STAGE_DIR/params, for the next stage (or the chat command) to load.
 
   With model_cfg, STAGE_DIR/export.json records what they are: {"kind": "policy" | "reward_model" |
   "value_model", "model": the ModelConfig fields, "tokenizer": how to rebuild the tokenizer (a SentencePiece
-  model is copied beside it)}, so a stage directory can be loaded without the experiment that wrote it.
+  model is copied beside it), and `extra`'s keys (a reward model's "score_at": its params hold "read")}, so a stage
+  directory can be loaded without the experiment that wrote it.
   """
   path = os.path.join(os.path.abspath(stage_dir), "params")
   ckptr = checkpoint.ocp.StandardCheckpointer()
@@ -275,7 +277,9 @@ def export_params(stage_dir: str, params, *, model_cfg: transformer.ModelConfig 
   ckptr.wait_until_finished()
   checkpoint.write_checksums(path)  # so a damaged export is found before a later stage reads it
   if model_cfg is not None and jax.process_index() == 0:
-    manifest = {"kind": kind, "model": dataclasses.asdict(model_cfg)}
+    manifest = {"kind": kind, "model": dataclasses.asdict(model_cfg), **(extra or {})}
+    if kind == "reward_model" and "read" in params:  # which readout its "read" weights select (load_export)
+      manifest["score_at"] = max(params["read"], key=lambda m: float(params["read"][m]))
     if tokenizer is not None:
       manifest["tokenizer"] = tokenizers.save_to_dir(tokenizer, stage_dir)
     checkpoint.write_json_atomic(os.path.join(stage_dir, EXPORT_MANIFEST), manifest)
@@ -319,8 +323,11 @@ def load_export(stage_dir: str, mesh, rules) -> tuple[Any, transformer.ModelConf
   Reward models come with their head and normalisation, value models with their head."""
   manifest = read_manifest(stage_dir)
   cfg = manifest["model"]
+  # A reward model exported before rm.score_at existed has no "read" weights (read at EOS): loaded without them.
+  score_at = manifest.get("score_at")
   init, axes = {"policy": (transformer.init, transformer.param_axes),
-                "reward_model": (heads.init_rm_params, heads.rm_param_axes),
+                "reward_model": (lambda k, c: heads.init_rm_params(k, c, score_at=score_at),
+                                 lambda c: heads.rm_param_axes(c, with_read=score_at is not None)),
                 "value_model": (heads.init_value_params, heads.value_axes)}.get(manifest["kind"], (None, None))
   if init is None:
     raise ValueError(f"{stage_dir}/{EXPORT_MANIFEST}: unknown kind {manifest['kind']!r}; expected 'policy', "

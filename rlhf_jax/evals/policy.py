@@ -245,11 +245,13 @@ def best_of_n_eval(sft_params, cfg: transformer.ModelConfig, tok, prompts: Seque
 def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequence[dict], gold, *,
                     rms: Sequence[tuple[Params, transformer.ModelConfig]], ns: Sequence[int],
                     scfg: sampling.SamplingConfig, candidate_rngs: Sequence[jax.Array], samples_per_prompt: int,
-                    sft_rng: jax.Array, no_eos_penalty: float, batch_size: int, mesh, rules) -> list[dict[int, dict]]:
+                    sft_rng: jax.Array, no_eos_penalty: float, batch_size: int, mesh, rules,
+                    ensembles: Sequence[Sequence[int]] = ()) -> list[dict[int, dict]]:
   """Best-of-n at every n of `ns` from one set of len(candidate_rngs) >= max(ns) SFT candidates per prompt (the
   first n of them: with best_of_n_eval's keys, the same candidates it draws), each reward model of `rms`
   (params, cfg) choosing: Gao et al.'s best-of-n curve for 64 samples a prompt instead of 1 + 2 + ... + 64.
-  One {n: best_of_n_summary} per reward model."""
+  One {n: best_of_n_summary} per reward model, then one per entry of `ensembles` (indices into `rms`): the mean
+  of those models' normalised scores choosing (Coste et al. 2023's mean ensemble)."""
   if not ns or min(ns) < 1 or max(ns) > len(candidate_rngs):
     raise ValueError(f"best-of-n sizes {list(ns)}: expected sizes from 1 to the {len(candidate_rngs)} candidates")
   kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
@@ -264,6 +266,7 @@ def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequ
                       for c in cands])
   g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
   g0 = g0.reshape(k, len(texts_p))
+  rm_np += [np.mean([rm_np[i] for i in members], axis=0) for members in ensembles]
   return [{n: best_of_n_summary(r[:n], gold_np[:n], g0) for n in ns} for r in rm_np]
 
 

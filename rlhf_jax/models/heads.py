@@ -1,9 +1,10 @@
 """Scalar heads on the Transformer: the reward model and the value model are extra parameters plus a function,
 so one backbone serves SFT, the RM and PPO.
 
-Reward model parameters: {"backbone": transformer params, "head": {"w", "b"}, "norm": {"gain", "bias"}}; the
-score is the head read at the last real token of prompt + response, and `norm` (set after training) makes the
-scores of SFT-policy samples mean 0, std 1. Value model parameters: {"backbone", "head"}, read at the positions
+Reward model parameters: {"backbone": transformer params, "head": {"w", "b"}, "norm": {"gain", "bias"}[, "read"]};
+the score is the head read at the last real token of prompt + response (EOS), or where `read` says (`rm.score_at`:
+the token before it, or the mean over the response), and `norm` (set after training) makes the scores of
+SFT-policy samples mean 0, std 1. Value model parameters: {"backbone", "head"}, read at the positions
 that predict each response token.
 """
 
@@ -44,29 +45,65 @@ def scalar_head(head: Params, h_btd: jax.Array) -> jax.Array:
 # The reward model: the reward is read at the last real token of prompt + response.
 
 
-def init_rm_params(rng: jax.Array, model_cfg: ModelConfig, backbone=None) -> Params:
+SCORE_AT = ("eos", "last", "mean")
+
+
+def read_weights(score_at: str) -> Params:
+  """Fixed (never trained: stop_gradient) weights of the three readouts a reward model's score mixes: the head at
+  the last real token (`eos`: the EOS of a finished response, a position whose hidden state SFT never trains as an
+  input), at the token before it (`last`: the last response token, whose state SFT trains to predict EOS), or its
+  mean over the response tokens (`mean`). Kept in the parameters so that every consumer of an exported RM
+  (PPO, best-of-n, the judge) reads it where it was trained to be read."""
+  if score_at not in SCORE_AT:
+    raise ValueError(f"rm.score_at must be one of {', '.join(SCORE_AT)}, got {score_at!r}")
+  return {m: jnp.asarray(float(m == score_at), jnp.float32) for m in SCORE_AT}
+
+
+def init_rm_params(rng: jax.Array, model_cfg: ModelConfig, backbone=None, score_at: str | None = "eos") -> Params:
+  """score_at=None: the layout of exports written before `read` existed (read at EOS)."""
   k1, k2 = jax.random.split(rng)
-  return {"backbone": transformer.init(k1, model_cfg) if backbone is None else backbone,
-          "head": init_scalar_head(k2, model_cfg),
-          "norm": {"gain": jnp.ones((), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+  params = {"backbone": transformer.init(k1, model_cfg) if backbone is None else backbone,
+            "head": init_scalar_head(k2, model_cfg),
+            "norm": {"gain": jnp.ones((), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+  if score_at is not None:
+    params["read"] = read_weights(score_at)
+  return params
 
 
-def rm_param_axes(model_cfg: ModelConfig) -> Params:
-  return {"backbone": transformer.param_axes(model_cfg), "head": scalar_head_axes(),
-          "norm": {"gain": (), "bias": ()}}
+def rm_param_axes(model_cfg: ModelConfig, with_read: bool = True) -> Params:
+  axes = {"backbone": transformer.param_axes(model_cfg), "head": scalar_head_axes(), "norm": {"gain": (), "bias": ()}}
+  if with_read:
+    axes["read"] = {m: () for m in SCORE_AT}
+  return axes
 
 
-def raw_scores(rm_params, tokens_bt: jax.Array, mask_bt: jax.Array, model_cfg: ModelConfig) -> jax.Array:
-  """Unnormalised reward [b]: the scalar head at each row's last real token."""
-  h_btd, _ = transformer.backbone(rm_params["backbone"], tokens_bt, model_cfg, mask_bt=mask_bt)
-  r_bt = scalar_head(rm_params["head"], h_btd)
+def read_scores(rm_params, r_bt: jax.Array, mask_bt: jax.Array, response_bt: jax.Array | None) -> jax.Array:
+  """The score [b] from per-position head outputs [b, t]: at the last real token, or as `rm_params["read"]`
+  mixes it with the token before it and the mean over the response tokens (response_bt [b, t]: True on the
+  response's positions; None: every real token)."""
+  at = lambda i_b: jnp.take_along_axis(r_bt, jnp.maximum(i_b, 0)[:, None], axis=1)[:, 0]
   last_b = transformer.last_token_index(mask_bt)
-  return jnp.take_along_axis(r_bt, jnp.maximum(last_b, 0)[:, None], axis=1)[:, 0]
+  if "read" not in rm_params:
+    return at(last_b)
+  w = jax.lax.stop_gradient(rm_params["read"])
+  resp_bt = mask_bt.astype(bool) if response_bt is None else response_bt & mask_bt.astype(bool)
+  n_b = jnp.maximum(resp_bt.sum(axis=1), 1).astype(jnp.float32)
+  mean_b = jnp.where(resp_bt, r_bt, 0.0).sum(axis=1) / n_b
+  return w["eos"] * at(last_b) + w["last"] * at(last_b - 1) + w["mean"] * mean_b
 
 
-def scores(rm_params, tokens_bt, mask_bt, model_cfg: ModelConfig) -> jax.Array:
+def raw_scores(rm_params, tokens_bt: jax.Array, mask_bt: jax.Array, model_cfg: ModelConfig,
+               response_bt: jax.Array | None = None, *, with_hidden: bool = False):
+  """Unnormalised reward [b] (`read_scores`); with_hidden: (reward, the backbone's hidden states [b, t, d])."""
+  h_btd, _ = transformer.backbone(rm_params["backbone"], tokens_bt, model_cfg, mask_bt=mask_bt)
+  r_b = read_scores(rm_params, scalar_head(rm_params["head"], h_btd), mask_bt, response_bt)
+  return (r_b, h_btd) if with_hidden else r_b
+
+
+def scores(rm_params, tokens_bt, mask_bt, model_cfg: ModelConfig, response_bt=None) -> jax.Array:
   """Normalised reward [b]: gain * raw + bias (mean 0, std 1 on SFT-policy samples)."""
-  return rm_params["norm"]["gain"] * raw_scores(rm_params, tokens_bt, mask_bt, model_cfg) + rm_params["norm"]["bias"]
+  raw_b = raw_scores(rm_params, tokens_bt, mask_bt, model_cfg, response_bt)
+  return rm_params["norm"]["gain"] * raw_b + rm_params["norm"]["bias"]
 
 
 def response_scores(rm_params, prompt_bp, prompt_mask_bp, response_bn, response_mask_bn,
@@ -74,14 +111,21 @@ def response_scores(rm_params, prompt_bp, prompt_mask_bp, response_bn, response_
   """Normalised reward [b] of left-padded prompts followed by their responses."""
   tokens_bs = jnp.concatenate([prompt_bp, response_bn], axis=1)
   mask_bs = jnp.concatenate([prompt_mask_bp, response_mask_bn], axis=1)
-  return scores(rm_params, tokens_bs, mask_bs, model_cfg)
+  response_bs = jnp.arange(tokens_bs.shape[1])[None, :] >= prompt_bp.shape[1]
+  return scores(rm_params, tokens_bs, mask_bs, model_cfg, response_bs)
 
 
-def group_rewards(rm_params, batch, model_cfg: ModelConfig) -> jax.Array:
-  """Raw rewards [b, k] for groups of k responses: tokens [b, k, t] are scored as b*k sequences."""
+def group_rewards(rm_params, batch, model_cfg: ModelConfig, *, with_hidden: bool = False):
+  """Raw rewards [b, k] for groups of k responses: tokens [b, k, t] (prompt + response from position 0, the
+  prompt `prompt_len` [b, k] tokens long) are scored as b*k sequences. with_hidden: (rewards, hidden states
+  [b*k, t, d])."""
   b, k, t = batch["tokens"].shape
-  r = raw_scores(rm_params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), model_cfg)
-  return r.reshape(b, k)
+  response_bt = None
+  if "prompt_len" in batch:
+    response_bt = jnp.arange(t)[None, :] >= batch["prompt_len"].reshape(b * k, 1)
+  out = raw_scores(rm_params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), model_cfg,
+                   response_bt, with_hidden=with_hidden)
+  return (out[0].reshape(b, k), out[1]) if with_hidden else out.reshape(b, k)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -568,6 +568,10 @@ def save_hf(params, cfg: ModelConfig, path: str, *, kind: str = "causal_lm", sou
   """
   if kind not in ("causal_lm", "reward"):
     raise ValueError(f"save_hf kind={kind!r}: expected 'causal_lm' or 'reward'")
+  if kind == "reward" and "read" in params and float(params["read"]["eos"]) != 1.0:
+    raise ValueError("save_hf kind='reward': this reward model is read at rm.score_at='last' or 'mean' (its 'read' "
+                     "weights); transformers' classifier reads the last real token only, so its export would score "
+                     "differently. Export an RM trained with rm.score_at='eos'")
   if not cfg.causal:  # transformers would load the weights into a causal model and silently change what it computes
     raise ValueError("save_hf: a bidirectional encoder (model.causal=False, the mlm stage's) has no Hugging Face "
                      "*ForCausalLM / *ForSequenceClassification equivalent among the families; expected a decoder")

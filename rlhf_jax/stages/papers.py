@@ -19,6 +19,11 @@ file per paper, with the variants that produce those directories):
                whether plain PPO pays a tax over SFT and ptx recovers it at little cost in win rate.
   dpo_vs_ppo   The DPO paper, Fig. 2: DPO runs (`papers.dpo_runs`) and PPO runs (`runs`) at several betas, held-
                out gold score against KL to SFT; whether DPO's frontier lies above PPO's.
+  rm_proxy     Issue #21 item 6, a better proxy reward model: for each reward model of `papers.rms` (and each
+               ensemble of `papers.ensembles`), its clear-pair gold accuracy (its summary), the share of the gold
+               scorer's own best-of-n gain over SFT that its best-of-n choice captures (n of `papers.best_of_n`
+               beyond 1, on one set of SFT candidates), and the PPO run against it (`runs`, "" = none): whether
+               best-of-16 chosen by the RM captures at least half of the oracle's gain.
 Writes WORKDIR/<papers.stage_dir>/{report_section.md, <experiment>.png, summary.json}; the report stage includes
 the section. Summary keys are flat numbers (fits, verdicts as 1/0), so a --seeds sweep averages them.
 """
@@ -39,14 +44,23 @@ from rlhf_jax.data import sources
 from rlhf_jax.evals import policy as policy_evals
 from rlhf_jax.evals import scaling
 
-EXPERIMENTS = ("gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo")
+EXPERIMENTS = ("gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo", "rm_proxy")
 SECTION_FILE = "report_section.md"  # the name rlhf_jax/stages/report.py looks for
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   pc = config.papers
   runtime.check_choice(pc.experiment, "papers.experiment", EXPERIMENTS)
-  if not pc.runs:
+  if pc.experiment == "rm_proxy":
+    if not pc.rms or len(pc.runs) != len(pc.rms):
+      raise ValueError(f"papers.rms={tuple(pc.rms)}, papers.runs={tuple(pc.runs)}: rm_proxy expects reward models and "
+                       "one PPO run per reward model ('' for none)")
+    bad = [e for e in pc.ensembles if len(e) < 2 or any(m not in pc.rms for m in e)]
+    if bad:
+      raise ValueError(f"papers.ensembles: {bad} expected groups of at least 2 of papers.rms {tuple(pc.rms)}")
+    if min(pc.best_of_n) != 1 or len(pc.best_of_n) < 2:
+      raise ValueError(f"papers.best_of_n={tuple(pc.best_of_n)}: rm_proxy needs 1 (SFT) and larger sizes")
+  elif not pc.runs:
     raise ValueError(f"papers.runs is empty: expected the stage directories the {pc.experiment!r} experiment "
                      "reads (experiments/papers/)")
   if pc.experiment == "gao":
@@ -114,8 +128,8 @@ def bon_points(curve: dict[int, dict[str, float]]) -> dict[str, np.ndarray]:
           "oracle": np.array([curve[n]["oracle_gold_score"] for n in ns]) - curve[1]["gold_score"]}
 
 
-def _best_of_n_curves(config, workdir: str, rm_dirs: list[str]) -> tuple[list[dict[int, dict[str, float]]],
-                                                                         list[int]]:
+def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) -> tuple[
+    list[dict[int, dict[str, float]]], list[int]]:
   """Best-of-n of SFT on the held-out prompts at every n, each reward model choosing; and each model's
   parameter count (its size, as Gao et al. count it)."""
   ec, pc = config.eval, config.ppo
@@ -138,7 +152,7 @@ def _best_of_n_curves(config, workdir: str, rm_dirs: list[str]) -> tuple[list[di
       scfg=sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature),
       candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(max(ns))],
       samples_per_prompt=ec.samples_per_prompt, sft_rng=runtime._sft_baseline_key(config.seed),
-      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules)
+      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles)
   return curves, [int(sum(np.prod(x.shape) for x in jax.tree.leaves(p["backbone"]))) for p, _ in rms]
 
 
@@ -475,6 +489,76 @@ def _plot_dpo_ppo(series, sft_gold: float, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A better proxy reward model (issue #21 item 6).
+
+
+def captured_share(rm_gold: float, oracle_gold: float, sft_gold: float) -> float:
+  """The share of the oracle's (the gold scorer choosing) best-of-n gain over SFT that the RM's choice captures:
+  (gold of the RM's picks - SFT's) / (gold of the oracle's picks - SFT's); NaN when the oracle gains nothing."""
+  gain = oracle_gold - sft_gold
+  return float((rm_gold - sft_gold) / gain) if gain > 1e-9 else float("nan")
+
+
+def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
+  pc = config.papers
+  rms, runs = list(pc.rms), list(pc.runs)
+  ensembles = [tuple(e) for e in pc.ensembles]
+  curves, _ = _best_of_n_curves(config, workdir, rms, [[rms.index(m) for m in e] for e in ensembles])
+  ns = sorted(n for n in pc.best_of_n if n > 1)
+  names = rms + ["+".join(e) for e in ensembles]
+  summary: dict[str, float] = {}
+  head = ["| reward model | score at | LM coef | clear-pair gold accuracy | labeler accuracy |",
+          *[f" best-of-{n} share of the oracle's gain |" for n in ns], " PPO gold | PPO win rate vs SFT | PPO KL |"]
+  table = ["".join(head), "|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
+  verdicts = []
+  for i, name in enumerate(names):
+    curve = curves[i]
+    sft_gold = curve[1]["gold_score"]
+    member = name if name in rms else None
+    s = _read_summary(workdir, member) if member else {}
+    acc = s.get("val_gold_accuracy_clear", float("nan"))
+    lab = s.get("val_accuracy", float("nan"))
+    row = [name, str(s.get("score_at", "eos")) if member else "mean of members",
+           f"{s.get('lm_coef', 0.0):g}" if member else "", f"{acc:.3f}" if member else "",
+           f"{lab:.3f}" if member else ""]
+    key = name.replace("+", "_")
+    if member:
+      summary[f"{key}_gold_accuracy_clear"] = float(acc)
+      summary[f"{key}_labeler_accuracy"] = float(lab)
+    for n in ns:
+      share = captured_share(curve[n]["gold_score"], curve[n]["oracle_gold_score"], sft_gold)
+      summary[f"{key}_bon{n}_share"] = share
+      summary[f"{key}_bon{n}_gold_score"] = float(curve[n]["gold_score"])
+      summary[f"{key}_bon{n}_oracle_gold_score"] = float(curve[n]["oracle_gold_score"])
+      row.append(f"{share:.2f} ({curve[n]['gold_score']:+.3f} of {curve[n]['oracle_gold_score']:+.3f})")
+    run = runs[i] if i < len(runs) else ""
+    if run:
+      p = _eval_point(workdir, run, _EVAL_KEYS)
+      summary.update({f"{key}_ppo_{k}": p[k] for k in _EVAL_KEYS})
+      row += [f"{p['gold_score']:+.3f}", f"{p['win_rate_vs_sft']:.3f} +- {p['win_rate_vs_sft_se']:.3f}",
+              f"{p['kl_to_sft']:.2f}"]
+    else:
+      row += ["", "", ""]
+    table.append("| " + " | ".join(row) + " |")
+    n_top = max(ns)
+    share = summary[f"{key}_bon{n_top}_share"]
+    verdicts.append(scaling.Verdict(f"best-of-{n_top} chosen by {name} captures at least half of the oracle's gain "
+                                    "over SFT", bool(share >= 0.5),
+                                    f"{share:.2f}: gold {curve[n_top]['gold_score']:+.3f} against the oracle's "
+                                    f"{curve[n_top]['oracle_gold_score']:+.3f} and SFT's {sft_gold:+.3f}"))
+  s0 = _read_summary(workdir, rms[0])
+  base = s0.get("val_policy_logprob_gold_accuracy_clear")
+  lines = ["## A better proxy reward model", "",
+           "Each reward model on the same comparisons, from the same SFT model; best-of-n of SFT on the held-out "
+           f"prompts ({config.eval.n_prompts}), one set of {max(pc.best_of_n)} candidates a prompt for every "
+           "model; the share is (gold of the RM's picks - SFT's) / (gold of the gold scorer's own picks - SFT's). "
+           "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."
+           + (f" The SFT policy's own log-likelihood ranks the clear pairs {base:.3f} right." if base else ""), "",
+           *table, ""]
+  return lines, summary, verdicts
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The stage.
 
 
@@ -485,7 +569,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(out_dir, exist_ok=True)
   lines, summary, verdicts = {"gao": gao, "kl_frontier": kl_frontier, "rm_batching": rm_batching,
                               "alignment_tax": alignment_tax,
-                              "dpo_vs_ppo": dpo_vs_ppo}[config.papers.experiment](config, workdir, out_dir)
+                              "dpo_vs_ppo": dpo_vs_ppo,
+                              "rm_proxy": rm_proxy}[config.papers.experiment](config, workdir, out_dir)
   lines += ["Verdicts (rlhf_jax/evals/scaling.py):", "", *[f"- {v.markdown()}" for v in verdicts], ""]
   summary = {**summary, "n_verdicts_held": sum(v.held for v in verdicts), "n_verdicts": len(verdicts),
              "wall_s": time.time() - t0}

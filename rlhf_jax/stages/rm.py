@@ -20,8 +20,12 @@ ordering on clearly different pairs, the gold scorer's own accuracy on the label
 the same pairs ranked by the sampling policy's log-likelihood (`val_policy_logprob_*`), the baseline the RM
 should beat. Batches are cut to their longest sequence, rounded up to `rm.length_bucket` tokens.
 
+Where the score is read (`rm.score_at`, rlhf_jax.models.heads.read_weights): at the last real token, the EOS of
+a finished response ("eos", InstructGPT's and the default), at the token before it ("last") or as the mean over
+the response ("mean"). `rm.lm_coef` adds an auxiliary next-token loss on the responses.
+
 Exported (`WORKDIR/rm/params`, kind "reward_model"): {"backbone": model params, "head": {"w", "b"},
-"norm": {"gain", "bias"}}.
+"norm": {"gain", "bias"}, "read": the readout weights}.
 """
 
 from __future__ import annotations
@@ -58,6 +62,14 @@ def check(config: ml_collections.ConfigDict) -> None:
                      f"policy's size): set rm.encoder_from (got {rc.encoder_from!r}) and leave rm.model_size empty "
                      f"(got {rc.model_size!r})")
   runtime.check_choice(rc.target, "rm.target", ("rankings", *comparisons.RATING_TARGETS))
+  runtime.check_choice(rc.score_at, "rm.score_at", heads.SCORE_AT)
+  if not isinstance(rc.seed_offset, int) or rc.seed_offset < 0:
+    raise ValueError(f"rm.seed_offset must be an int >= 0, got {rc.seed_offset!r}")
+  if not isinstance(rc.lm_coef, (int, float)) or rc.lm_coef < 0:
+    raise ValueError(f"rm.lm_coef must be a number >= 0 (0 = off), got {rc.lm_coef!r}")
+  if rc.lm_coef > 0 and rc.backbone == "encoder":
+    raise ValueError("rm.lm_coef > 0 needs a causal backbone (the next-token loss); rm.backbone='encoder' is a "
+                     "bidirectional encoder")
   feedback.check(config)
 
 
@@ -70,20 +82,33 @@ def rm_model_config(config, vocab_size: int) -> transformer.ModelConfig:
   return configs.to_model_config(configs.model_config(config.rm.model_size), vocab_size)
 
 
-def ranking_loss_fn(model_cfg: transformer.ModelConfig, target: str = "rankings") -> training.LossFn:
+def ranking_loss_fn(model_cfg: transformer.ModelConfig, target: str = "rankings",
+                    lm_coef: float = 0.0) -> training.LossFn:
   """The K-way ranking loss of a group batch (or with target "elo", the regression onto the batch's
   "target" ratings) as a `training.make_train_step` loss. The normalisation is set after training; the loss does
-  not read it, so its gradient is zero."""
+  not read it, so its gradient is zero. lm_coef > 0 adds lm_coef x the backbone's next-token loss on the response
+  tokens of every response in the batch (an auxiliary LM loss, as in Askell et al. 2021's preference models):
+  the backbone keeps modelling the responses it scores."""
 
   def loss_fn(params, batch, rng):
     del rng
-    rewards_bk = heads.group_rewards(params, batch, model_cfg)
+    rewards_bk, h_btd = heads.group_rewards(params, batch, model_cfg, with_hidden=True)
     if target == "rankings":
       loss, m = losses.ranking_loss(rewards_bk, batch["ranks"], batch["valid"], weights_b=batch["weight"])
     else:
       loss, m = losses.rating_regression_loss(rewards_bk, batch["target"], batch["ranks"], batch["valid"],
                                               weights_b=batch["weight"])
-    return loss, {"accuracy": m["accuracy"]}
+    out = {"accuracy": m["accuracy"]}
+    if lm_coef > 0:
+      b, k, t = batch["tokens"].shape
+      tokens_bt, mask_bt = batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t)
+      response_bt = jnp.arange(t)[None, :] >= batch["prompt_len"].reshape(b * k, 1)
+      counted_bt = (mask_bt.astype(bool) & response_bt & batch["valid"].reshape(b * k, 1))[:, 1:]
+      logits_btv = transformer.unembed(params["backbone"], h_btd[:, :-1], model_cfg)
+      lm, _ = losses.next_token_loss(logits_btv, tokens_bt[:, 1:], counted_bt)
+      loss = loss + lm_coef * lm
+      out["lm_loss"] = lm
+    return loss, out
 
   return loss_fn
 
@@ -134,37 +159,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Backbone: the SFT (policy) parameters when the RM has the policy's size; a fresh init otherwise.
   axes = heads.rm_param_axes(model_cfg)
   optimizer = optim.make_optimizer(rc.optimizer, steps, optim.decay_mask_from_axes(axes))
-  rng = jax.random.PRNGKey(config.seed + 1)
+  # rm.seed_offset: another head initialisation and data order on the same comparisons (an ensemble's members).
+  rng = jax.random.PRNGKey(config.seed + 1 + 7919 * rc.seed_offset)
   if rc.finetune_from:  # an earlier reward model's backbone and head (online rounds); its normalisation reset
     prev, prev_cfg, manifest = training.load_export(os.path.join(workdir, rc.finetune_from), mesh, rules)
     if manifest["kind"] != "reward_model" or prev_cfg != model_cfg:
       raise ValueError(f"rm.finetune_from={rc.finetune_from!r}: expected a reward model of this run's RM config, "
                        f"found a {manifest['kind']} (same config: {prev_cfg == model_cfg})")
-    init_params = {**prev, "norm": heads.init_rm_params(rng, model_cfg, prev["backbone"])["norm"]}
+    init_params = {**prev, "norm": heads.init_rm_params(rng, model_cfg, prev["backbone"])["norm"],
+                   "read": heads.read_weights(rc.score_at)}
     state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   elif rc.backbone == "encoder":  # the masked-LM encoder (rlhf_jax/stages/mlm.py), a fresh head on it
     backbone, _ = runtime.load_policy(workdir, rc.encoder_from, mesh, rules, expect=model_cfg,
                                       field="rm.encoder_from")
-    state, state_sh = optim.state_from_params(heads.init_rm_params(rng, model_cfg, backbone), axes, optimizer, rng,
+    state, state_sh = optim.state_from_params(heads.init_rm_params(rng, model_cfg, backbone, rc.score_at), axes, optimizer, rng,
                                               mesh, rules)
   elif dataclasses.asdict(model_cfg) == dataclasses.asdict(policy_cfg) and rc.init_from:
     backbone, _ = runtime.load_policy(workdir, rc.init_from, mesh, rules, expect=policy_cfg, field="rm.init_from")
-    init_params = heads.init_rm_params(rng, model_cfg, backbone)
+    init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at)
     state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   else:
     logging.warning("[rm] reward model size differs from the policy's: its backbone starts from scratch")
-    state, state_sh = optim.create_state(lambda key: heads.init_rm_params(key, model_cfg), axes, optimizer, rng,
+    state, state_sh = optim.create_state(lambda key: heads.init_rm_params(key, model_cfg, score_at=rc.score_at), axes, optimizer, rng,
                                          mesh, rules)
 
   it = comparisons.GroupIterator(train, groups, batch_size=tc.batch_size, k=group_k, seq_len=rc.seq_len,
-                                 pad_id=tok.pad_id, seed=config.seed, shard_index=jax.process_index(),
+                                 pad_id=tok.pad_id, seed=config.seed + 7919 * rc.seed_offset,
+                                 shard_index=jax.process_index(),
                                  shard_count=jax.process_count(), length_bucket=rc.length_bucket)
   ckpt = training.make_checkpointer(config.checkpoint, stage_dir)
   meta = {"model": dataclasses.asdict(model_cfg), "stage": "rm"}
   state, start = training.resume(ckpt, state, state_sh, meta, it, stage="rm")
 
   guard = config.guard
-  step_fn = training.make_train_step(ranking_loss_fn(model_cfg, rc.target), optimizer,
+  step_fn = training.make_train_step(ranking_loss_fn(model_cfg, rc.target, rc.lm_coef), optimizer,
                                      inject_nan_at_step=guard.inject_nan_at_step,
                                      skip_nonfinite=guard.on_nonfinite == "skip")
   bsh = comparisons.batch_shardings(mesh, rules, with_target=rc.target != "rankings")
@@ -191,6 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         on_nonfinite=guard.on_nonfinite, ckpt=ckpt, meta=meta, writer=writer,
         evaluate=lambda params: evaluate(params)[0],
         log_row=lambda done, m, batch: {"loss": m["loss"], "train_accuracy": m["accuracy"],
+                                        **({"lm_loss": m["lm_loss"]} if "lm_loss" in m else {}),
                                         "grad_norm": m["grad_norm"], "padded_len": batch["tokens"].shape[-1],
                                         **({"epoch": done * tc.batch_size / len(groups)} if per_epoch > 0 else {})})
 
@@ -223,7 +252,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   training.export_params(stage_dir, params, model_cfg=model_cfg, tokenizer=tok, kind="reward_model")
   summary = {"step": steps, **final, "norm_gain": 1.0 / std, "norm_bias": -mean / std, "raw_score_mean": mean,
              "raw_score_std": std, "n_train_comparisons": len(train), "n_train_groups": len(groups),
-             "n_truncated": n_truncated, "grouping": rc.grouping, "wall_s": time.time() - t0}
+             "n_truncated": n_truncated, "grouping": rc.grouping, "score_at": rc.score_at, "lm_coef": rc.lm_coef,
+             "wall_s": time.time() - t0}
   if rc.target != "rankings":
     summary["target"] = rc.target
   summary = writer.summary(summary)

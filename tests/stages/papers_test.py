@@ -121,6 +121,53 @@ def test_gao_section_on_the_tiny_run_matches_ppo_best_of_n_and_numpy(tmp_path_fa
   shutil.rmtree(wd)
 
 
+def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
+  # A second RM read at the response mean with the auxiliary LM loss, then the rm_proxy section over both and
+  # their ensemble: the shared RM's best-of-2 is the PPO stage's, and each share is the formula's.
+  reference, cache = stage_runner.shared_reference(tmp_path_factory)
+  wd = stage_runner.copy_workdir(reference, str(tmp_path / "w"))
+  exp = f"--experiment={os.path.join(stage_runner.ROOT, 'experiments', 'papers', 'rm_proxy.py')}:tiny"
+  proc = stage_runner.run(wd, cache_dir=cache, base_flags=(
+      exp, *stage_runner.TINY_FLAGS[1:], "--experiment.stage=rm", "--experiment.rm.stage_dir=rm_mean",
+      "--experiment.rm.score_at=mean", "--experiment.rm.lm_coef=0.5"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(os.path.join(wd, "rm_mean", "export.json")))["score_at"] == "mean"
+  s_rm = json.load(open(os.path.join(wd, "rm_mean", "summary.json")))
+  assert s_rm["score_at"] == "mean" and s_rm["lm_coef"] == 0.5
+  rows = [json.loads(line) for line in open(os.path.join(wd, "rm_mean", "metrics.jsonl"))]
+  assert any(np.isfinite(r.get("lm_loss", np.nan)) for r in rows)
+  proc = stage_runner.run(wd, cache_dir=cache, base_flags=(
+      exp, *stage_runner.TINY_FLAGS[1:], "--experiment.stage=papers", "--experiment.papers.rms=rm",
+      "--experiment.papers.rms=rm_mean", "--experiment.papers.runs=ppo", "--experiment.papers.runs=",
+      "--experiment.papers.best_of_n=1", "--experiment.papers.best_of_n=2",
+      "--experiment.papers.ensembles=(('rm', 'rm_mean'),)"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  s = json.load(open(os.path.join(wd, "papers_rm_proxy", "summary.json")))
+  ref = json.load(open(os.path.join(wd, "summary.json")))
+  assert s["rm_bon2_gold_score"] == pytest.approx(ref["ppo.bon2.gold_score"], abs=1e-6)
+  assert s["rm_bon2_oracle_gold_score"] == pytest.approx(ref["ppo.bon2.oracle_gold_score"], abs=1e-6)
+  # The share's SFT baseline is best-of-1, the first candidate, whose gold the PPO stage does not record; the
+  # share and the two gold scores must agree with the formula for one baseline common to all three rows.
+  sft = {key: s[f"{key}_bon2_gold_score"] - s[f"{key}_bon2_share"] * (s[f"{key}_bon2_oracle_gold_score"] -
+                                                                          s[f"{key}_bon2_gold_score"]) / (1 - s[f"{key}_bon2_share"])
+         for key in ("rm", "rm_mean", "rm_rm_mean") if abs(1 - s[f"{key}_bon2_share"]) > 1e-6}
+  assert len(set(round(v, 6) for v in sft.values())) <= 1, sft
+  assert s["rm_mean_labeler_accuracy"] == pytest.approx(s_rm["val_accuracy"])
+  assert s["rm_mean_gold_accuracy_clear"] == pytest.approx(s_rm.get("val_gold_accuracy_clear", np.nan), nan_ok=True)
+  assert s["rm_ppo_gold_score"] == pytest.approx(ref["ppo.gold_score"], abs=1e-9)
+  assert "rm_mean_ppo_gold_score" not in s
+  text = open(os.path.join(wd, "papers_rm_proxy", papers.SECTION_FILE)).read()
+  assert "| rm_mean | mean | 0.5 |" in text and "| rm+rm_mean | mean of members |" in text
+  assert s["n_verdicts"] == 3  # rm, rm_mean and their ensemble
+  shutil.rmtree(wd)
+
+
+def test_captured_share():
+  assert papers.captured_share(0.3, 0.5, 0.1) == pytest.approx(0.5)
+  assert papers.captured_share(0.0, 0.5, 0.1) == pytest.approx(-0.25)
+  assert np.isnan(papers.captured_share(0.2, 0.1, 0.1))
+
+
 def test_rm_validation_loss_is_the_grouped_ranking_loss():
   # rm.val_ranking_loss (the per-epoch curves' loss) against losses.ranking_loss, InstructGPT eq. 1, on ragged K
   # with ties: the same number from a padded batch.
@@ -184,12 +231,13 @@ def test_dpo_vs_ppo_section(tmp_path):
     papers.check(c)
 
 
-@pytest.mark.parametrize("name", ["gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo"])
+@pytest.mark.parametrize("name", ["gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo", "rm_proxy"])
 @pytest.mark.parametrize("preset", ["cpu", "accelerator", "tiny"])
 def test_every_run_a_papers_experiment_reads_is_written_by_one_of_its_stages(name, preset):
   from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
   c = configs.experiment_config(os.path.join(stage_runner.ROOT, "experiments", "papers", f"{name}.py"), preset)
   papers.check(c)
   written = {pipeline.stage_dir_name(cfg, stage) for _, stage, cfg in pipeline.stages_to_run(c)}
-  wanted = set(c.papers.runs) | set(c.papers.dpo_runs) | set(c.papers.rms)
+  wanted = (set(c.papers.runs) | set(c.papers.dpo_runs) | set(c.papers.rms)) - {""}
+  wanted |= {m for e in c.papers.ensembles for m in e}
   assert wanted <= written, sorted(wanted - written)

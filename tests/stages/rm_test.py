@@ -180,3 +180,94 @@ def test_response_logprobs_sum_the_response_tokens_of_each_sequence():
       logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64) / 0.7, axis=-1)
       want = sum(logp[i - 1, seq[i]] for i in range(len(c.prompt_ids), len(seq)))
       np.testing.assert_allclose(got[row, j], want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the score is read (rm.score_at) and the auxiliary LM loss (rm.lm_coef): issue #21 item 6.
+
+
+def _group_batch():
+  comps, _ = comparisons.tokenize_comparisons(_records(), TOK, seq_len=48, too_long="error", source="test")
+  k = max(len(c.ranks) for c in comps)
+  groups = comparisons.make_groups(comps, grouping="prompt", pair_weighting="uniform")
+  return comps, comparisons.group_batch(comps, groups, k=k, seq_len=48, pad_id=TOK.pad_id)
+
+
+@pytest.mark.parametrize("score_at", heads.SCORE_AT)
+def test_score_at_reads_eos_last_or_mean_against_numpy(score_at):
+  comps, gb = _group_batch()
+  params = heads.init_rm_params(jax.random.PRNGKey(0), CFG, score_at=score_at)
+  r_bk = np.asarray(heads.group_rewards(params, gb, CFG))
+  b, k, t = gb["tokens"].shape
+  h, _ = transformer.backbone(params["backbone"], gb["tokens"].reshape(b * k, t), CFG,
+                              mask_bt=gb["mask"].reshape(b * k, t))
+  per_pos = np.asarray(h, np.float64) @ np.asarray(params["head"]["w"], np.float64) + float(params["head"]["b"])
+  per_pos = per_pos.reshape(b, k, t)
+  for row, c in enumerate(comps):
+    for j in range(len(c.ranks)):
+      p, n = len(c.prompt_ids), len(c.response_ids[j])  # the response ends with EOS at position p + n - 1
+      expect = {"eos": per_pos[row, j, p + n - 1], "last": per_pos[row, j, p + n - 2],
+                "mean": per_pos[row, j, p:p + n].mean()}[score_at]
+      np.testing.assert_allclose(r_bk[row, j], expect, rtol=1e-4, atol=1e-5)
+  # The rollout's left-padded layout reads the same positions: response_scores of the first response.
+  c = comps[0]
+  pad = 3
+  prompt_bp = jnp.asarray([[TOK.pad_id] * pad + list(c.prompt_ids)], jnp.int32)
+  prompt_mask_bp = jnp.asarray([[0] * pad + [1] * len(c.prompt_ids)], bool)
+  resp = list(c.response_ids[0])
+  response_bn = jnp.asarray([resp + [TOK.pad_id] * 2], jnp.int32)
+  response_mask_bn = jnp.asarray([[1] * len(resp) + [0] * 2], bool)
+  left = heads.response_scores(params, prompt_bp, prompt_mask_bp, response_bn, response_mask_bn, CFG)
+  normed = float(params["norm"]["gain"]) * r_bk[0, 0] + float(params["norm"]["bias"])
+  np.testing.assert_allclose(float(left[0]), normed, rtol=1e-4, atol=1e-5)
+
+
+def test_read_weights_are_not_trained_and_bad_score_at_is_named():
+  _, gb = _group_batch()
+  params = heads.init_rm_params(jax.random.PRNGKey(0), CFG, score_at="mean")
+  grads = jax.grad(lambda p: heads.group_rewards(p, gb, CFG).sum())(params)
+  assert all(float(g) == 0.0 for g in jax.tree.leaves(grads["read"]))
+  assert float(jnp.abs(grads["head"]["w"]).sum()) > 0
+  with pytest.raises(ValueError, match="rm.score_at"):
+    heads.read_weights("middle")
+
+
+def test_lm_coef_adds_the_response_next_token_loss_against_numpy():
+  from rlhf_jax.stages import rm as rm_stage
+  comps, gb = _group_batch()
+  params = heads.init_rm_params(jax.random.PRNGKey(0), CFG)
+  batch = {key: jnp.asarray(v) for key, v in gb.items()}
+  base, _ = rm_stage.ranking_loss_fn(CFG)(params, batch, None)
+  with_lm, m = rm_stage.ranking_loss_fn(CFG, lm_coef=0.5)(params, batch, None)
+  # Reference: the model's log-softmax over each response token given everything before it, in NumPy.
+  h, _ = transformer.backbone(params["backbone"], gb["tokens"].reshape(-1, gb["tokens"].shape[-1]), CFG,
+                              mask_bt=gb["mask"].reshape(-1, gb["mask"].shape[-1]))
+  logits = np.asarray(transformer.unembed(params["backbone"], h, CFG), np.float64)
+  k = gb["tokens"].shape[1]
+  nll = []
+  for row, c in enumerate(comps):
+    for j in range(len(c.ranks)):
+      lg = logits[row * k + j]
+      ids = list(c.prompt_ids) + list(c.response_ids[j])
+      for pos in range(len(c.prompt_ids), len(ids)):  # every response token, EOS included
+        z = lg[pos - 1]
+        nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[pos]])
+  np.testing.assert_allclose(float(m["lm_loss"]), np.mean(nll), rtol=1e-4)
+  np.testing.assert_allclose(float(with_lm), float(base) + 0.5 * np.mean(nll), rtol=1e-4)
+
+
+def test_reward_model_exports_load_with_and_without_read(tmp_path):
+  # An export written before rm.score_at (no "read") still loads, read at EOS; a "mean" one keeps its readout.
+  from rlhf_jax import sharding, training
+  from rlhf_jax.models import hf
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, gb = _group_batch()
+  for name, score_at in (("old", None), ("mean", "mean")):
+    params = heads.init_rm_params(jax.random.PRNGKey(1), CFG, score_at=score_at)
+    training.export_params(str(tmp_path / name), params, model_cfg=CFG, kind="reward_model")
+    loaded, cfg, manifest = training.load_export(str(tmp_path / name), mesh, sharding.DEFAULT_RULES)
+    assert manifest.get("score_at") == score_at and ("read" in loaded) == (score_at is not None)
+    np.testing.assert_allclose(np.asarray(heads.group_rewards(loaded, gb, cfg)),
+                               np.asarray(heads.group_rewards(params, gb, CFG)), rtol=1e-6)
+  with pytest.raises(ValueError, match="score_at"):  # transformers' classifier reads the last token only
+    hf.save_hf(loaded, CFG, str(tmp_path / "hf"), kind="reward", pad_token_id=TOK.pad_id)

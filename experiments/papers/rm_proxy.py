@@ -1,0 +1,72 @@
+"""A better proxy reward model (issue #21 item 6): one change at a time to the shared reward model, each measured
+by its clear-pair gold accuracy, the share of the gold scorer's own best-of-n gain over SFT its best-of-4 and
+best-of-16 choices capture, and a PPO run against it. Target: best-of-16 chosen by the RM captures at least half.
+
+  python run.py --experiment=experiments/papers/rm_proxy.py:cpu --seeds=0-2 --workdir=workdirs/papers
+  python run.py --experiment=experiments/papers/rm_proxy.py:tiny --workdir=/tmp/papers_tiny   # smoke test
+
+Every reward model trains on the shared `rm` stage's comparisons (WORKDIR/comparisons) from the same SFT model,
+with the shared RM's optimizer and epochs; only the named field differs:
+  rm           the shared RM: the score read at the EOS position (rm.score_at="eos", InstructGPT's)
+  rm_last      rm.score_at="last": the token before EOS, the last response token (SFT trained its hidden state
+               to predict EOS; the EOS position's own state is never an input SFT trains)
+  rm_mean      rm.score_at="mean": the head's mean over the response tokens
+  rm_lm        rm.lm_coef=0.5: an auxiliary next-token loss on the responses (Askell et al. 2021)
+  rm_s1, rm_s2 rm.seed_offset 1 and 2: other head initialisations and data orders; with `rm`, the mean ensemble
+               rm+rm_s1+rm_s2 (Coste et al. 2023), evaluated by best-of-n only (PPO takes one RM)
+and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM. The papers stage
+(WORKDIR/papers_rm_proxy) writes the table and one verdict per row.
+
+Not here: an RM larger than the policy (only the policy-sized RM starts from a pretrained model in this pipeline:
+a larger one would start from scratch, which measures pretraining, not size; experiments/papers/gao.py's
+accelerator preset has such RMs), and more comparisons (the shared comparisons are sampled once per workdir;
+a larger set needs its own workdir: `--experiment.rm.n_prompts`).
+
+Presets:
+  cpu          the small pipeline; five extra RMs (4 epochs of 1000 prompts each) and three PPO runs (40
+               iterations, the shared `ppo`'s settings).
+  accelerator  the same runs, best-of-64 too.
+  tiny         the tiny pipeline, 2 PPO iterations: a smoke test.
+"""
+
+import os
+
+import ml_collections
+
+from rlhf_jax import configs
+
+_INSTRUCTGPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "instructgpt", "config.py")
+PRESETS = ("cpu", "accelerator", "tiny")
+
+# name -> the rm fields it changes; PPO runs against the ones marked True.
+RMS = {"rm_last": ({"score_at": "last"}, True), "rm_mean": ({"score_at": "mean"}, True),
+       "rm_lm": ({"lm_coef": 0.5}, True), "rm_s1": ({"seed_offset": 1}, False), "rm_s2": ({"seed_offset": 2}, False)}
+
+
+def get_config(arg: str | None = None):
+  preset = arg or "cpu"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r} of experiments/papers/rm_proxy.py; expected one of "
+                     f"{', '.join(PRESETS)}")
+  c = configs.experiment_config(_INSTRUCTGPT, "tiny" if preset == "tiny" else "small")
+  no_bon = {"best_of_n": []}  # best-of-n is the papers stage's, on one set of candidates for every RM
+  c.variants = ml_collections.ConfigDict()
+  rms, runs, rm_stages, ppo_stages = [c.rm.stage_dir], [c.ppo.stage_dir], [], []
+  for name, (fields, with_ppo) in RMS.items():
+    c.variants[name] = {"rm": {"stage_dir": name, **fields}}
+    rm_stages.append(f"rm:{name}")
+    rms.append(name)
+    run = ""
+    if with_ppo:
+      run = f"ppo_{name}"
+      c.variants[run] = {"ppo": {"stage_dir": run, "rm_from": name}, "eval": no_bon}
+      ppo_stages.append(f"ppo:{run}")
+    runs.append(run)
+  c.papers.stage_dir = "papers_rm_proxy"
+  c.papers.experiment = "rm_proxy"
+  c.papers.rms = tuple(rms)
+  c.papers.runs = tuple(runs)
+  c.papers.ensembles = ((c.rm.stage_dir, "rm_s1", "rm_s2"),)
+  c.papers.best_of_n = {"cpu": (1, 4, 16), "accelerator": (1, 4, 16, 64), "tiny": (1, 2, 4)}[preset]
+  c.stages = ("data", "pretrain", "sft", "rm", *rm_stages, "ppo", *ppo_stages, "papers", "report")
+  return c

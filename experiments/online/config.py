@@ -23,8 +23,8 @@ is kept, and a re-run resumes in the first unfinished stage, so a killed or fail
 Presets: tiny (3 rounds of 16 prompts, 2 PPO iterations each: a smoke test; with pretraining and SFT cut to a
 few steps it took 37 minutes on a 2-core CPU shared with other runs at load ~14, unloaded not measured); tiny_ft
 (each round's RM fine-tuned from the last); small (3 rounds of 333 of the 1000 comparison prompts, 14 PPO
-iterations each, against 999 prompts and 42 iterations at once: four RMs and 84 PPO iterations, several hours on
-a loaded 2-core CPU, not yet run); small_ft. Results: experiments/online/README.md.
+iterations each, against 999 prompts and 42 iterations at once: four RMs and 84 PPO iterations, 30 minutes a
+seed on a 2-core CPU shared with one other run); small_ft. Results: experiments/online/README.md.
 """
 
 import os

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.models import transformer
 
@@ -44,6 +45,9 @@ class SamplingConfig:
   # all prompt + max_new_tokens (a step at batch 64 is bound by reading the cache). Each segment is one more
   # compiled loop body; 1 = one cache of full length (no segments).
   cache_segments: int = 4
+  # With the cache: the decoding loop projects q, k, v with one matmul per layer (transformer.fuse_qkv; the
+  # same numbers up to float rounding). False only to measure what it saves.
+  fuse_qkv: bool = True
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -58,6 +62,8 @@ class SamplingConfig:
       raise ValueError(f"sampling.use_cache must be a bool, got {self.use_cache!r}")
     if not isinstance(self.cache_segments, int) or self.cache_segments < 1:
       raise ValueError(f"sampling.cache_segments must be an int >= 1 (1 = off), got {self.cache_segments!r}")
+    if not isinstance(self.fuse_qkv, bool):
+      raise ValueError(f"sampling.fuse_qkv must be a bool, got {self.fuse_qkv!r}")
 
   @property
   def greedy(self) -> bool:
@@ -139,6 +145,46 @@ def _argmax(x_bv: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(hit_bv, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
+def _rotate_left(x, r: int):
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+  """The Threefry-2x32 hash of JAX's default PRNG (Salmon et al. 2011, 20 rounds), unrolled in jnp."""
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in rotations[i % 2]:
+      x1 = x1 + x2
+      x2 = _rotate_left(x2, r) ^ x1
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def gumbel(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """jax.random.gumbel(rng, shape) (float32) bit for bit, faster on XLA:CPU.
+
+  JAX lowers its Threefry hash on CPU as a rolled 5-iteration while loop over the whole array, which was
+  about 10% of a decoding step at batch 64; unrolled here it fuses into a few elementwise kernels. This copies
+  JAX's bit recipe (partitionable Threefry counters, 23 mantissa bits to [tiny, 1), -log(-log u)), checked
+  bit for bit by tests/sampling_test.py; any other PRNG or setting falls back to jax.random.gumbel.
+  """
+  n = math.prod(shape)
+  if (str(jax.random.key_impl(rng)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
+      or n >= 2**32):
+    return jax.random.gumbel(rng, shape, jnp.float32)
+  k1, k2 = jax.random.key_data(rng)
+  counts = jax.lax.iota(jnp.uint32, n).reshape(shape)  # the flat index; its high 32 bits are 0
+  bits1, bits2 = _threefry2x32(k1, k2, jnp.zeros_like(counts), counts)
+  mantissa = ((bits1 ^ bits2) >> np.uint32(9)) | np.uint32(0x3F800000)
+  floats = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)  # [0, 1)
+  tiny = np.float32(np.finfo(np.float32).tiny)
+  uniform = jnp.maximum(tiny, floats * (np.float32(1.0) - tiny) + tiny)
+  return -jnp.log(-jnp.log(uniform))
+
+
 def sample_token(logits_bv: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """One token per row, int32 [b]: argmax when greedy, else a draw from the filtered, tempered softmax."""
   if cfg.greedy:
@@ -146,8 +192,8 @@ def sample_token(logits_bv: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> j
   scaled_bv = logits_bv.astype(jnp.float32) / cfg.temperature
   scaled_bv = apply_top_p(apply_top_k(scaled_bv, cfg.top_k), cfg.top_p)
   # jax.random.categorical(rng, scaled_bv) exactly (the Gumbel-max trick with the same noise), but with the
-  # faster argmax.
-  return _argmax(jax.random.gumbel(rng, scaled_bv.shape, scaled_bv.dtype) + scaled_bv)
+  # faster argmax and Gumbel noise.
+  return _argmax(gumbel(rng, scaled_bv.shape) + scaled_bv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,6 +284,10 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
                                     segments[0])
   if sampling_cfg.use_cache:
     params = transformer.unstack_layers(params)  # sliced once here, not at every step of the loop
+    if sampling_cfg.fuse_qkv:
+      # Not for the prefill: at [b * p, d] rows the fused output's strided q/k/v slices cost more than the
+      # two matmuls saved.
+      params = transformer.fuse_qkv(params, model_cfg)
   body = functools.partial(_decode_step, params=params, rng=rng, p=p, model_cfg=model_cfg,
                            sampling_cfg=sampling_cfg, eos_id=eos_id, pad_id=pad_id)
 

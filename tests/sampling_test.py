@@ -176,6 +176,21 @@ def test_sample_token_is_jax_categorical_and_argmax():
       np.testing.assert_array_equal(sampling.sample_token(finite_bv, key, cfg), expected_b)
 
 
+@pytest.mark.parametrize("shape", [(64, 512), (1, 16), (3, 5, 2)])
+def test_gumbel_is_jax_random_gumbel_bit_for_bit(shape):
+  # sampling.gumbel copies JAX's Threefry bit recipe unrolled; a JAX upgrade that changes the recipe must fail
+  # here, not silently change every sample. Raw and typed keys, folded ones, eager and under jit.
+  keys = [jax.random.PRNGKey(0), jax.random.PRNGKey(2**31 + 5), jax.random.key(7),
+          jax.random.fold_in(jax.random.key(3), 11), jax.random.fold_in(jax.random.PRNGKey(1), 2**31)]
+  for key in keys:
+    want = np.asarray(jax.random.gumbel(key, shape, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(sampling.gumbel(key, shape)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sampling.gumbel, static_argnums=1)(key, shape)), want)
+  # Another PRNG falls back to jax.random.gumbel itself.
+  rbg = jax.random.key(0, impl="rbg")
+  np.testing.assert_array_equal(np.asarray(sampling.gumbel(rbg, shape)), np.asarray(jax.random.gumbel(rbg, shape)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Filters.
 
@@ -377,6 +392,37 @@ def test_segmented_cache_all_rows_stop_in_first_segment():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The fused q/k/v projection (sampling.fuse_qkv, transformer.fuse_qkv) gives the separate projections' numbers.
+
+FUSED_MODELS = {
+    "gqa": dataclasses.replace(WINDOWED, sliding_window=0),
+    "gqa_bias_qk_norm": dataclasses.replace(WINDOWED, sliding_window=0, qkv_bias=True, qk_norm=True),
+    "mqa_bfloat16": dataclasses.replace(WINDOWED, sliding_window=0, n_kv_heads=1, dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.8, 5)])
+@pytest.mark.parametrize("model", sorted(FUSED_MODELS))
+def test_fused_qkv_equals_separate_projections(temperature, top_k, model):
+  cfg = FUSED_MODELS[model]
+  params = _spread_params(cfg, seed=2)
+  if cfg.qkv_bias:  # init's biases are zero: draw them, so a bias in the wrong head would show
+    keys = jax.random.split(jax.random.key(5), 3)
+    params["layers"] = {**params["layers"], **{name: 0.5 * jax.random.normal(key, params["layers"][name].shape)
+                                               for key, name in zip(keys, ("bq", "bk", "bv"))}}
+  prompts_bp, mask_bp = _prompts(seed=4, lengths=(6, 5, 4, 3, 2, 1, 6, 3))
+  run = lambda fuse: sampling.generate(
+      params, prompts_bp, mask_bp, jax.random.key(9), cfg,
+      sampling.SamplingConfig(max_new_tokens=SEGMENTED_NEW, temperature=temperature, top_k=top_k, fuse_qkv=fuse),
+      eos_id=_unused_token(), pad_id=PAD)
+  fused, separate = run(True), run(False)
+  for name in ("tokens_bn", "mask_bn", "ended_b", "lengths_b"):
+    np.testing.assert_array_equal(getattr(fused, name), getattr(separate, name), err_msg=name)
+  np.testing.assert_allclose(fused.logprobs_bn, separate.logprobs_bn, atol=1e-5)
+  assert len(np.unique(np.asarray(fused.tokens_bn))) > 3  # the samples are not degenerate
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Errors, raised before any tracing: params=None would fail inside jit, so reaching the ValueError proves it.
 
 
@@ -398,6 +444,7 @@ def test_too_long_raises_before_compute():
         (dict(max_new_tokens=4, top_p=0.0), "top_p"),
         (dict(max_new_tokens=4, top_p=1.5), "top_p"),
         (dict(max_new_tokens=4, cache_segments=0), "cache_segments"),
+        (dict(max_new_tokens=4, fuse_qkv=1), "fuse_qkv"),
     ],
 )
 def test_sampling_config_validation(kwargs, field):

@@ -379,13 +379,20 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
 
   h_btd = _norm(cfg, x_btd, layer, "attn_norm")
-  q_bthe = jnp.einsum("btd,dhe->bthe", h_btd, layer["wq"].astype(dt))
-  k_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wk"].astype(dt))
-  v_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wv"].astype(dt))
-  if cfg.qkv_bias:
-    q_bthe = q_bthe + layer["bq"].astype(dt)
-    k_btke = k_btke + layer["bk"].astype(dt)
-    v_btke = v_btke + layer["bv"].astype(dt)
+  if "wqkv" in layer:  # fused by fuse_qkv: one matmul, then the same q, k, v
+    qkv_btkne = jnp.einsum("btd,dkne->btkne", h_btd, layer["wqkv"].astype(dt))
+    if cfg.qkv_bias:
+      qkv_btkne = qkv_btkne + layer["bqkv"].astype(dt)
+    q_bthe = qkv_btkne[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.d_head)
+    k_btke, v_btke = qkv_btkne[:, :, :, g], qkv_btkne[:, :, :, g + 1]
+  else:
+    q_bthe = jnp.einsum("btd,dhe->bthe", h_btd, layer["wq"].astype(dt))
+    k_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wk"].astype(dt))
+    v_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wv"].astype(dt))
+    if cfg.qkv_bias:
+      q_bthe = q_bthe + layer["bq"].astype(dt)
+      k_btke = k_btke + layer["bk"].astype(dt)
+      v_btke = v_btke + layer["bv"].astype(dt)
   if cfg.qk_norm:
     q_bthe = _rms_norm(q_bthe, layer["q_norm"], cfg.norm_eps)
     k_btke = _rms_norm(k_btke, layer["k_norm"], cfg.norm_eps)
@@ -581,6 +588,31 @@ def unstack_layers(params: Params) -> Params:
   n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
   layers = tuple(jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n_layers))
   return {**params, "layers": layers}
+
+
+def fuse_qkv(params: Params, cfg: ModelConfig) -> Params:
+  """`params` with each layer's q, k and v projections also as one weight "wqkv" [d, k, g + 2, e] (and biases
+  "bqkv" [k, g + 2, e]): for each kv head, its g query heads, its key and its value. `_block` then projects
+  with one matmul instead of three and gets the same q, k, v up to float rounding. Grouped by kv head so that
+  a mesh sharding the heads keeps each device's q, k, v local.
+
+  For inference: `generate` fuses its unstacked layers once before the decoding loop; the stored layout,
+  checkpoints, HF import/export, LoRA targets and gradients keep the separate wq, wk, wv. Works on stacked or
+  unstacked (`unstack_layers`) layers; costs one copy of the attention input weights while it lives.
+  """
+  g = cfg.n_heads // cfg.n_kv_heads
+
+  def fuse(layer):
+    # [..., d, h, e] -> [..., d, k, g, e]: query head j belongs to kv head j // g (as in _block).
+    wq = layer["wq"].reshape(*layer["wq"].shape[:-2], cfg.n_kv_heads, g, cfg.d_head)
+    out = {**layer, "wqkv": jnp.concatenate([wq, layer["wk"][..., None, :], layer["wv"][..., None, :]], axis=-2)}
+    if cfg.qkv_bias:
+      bq = layer["bq"].reshape(*layer["bq"].shape[:-2], cfg.n_kv_heads, g, cfg.d_head)
+      out["bqkv"] = jnp.concatenate([bq, layer["bk"][..., None, :], layer["bv"][..., None, :]], axis=-2)
+    return out
+
+  layers = params["layers"]
+  return {**params, "layers": tuple(map(fuse, layers)) if isinstance(layers, tuple) else fuse(layers)}
 
 
 def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv, last_only):

@@ -212,6 +212,36 @@ def test_unstacked_layers_decode_the_same():
     np.testing.assert_allclose(np.asarray(logits_u_b1v), np.asarray(logits_b1v), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS["rope_gqa"], CONFIGS["learned_mqa_tied"],
+                                 _cfg(n_kv_heads=2, qkv_bias=True, qk_norm=True, head_dim=16)],
+                         ids=["rope_gqa", "learned_mqa_tied", "gqa_bias_qk_norm_head_dim"])
+def test_fused_qkv_gives_the_same_numbers(cfg):
+  params = _spread_params(cfg)
+  fused = transformer.fuse_qkv(params, cfg)
+  l, d, k, e, g = cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.d_head, cfg.n_heads // cfg.n_kv_heads
+  assert fused["layers"]["wqkv"].shape == (l, d, k, g + 2, e)
+  # Query head j sits with its kv head j // g; then that head's key and value.
+  np.testing.assert_array_equal(fused["layers"]["wqkv"][1, :, k - 1, g - 1], params["layers"]["wq"][1, :, -1])
+  np.testing.assert_array_equal(fused["layers"]["wqkv"][0, :, k - 1, g + 1], params["layers"]["wv"][0, :, -1])
+  # Zero the separate projections: whatever matches below came from the fused weights alone.
+  separate = [n for n in ("wq", "wk", "wv", "bq", "bk", "bv") if n in params["layers"]]
+  fused = {**fused, "layers": {**fused["layers"], **{n: jnp.zeros_like(fused["layers"][n]) for n in separate}}}
+  if cfg.qkv_bias:
+    assert fused["layers"]["bqkv"].shape == (l, k, g + 2, e)
+  tokens_bt, mask_bt = _left_padded_batch()
+  full_btv, _ = _forward(params, tokens_bt, cfg=cfg, mask_bt=mask_bt)
+  fused_btv, _ = _forward(fused, tokens_bt, cfg=cfg, mask_bt=mask_bt)  # the uncached path (generate's prefill)
+  np.testing.assert_allclose(np.asarray(fused_btv), np.asarray(full_btv), atol=1e-5, rtol=1e-5)
+  # Decoding with unstacked fused layers, as generate does, token by token.
+  unstacked = transformer.unstack_layers(fused)
+  cache = transformer.init_cache(cfg, tokens_bt.shape[0], SEQ_LEN)
+  for i in range(SEQ_LEN):
+    logits_b1v, cache = _forward(unstacked, tokens_bt[:, i:i + 1], cfg=cfg, mask_bt=mask_bt[:, i:i + 1], cache=cache)
+    real_b = mask_bt[:, i]
+    np.testing.assert_allclose(np.asarray(logits_b1v)[real_b, 0], np.asarray(full_btv)[real_b, i],
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["rope_gqa", "learned_mqa_tied"])
 def test_left_padding_matches_unpadded(name):
   cfg = CONFIGS[name]

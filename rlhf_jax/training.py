@@ -80,10 +80,11 @@ def lm_loss_fn(model_cfg: transformer.ModelConfig) -> LossFn:
 
 def lora_loss_fn(loss_fn: LossFn, lcfg: lora.LoraConfig) -> Callable:
   """`loss_fn` of the full weights as a loss of LoRA adapters: (adapters, batch, rng, base) -> loss_fn(base
-  with the adapters merged, batch, rng); with `make_train_step`, only the adapters are trained."""
+  with the adapters attached (lora.attach: never merged), batch, rng); with `make_train_step`, only the adapters
+  are trained."""
 
   def adapted(adapters, batch, rng, base):
-    return loss_fn(lora.merge(base, adapters, lcfg), batch, rng)
+    return loss_fn(lora.attach(base, adapters, lcfg), batch, rng)
 
   return adapted
 

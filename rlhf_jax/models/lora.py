@@ -7,10 +7,11 @@ never formed beyond one layer's transient dL/dW', and the optimizer holds the ad
 
 Written here rather than with qwix or peft: qwix rewrites Flax module calls and peft wraps torch modules, while
 this model is a pure function of a params dict, where LoRA is a merge of two small arrays into one entry.
-`merge` runs inside the jitted function that uses the weights, so every model path (the KV-cached sampler,
-scanned layers, every attention implementation) sees ordinary weights and works unchanged. A fused
-x @ W + s (x @ A) @ B path would save the transient merged weights; it is not written (the merge costs one
-[d_in, r] x [r, d_out] product per target and layer, small next to a batch's matmuls).
+Two ways to apply them. `merge` forms W + s A @ B (for the sampler, exports, and any model path). `attach`,
+what the training steps use, puts the adapters beside the weights (params["layers"]["lora"]) and the model adds
+s (x @ A) @ B to each adapted projection's output (transformer._lora): the merged weights and their gradient,
+a full model's worth each, are never formed (at the bench's `base` size this was most of a LoRA PPO step's
+memory). The two agree to float rounding.
 
 Adapters: {"layers": {target: {"a": [l, d_in..., r], "b": [l, r, d_out...]}}}, stacked along the layers axis
 like the weights they adapt. They are float32 whatever model.param_dtype is; the merged weight is cast back to
@@ -128,6 +129,16 @@ def merge(params: Params, adapters: Params, lcfg: LoraConfig) -> Params:
     name = TARGETS[target][0]
     w = layers[name]
     layers[name] = (w.astype(jnp.float32) + lcfg.scale * delta(ab["a"], ab["b"])).astype(w.dtype)
+  return {**params, "layers": layers}
+
+
+def attach(params: Params, adapters: Params, lcfg: LoraConfig) -> Params:
+  """`params` with the adapters beside the weights they adapt: layers["lora"][weight name] = {"a", "b"} and
+  layers["lora_scale"] = alpha / r per layer, so slicing or scanning the layers carries them along. The model
+  then computes x @ W + scale * (x @ A) @ B (transformer._lora), the same function as `merge`'s weights."""
+  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  layers = {**params["layers"], "lora": {TARGETS[t][0]: ab for t, ab in adapters["layers"].items()},
+            "lora_scale": jnp.full((n_layers,), lcfg.scale, jnp.float32)}
   return {**params, "layers": layers}
 
 

@@ -364,6 +364,21 @@ def _constrain(x, axes):
   return sharding.constrain(x, axes)
 
 
+def _lora(y, x, layer, name, dt):
+  """y + scale * (x @ A) @ B when layer["lora"] adapts weight `name` (lora.attach): LoRA without the merged
+  weight W + scale * A @ B, so neither it nor its gradient is ever formed (the adapters' gradients come from
+  the activations). x's trailing dims are the weight's inputs, y's its outputs."""
+  ab = layer.get("lora", {}).get(name)
+  if ab is None:
+    return y
+  a, b = ab["a"], ab["b"]
+  n_in, r = a.ndim - 1, a.shape[-1]
+  lead = x.shape[:x.ndim - n_in]
+  xa = x.reshape(*lead, -1) @ a.reshape(-1, r).astype(dt)
+  delta = (xa @ b.reshape(r, -1).astype(dt)).reshape(*lead, *b.shape[1:])
+  return y + (layer["lora_scale"] * delta).astype(y.dtype)
+
+
 def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng, last_query_only=False):
   """One pre-norm Transformer block.
 
@@ -386,9 +401,9 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
     q_bthe = qkv_btkne[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.d_head)
     k_btke, v_btke = qkv_btkne[:, :, :, g], qkv_btkne[:, :, :, g + 1]
   else:
-    q_bthe = jnp.einsum("btd,dhe->bthe", h_btd, layer["wq"].astype(dt))
-    k_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wk"].astype(dt))
-    v_btke = jnp.einsum("btd,dke->btke", h_btd, layer["wv"].astype(dt))
+    q_bthe = _lora(jnp.einsum("btd,dhe->bthe", h_btd, layer["wq"].astype(dt)), h_btd, layer, "wq", dt)
+    k_btke = _lora(jnp.einsum("btd,dke->btke", h_btd, layer["wk"].astype(dt)), h_btd, layer, "wk", dt)
+    v_btke = _lora(jnp.einsum("btd,dke->btke", h_btd, layer["wv"].astype(dt)), h_btd, layer, "wv", dt)
     if cfg.qkv_bias:
       q_bthe = q_bthe + layer["bq"].astype(dt)
       k_btke = k_btke + layer["bk"].astype(dt)
@@ -455,7 +470,7 @@ def _block_out(cfg: ModelConfig, x_btd, attn_bthe, layer, rngs):
   """The rest of a block after attention: output projection, residual, the MLP and its residual."""
   dt = cfg.compute_dtype
   b, t, _ = x_btd.shape
-  out_btd = jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt))
+  out_btd = _lora(jnp.einsum("bthe,hed->btd", attn_bthe, layer["wo"].astype(dt)), attn_bthe, layer, "wo", dt)
   if cfg.proj_bias:
     out_btd = out_btd + layer["bo"].astype(dt)
   x_btd = x_btd + out_btd
@@ -464,15 +479,15 @@ def _block_out(cfg: ModelConfig, x_btd, attn_bthe, layer, rngs):
   h_btd = _norm(cfg, x_btd, layer, "mlp_norm")
   # The MLP on [b*t, d] rows: plain 2-D matmuls give XLA:CPU better layouts for the backward pass.
   h_nd = h_btd.reshape(b * t, -1)
-  h_nf = h_nd @ layer["w_in"].astype(dt)
+  h_nf = _lora(h_nd @ layer["w_in"].astype(dt), h_nd, layer, "w_in", dt)
   if cfg.proj_bias:
     h_nf = h_nf + layer["b_in"].astype(dt)
   if cfg.mlp == "swiglu":
-    h_nf = jax.nn.silu(h_nd @ layer["w_gate"].astype(dt)) * h_nf
+    h_nf = jax.nn.silu(_lora(h_nd @ layer["w_gate"].astype(dt), h_nd, layer, "w_gate", dt)) * h_nf
   else:
     h_nf = jax.nn.gelu(h_nf)
   h_nf = _constrain(h_nf.reshape(b, t, -1), ("batch", "length", "mlp")).reshape(b * t, -1)
-  h_nd = h_nf @ layer["w_out"].astype(dt)
+  h_nd = _lora(h_nf @ layer["w_out"].astype(dt), h_nf, layer, "w_out", dt)
   if cfg.proj_bias:
     h_nd = h_nd + layer["b_out"].astype(dt)
   h_btd = h_nd.reshape(b, t, -1)
@@ -603,6 +618,8 @@ def fuse_qkv(params: Params, cfg: ModelConfig) -> Params:
   g = cfg.n_heads // cfg.n_kv_heads
 
   def fuse(layer):
+    if any(n in layer.get("lora", {}) for n in ("wq", "wk", "wv")):
+      return layer  # attached adapters on q/k/v (lora.attach): the separate projections add them
     # [..., d, h, e] -> [..., d, k, g, e]: query head j belongs to kv head j // g (as in _block).
     wq = layer["wq"].reshape(*layer["wq"].shape[:-2], cfg.n_kv_heads, g, cfg.d_head)
     out = {**layer, "wqkv": jnp.concatenate([wq, layer["wk"][..., None, :], layer["wv"][..., None, :]], axis=-2)}

@@ -44,7 +44,7 @@ def ppo_loss(trainable: Params, mb: Rollout, ptx_batch, policy_cfg, s: PPOSettin
   """Policy (+ value, + entropy, + KL, + ptx) loss of one minibatch, and its metrics. `beta` weighs the k3 KL
   term when the KL is a loss term (s.kl_in_loss). With LoRA, `trainable` holds adapters on the `frozen` base
   weights (rollout.with_frozen)."""
-  trainable = with_frozen(trainable, frozen, s.lora)
+  trainable = with_frozen(trainable, frozen, s.lora, attach=True)
   temp = s.sampling.logprob_temperature
   logp_bn, entropy = policy_logprobs(trainable["policy"], mb, policy_cfg, temp, with_entropy=True)
   policy_loss, value_loss = ALGORITHMS[s.algorithm]

@@ -78,15 +78,19 @@ class PPOSettings:
     return self.algorithm in ("ppo", "a2c")
 
 
-def with_frozen(trainable: Params, frozen: Params | None, lcfg: lora.LoraConfig | None) -> Params:
+def with_frozen(trainable: Params, frozen: Params | None, lcfg: lora.LoraConfig | None, *,
+                attach: bool = False) -> Params:
   """The full policy (and value) parameters of the trained ones: `trainable` itself without LoRA (frozen None);
   with it, {"policy": adapters, "value": {"adapters", "head"}} merged into the frozen {"policy": base, "value":
-  backbone} inside the jitted caller, so the gradient reaches the adapters and the value head only."""
+  backbone} inside the jitted caller, so the gradient reaches the adapters and the value head only. attach: the
+  adapters beside the base weights instead (lora.attach, the learner's: no merged weights or their gradient);
+  the sampler takes merged weights (one merge, not an adapter product at every decoding step)."""
   if frozen is None:
     return trainable
-  out = {"policy": lora.merge(frozen["policy"], trainable["policy"], lcfg)}
+  combine = lora.attach if attach else lora.merge
+  out = {"policy": combine(frozen["policy"], trainable["policy"], lcfg)}
   if trainable.get("value") is not None:
-    out["value"] = {"backbone": lora.merge(frozen["value"], trainable["value"]["adapters"], lcfg),
+    out["value"] = {"backbone": combine(frozen["value"], trainable["value"]["adapters"], lcfg),
                     "head": trainable["value"]["head"]}
   return out
 

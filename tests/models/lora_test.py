@@ -2,6 +2,7 @@
 was, the adapters' gradient is the chain rule of the full weight's, a merged export equals the weights trained,
 bfloat16 parameters and float32 optimizer moments (rlhf_jax.optim.float32_state) against a NumPy Adam step."""
 
+import dataclasses
 import os
 
 import jax
@@ -94,6 +95,36 @@ def test_adapter_gradients_are_the_chain_rule_of_the_full_weight_gradient():
       np.testing.assert_allclose(np.asarray(grads["layers"][target]["b"][i]).reshape(b_i.shape),
                                  lcfg.scale * a_i.T @ gw, rtol=1e-4, atol=1e-6)
       assert np.abs(gw).max() > 0
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_attached_adapters_equal_the_merged_weights_in_value_and_gradient(scan):
+  # lora.attach (x @ W + s (x @ A) @ B, what the training steps use) against the NumPy-merged weights (a plain
+  # forward pass of W + s A @ B): logits and the chain-rule gradients of every target, GQA and SwiGLU, with the
+  # layers unrolled and scanned; and against the merge in the cached sampler's forward pass.
+  cfg = dataclasses.replace(CFG, scan_layers=scan)
+  params = transformer.init(jax.random.PRNGKey(0), cfg)
+  adapters = _random_adapters(cfg, ALL)
+  tokens = _tokens()
+  merged = {**params, "layers": {k: jnp.asarray(v, jnp.float32) for k, v in _numpy_merge(params, adapters, ALL).items()}}
+  attached_logits, _ = jax.jit(lambda p, a: transformer.forward(lora.attach(p, a, ALL), tokens, cfg))(params, adapters)
+  merged_logits, _ = _forward(merged, tokens, cfg=cfg)
+  np.testing.assert_allclose(np.asarray(attached_logits), np.asarray(merged_logits), atol=2e-5)
+  base_logits, _ = _forward(params, tokens, cfg=cfg)
+  assert np.abs(np.asarray(base_logits) - np.asarray(merged_logits)).max() > 1e-3  # the adapters matter
+  loss = lambda p: jnp.mean(jax.nn.log_softmax(transformer.forward(p, tokens, cfg)[0])[..., 0] ** 2)
+  g_attached = jax.jit(jax.grad(lambda a: loss(lora.attach(params, a, ALL))))(adapters)
+  g_merged = jax.jit(jax.grad(lambda a: loss(lora.merge(params, a, ALL))))(adapters)
+  for path, x in jax.tree_util.tree_leaves_with_path(g_merged):
+    y = g_attached
+    for k in path:
+      y = y[k.key]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6, err_msg=str(path))
+  # The KV-cached decoding path with attached adapters (it unstacks the layers) equals the merged one.
+  if not scan:
+    h_att, _ = transformer.prefill(lora.attach(params, adapters, ALL), tokens, cfg, length=12)
+    h_mer, _ = transformer.prefill(merged, tokens, cfg, length=12)
+    np.testing.assert_allclose(np.asarray(h_att), np.asarray(h_mer), atol=2e-5)
 
 
 def test_lora_config_errors_name_the_field():

@@ -187,6 +187,8 @@ def rm_config() -> ConfigDict:
       # responses, 0 = off (experiments/papers/rm_proxy.py).
       score_at="eos", lm_coef=0.0,
       seed_offset=0,  # > 0: another head initialisation and data order (the members of an RM ensemble)
+      # > 0: train on the first N prompts' comparisons only (the shared comparisons are sampled once a workdir)
+      max_train_prompts=0,
       collected=(),  # with source="collected": the collect stage directories whose comparisons it trains on
       finetune_from="",  # a reward-model stage directory whose backbone and head this one starts from
       # evals_per_epoch > 0: evaluate (with the validation ranking loss) that many times an epoch instead of every

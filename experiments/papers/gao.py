@@ -17,9 +17,11 @@ Presets:
                logged: on a 2-core CPU, about 10 minutes once the shared stages exist.
   accelerator  the same at 200 iterations, plus reward models of three sizes, the two others trained from
                scratch (rm_tiny, rm_base: only the policy-sized one can start from SFT, a confound the README
-               states), each with its own RL run: does the gold peak move out as the RM grows?
+               states), each with its own RL run: does the gold peak move out as the RM grows? And a policy-sized
+               RM on half the comparisons (rm_half, rm.max_train_prompts) with its RL run: does the peak move out
+               with the comparison-set size?
   tiny         the tiny pipeline, 4 RL iterations, best-of-n up to 4, a second reward model (the `small` size,
-               from scratch) with its own RL run: a smoke test of every piece.
+               from scratch) and one on half the comparisons, each with its own RL run: a smoke test.
 """
 
 import os
@@ -62,6 +64,12 @@ def get_config(arg: str | None = None):
       runs.append(f"ppo_gao_{name}")
       rms.append(name)
       rm_stages.append(f"rm:{name}")
+    # The comparison-set size: the policy-sized RM on the first half of the shared comparisons' prompts.
+    c.variants["rm_half"] = {"rm": {"stage_dir": "rm_half", "max_train_prompts": c.rm.n_prompts // 2}}
+    c.variants["gao_rm_half"] = _rl("ppo_gao_rm_half", iterations, rm_from="rm_half")
+    runs.append("ppo_gao_rm_half")
+    rms.append("rm_half")
+    rm_stages.append("rm:rm_half")
   c.papers.stage_dir = "papers_gao"
   c.papers.experiment = "gao"
   c.papers.runs = tuple(runs)

@@ -156,6 +156,23 @@ def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) ->
   return curves, [int(sum(np.prod(x.shape) for x in jax.tree.leaves(p["backbone"]))) for p, _ in rms]
 
 
+def peak_verdicts(peaks: list[tuple[str, float]], sizes: dict[str, int], n_comps: dict[str, int]
+                  ) -> dict[str, scaling.Verdict]:
+  """Gao et al.'s "the peak moves out as the RM grows", along each axis the RMs differ in: parameters (among the
+  RMs on the most comparisons) and comparisons (among the RMs of the first RM's size). peaks: (RM, the gold
+  fit's peak KL of its RL run), the first RM first."""
+  out = {}
+  by_size = [(d, p) for d, p in peaks if n_comps[d] == max(n_comps[d] for d, _ in peaks)]
+  if len({sizes[d] for d, _ in by_size}) > 1:
+    out["rm_size_peak_moves_out_held"] = scaling.peak_moves_out(
+        [sizes[d] for d, _ in by_size], [p for _, p in by_size], what="reward model (parameters)")
+  by_data = [(d, p) for d, p in peaks if sizes[d] == sizes[peaks[0][0]]]
+  if len({n_comps[d] for d, _ in by_data}) > 1:
+    out["rm_data_peak_moves_out_held"] = scaling.peak_moves_out(
+        [n_comps[d] for d, _ in by_data], [p for _, p in by_data], what="reward model's training set (comparisons)")
+  return out
+
+
 def gao(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
   pc = config.papers
   runs = list(pc.runs)
@@ -189,10 +206,10 @@ def gao(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float]
                         for k in ("gold_score", "rm_score", "oracle_gold_score", "win_rate_vs_sft", "kl_to_sft")})
       if form == "rl":
         peaks.append((rm_dir, fits["gold"].peak_kl))
-  if len(unique) > 1:
-    v = scaling.peak_moves_out([sizes[d] for d, _ in peaks], [p for _, p in peaks], what="reward model (parameters)")
+  n_comps = {d: int(_read_summary(workdir, d).get("n_train_comparisons", 0)) for d in unique}
+  for key, v in peak_verdicts(peaks, sizes, n_comps).items():
     verdicts.append(v)
-    summary["rm_size_peak_moves_out_held"] = float(v.held)
+    summary[key] = float(v.held)
   _plot_gao(series, os.path.join(out_dir, "gao.png"))
   lines = ["## Gao et al. 2022: reward over-optimisation", "",
            "Gold and proxy (reward-model) score gained over SFT against d = sqrt(KL to SFT). Best-of-n: held-out "

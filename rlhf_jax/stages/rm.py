@@ -63,6 +63,8 @@ def check(config: ml_collections.ConfigDict) -> None:
                      f"(got {rc.model_size!r})")
   runtime.check_choice(rc.target, "rm.target", ("rankings", *comparisons.RATING_TARGETS))
   runtime.check_choice(rc.score_at, "rm.score_at", heads.SCORE_AT)
+  if not isinstance(rc.max_train_prompts, int) or rc.max_train_prompts < 0:
+    raise ValueError(f"rm.max_train_prompts must be an int >= 0 (0 = every comparison), got {rc.max_train_prompts!r}")
   if not isinstance(rc.seed_offset, int) or rc.seed_offset < 0:
     raise ValueError(f"rm.seed_offset must be an int >= 0, got {rc.seed_offset!r}")
   if not isinstance(rc.lm_coef, (int, float)) or rc.lm_coef < 0:
@@ -143,6 +145,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"rm.seq_len={rc.seq_len} exceeds the reward model's max_len={model_cfg.max_len}")
 
   train, val, n_truncated, _, val_records = feedback.tokenized(config, workdir, tok)
+  if rc.max_train_prompts:  # the first N prompts' comparisons (Gao et al.'s comparison-set sizes)
+    if rc.max_train_prompts > len(train):
+      raise ValueError(f"rm.max_train_prompts={rc.max_train_prompts}: only {len(train)} training comparisons exist "
+                       "(rm.n_prompts, or the file's records)")
+    train = train[:rc.max_train_prompts]
   if rc.target != "rankings":
     comparisons.set_rating_targets(train, rc.target)
   k = max(len(c.ranks) for c in train + val)

@@ -241,3 +241,20 @@ def test_every_run_a_papers_experiment_reads_is_written_by_one_of_its_stages(nam
   wanted = (set(c.papers.runs) | set(c.papers.dpo_runs) | set(c.papers.rms)) - {""}
   wanted |= {m for e in c.papers.ensembles for m in e}
   assert wanted <= written, sorted(wanted - written)
+
+
+def test_gao_peak_verdicts_per_axis_and_rm_subset_check():
+  # RMs differing in size and in comparisons: one "peak moves out" verdict per axis, each over the right RMs.
+  peaks = [("rm", 2.0), ("rm_big", 3.0), ("rm_half", 2.5)]
+  sizes = {"rm": 10, "rm_big": 20, "rm_half": 10}
+  comps = {"rm": 100, "rm_big": 100, "rm_half": 50}
+  v = papers.peak_verdicts(peaks, sizes, comps)
+  assert set(v) == {"rm_size_peak_moves_out_held", "rm_data_peak_moves_out_held"}
+  assert v["rm_size_peak_moves_out_held"].held  # 10 -> 20 parameters: 2.0 -> 3.0
+  assert not v["rm_data_peak_moves_out_held"].held  # 50 -> 100 comparisons: 2.5 -> 2.0, moves in
+  assert "50: KL* 2.5" in v["rm_data_peak_moves_out_held"].evidence and "20: KL* 3" in v["rm_size_peak_moves_out_held"].evidence
+  assert papers.peak_verdicts([("rm", 1.0)], {"rm": 10}, {"rm": 100}) == {}
+  c = configs.base_config()
+  c.rm.max_train_prompts = -1
+  with pytest.raises(ValueError, match="rm.max_train_prompts"):
+    rm.check(c)

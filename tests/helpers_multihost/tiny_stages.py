@@ -261,6 +261,7 @@ def _rm_host():
   params = host_params(lambda k: heads.init_rm_params(k, CFG), seed=13)
   params["head"]["w"] *= 5.0  # about the std 1/sqrt(d+1) of heads.init_rm_params
   params["norm"] = {"gain": np.float32(2.0), "bias": np.float32(-0.5)}
+  params["read"] = {m: np.float32(w) for m, w in heads.read_weights("eos").items()}  # host_params zeroed them
   return params
 
 

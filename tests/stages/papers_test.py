@@ -129,11 +129,12 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   exp = f"--experiment={os.path.join(stage_runner.ROOT, 'experiments', 'papers', 'rm_proxy.py')}:tiny"
   proc = stage_runner.run(wd, cache_dir=cache, base_flags=(
       exp, *stage_runner.TINY_FLAGS[1:], "--experiment.stage=rm", "--experiment.rm.stage_dir=rm_mean",
-      "--experiment.rm.score_at=mean", "--experiment.rm.lm_coef=0.5"))
+      "--experiment.rm.score_at=mean", "--experiment.rm.lm_coef=0.5", "--experiment.rm.max_train_prompts=10"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.load(open(os.path.join(wd, "rm_mean", "export.json")))["score_at"] == "mean"
   s_rm = json.load(open(os.path.join(wd, "rm_mean", "summary.json")))
   assert s_rm["score_at"] == "mean" and s_rm["lm_coef"] == 0.5
+  assert s_rm["n_train_comparisons"] == 10  # rm.max_train_prompts: the first 10 of the shared comparisons
   rows = [json.loads(line) for line in open(os.path.join(wd, "rm_mean", "metrics.jsonl"))]
   assert any(np.isfinite(r.get("lm_loss", np.nan)) for r in rows)
   proc = stage_runner.run(wd, cache_dir=cache, base_flags=(

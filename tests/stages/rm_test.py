@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import feedback, losses, tokenizers
+from rlhf_jax import feedback, losses, sharding, tokenizers, training
 from rlhf_jax.data import comparisons
 from rlhf_jax.evals import rm as rm_evals
-from rlhf_jax.models import heads, presets, transformer
+from rlhf_jax.models import heads, hf, presets, transformer
+from rlhf_jax.stages import rm as rm_stage
 from rlhf_jax.tasks import suite
 
 from helpers import experiments
@@ -233,7 +234,6 @@ def test_read_weights_are_not_trained_and_bad_score_at_is_named():
 
 
 def test_lm_coef_adds_the_response_next_token_loss_against_numpy():
-  from rlhf_jax.stages import rm as rm_stage
   comps, gb = _group_batch()
   params = heads.init_rm_params(jax.random.PRNGKey(0), CFG)
   batch = {key: jnp.asarray(v) for key, v in gb.items()}
@@ -258,8 +258,6 @@ def test_lm_coef_adds_the_response_next_token_loss_against_numpy():
 
 def test_reward_model_exports_load_with_and_without_read(tmp_path):
   # An export written before rm.score_at (no "read") still loads, read at EOS; a "mean" one keeps its readout.
-  from rlhf_jax import sharding, training
-  from rlhf_jax.models import hf
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   _, gb = _group_batch()
   for name, score_at in (("old", None), ("mean", "mean")):

@@ -156,6 +156,19 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
 
+def per_device(fn, args: Sequence[jax.Array], axes: Sequence[Sequence[str | None]]) -> jax.Array:
+  """fn(*args) for a kernel XLA cannot partition (a Pallas / Mosaic call): under an active mesh of more than one
+  device, each device runs fn on its shards (jax.shard_map), args split by their logical `axes`; fn's output has
+  the first argument's shape and axes. Without an active mesh, or on one device, fn(*args). Only for fn that
+  treats every sharded dimension as independent rows (batch, heads), never a reduction over one."""
+  active = getattr(_ACTIVE, "value", None)
+  if active is None or active[0].size == 1:
+    return fn(*args)
+  mesh, rules = active
+  specs = tuple(logical_to_spec(a, x.shape, mesh, rules) for a, x in zip(axes, args))
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
   """Place a host batch on the mesh, split over data x fsdp.
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from rlhf_jax import sharding
 
@@ -85,7 +86,9 @@ class ModelConfig:
   scan_layers: bool = False  # the uncached pass as one lax.scan over the stacked layers (compiles once per model)
   # "blocked": this file's attention (query blocks, the hand-written backward; the fastest on XLA:CPU);
   # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cuDNN flash attention on NVIDIA
-  # GPUs); "auto": cudnn on a GPU, blocked elsewhere.
+  # GPUs); "splash": Pallas splash attention for TPUs (block-sparse causal / sliding-window masks, padding as
+  # segment ids; elsewhere it runs in Pallas's interpreter, for tests) on uncached passes, "xla" for cached
+  # decoding; "auto": cudnn on a GPU, splash on a TPU, blocked elsewhere.
   attention: str = "blocked"
   # False: bidirectional attention (a BERT-style encoder, rlhf_jax/stages/mlm.py): every real token sees every
   # real token of its row. Such a model has no left-to-right KV cache (init_cache, prefill refuse it).
@@ -115,9 +118,10 @@ class ModelConfig:
     if self.head_dim < 0 or self.sliding_window < 0:
       raise ValueError(f"model.head_dim and model.sliding_window must be >= 0, got {self.head_dim}, "
                        f"{self.sliding_window}")
-    if self.attention not in ("blocked", "xla", "cudnn", "auto"):
-      raise ValueError(f"model.attention must be 'blocked', 'xla', 'cudnn' or 'auto', got {self.attention!r}")
-    if self.attention in ("xla", "cudnn") and self.dropout_rate > 0:
+    if self.attention not in ("blocked", "xla", "cudnn", "splash", "auto"):
+      raise ValueError(f"model.attention must be 'blocked', 'xla', 'cudnn', 'splash' or 'auto', got "
+                       f"{self.attention!r}")
+    if self.attention in ("xla", "cudnn", "splash") and self.dropout_rate > 0:
       raise ValueError(f"model.attention={self.attention!r} has no attention dropout; use 'blocked' with "
                        "model.dropout_rate > 0")
     if self.remat_policy not in _REMAT_POLICIES:
@@ -379,7 +383,8 @@ def _lora(y, x, layer, name, dt):
   return y + (layer["lora_scale"] * delta).astype(y.dtype)
 
 
-def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng, last_query_only=False):
+def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, rng, last_query_only=False,
+           key_mask_bt=None):
   """One pre-norm Transformer block.
 
   kv_cache is None (attend over the block's own keys) or (k_cache_bkse, v_cache_bkse, write_at), this layer's
@@ -387,6 +392,7 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   Returns the new x and the updated cache, or without one the block's own keys and values [b, k, t, e].
   last_query_only (without a cache): keys and values of all t positions, but the new x [b, 1, d] of the last
   position only (the last layer of a prefill, where only the last column is unembedded).
+  key_mask_bt: the real tokens of an uncached pass (splash attention reads padding from it, not allowed_bts).
   """
   dt = cfg.compute_dtype
   b, t, _ = x_btd.shape
@@ -419,7 +425,8 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   k_bkte, v_bkte = k_btke.transpose(0, 2, 1, 3), v_btke.transpose(0, 2, 1, 3)
 
   # Over the block's own t positions, causal: the blocked path skips the masked upper blocks.
-  causal_self_attention = kv_cache is None and cfg.causal and not last_query_only
+  self_attention = kv_cache is None and not last_query_only
+  causal_self_attention = self_attention and cfg.causal
   if last_query_only:
     q_bthe, x_btd, allowed_bts = q_bthe[:, -1:], x_btd[:, -1:], allowed_bts[:, -1:]
     t = 1
@@ -438,6 +445,11 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
   q_bkne = q_bthe.reshape(b, t, cfg.n_kv_heads, g, cfg.d_head).transpose(0, 2, 3, 1, 4).reshape(
       b, cfg.n_kv_heads, g * t, cfg.d_head)
   implementation = _attention_implementation(cfg)
+  if implementation == "splash":
+    if self_attention and key_mask_bt is not None:
+      return _block_out(cfg, x_btd, _splash_attention(q_bthe, k_bkse, v_bkse, key_mask_bt, cfg), layer,
+                        rngs), kv_cache
+    implementation = "xla"  # a query against a KV cache (decoding, the prefill's last column)
   if implementation is not None:
     # jax.nn.dot_product_attention on [b, t, h, e] x [b, s, k, e]; our mask (causal, window, padding) as a bias
     # for cuDNN (which takes no boolean mask with left padding) or as the mask for XLA.
@@ -460,10 +472,59 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
 
 
 def _attention_implementation(cfg: ModelConfig) -> str | None:
-  """jax.nn.dot_product_attention's implementation for cfg.attention, or None for the blocked path."""
+  """jax.nn.dot_product_attention's implementation for cfg.attention, "splash", or None for the blocked path."""
   if cfg.attention == "auto":
-    return "cudnn" if jax.default_backend() == "gpu" and cfg.dropout_rate == 0 else None
+    if cfg.dropout_rate > 0:
+      return None
+    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend())
   return None if cfg.attention == "blocked" else cfg.attention
+
+
+SPLASH_LANES = 128  # splash blocks are multiples of the TPU's 128 lanes; sequences are padded up to one
+
+
+def _splash_attention(q_bthe, k_bkte, v_bkte, key_mask_bt, cfg: ModelConfig):
+  """Self-attention over t positions by Pallas splash attention: [b, t, h, e] outputs.
+
+  The causal (or sliding-window, or full for an encoder) mask is the kernel's static block-sparse mask, so
+  blocks above the diagonal or outside the window are skipped; padding is a segment id (real tokens 1, pads 0)
+  so a real query sees only real keys, as allowed_bts says. t is padded at the end to a multiple of 128 with
+  pad tokens (after every real token: no real query sees them). Grouped-query attention runs the MQA kernel per
+  kv head (its g query heads share one k, v); batch and kv heads are vmapped, and on a mesh of several devices
+  each device runs the kernel on its shards (sharding.per_device). Outputs at pad queries differ from
+  the blocked path's (they attend other pads there, not a uniform average): every caller masks them.
+  """
+  b, t, h, e = q_bthe.shape
+  k = k_bkte.shape[1]
+  g = h // k
+  padded = -(-t // SPLASH_LANES) * SPLASH_LANES
+  block = next(size for size in (512, 256, SPLASH_LANES) if padded % size == 0)
+  pad = ((0, 0), (0, 0), (0, padded - t), (0, 0))
+  q_bkgte = (q_bthe / math.sqrt(e)).reshape(b, t, k, g, e).transpose(0, 2, 3, 1, 4)
+  q_bkgte = jnp.pad(q_bkgte, ((0, 0),) + pad)
+  k_bkte, v_bkte = jnp.pad(k_bkte, pad), jnp.pad(v_bkte, pad)
+  segment_bt = jnp.pad(key_mask_bt.astype(jnp.int32), ((0, 0), (0, padded - t)))
+  shape = (padded, padded)
+  if not cfg.causal:
+    mask = splash.FullMask(shape)
+  elif cfg.sliding_window:
+    mask = splash.LocalMask(shape, window_size=(cfg.sliding_window - 1, 0), offset=0)
+  else:
+    mask = splash.CausalMask(shape)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mqa(splash.MultiHeadMask([mask] * g), block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, interpret=jax.default_backend() != "tpu")
+
+  def one_kv_head(q_gte, k_te, v_te, segment_t):
+    return kernel(q_gte, k_te, v_te, segment_ids=splash.SegmentIds(q=segment_t, kv=segment_t))
+
+  per_row = jax.vmap(jax.vmap(one_kv_head, in_axes=(0, 0, 0, None)))  # over batch, then kv heads
+  qkv_axes = ("batch", "kv_heads", "length", "head_dim")
+  out_bkgte = sharding.per_device(
+      per_row, (q_bkgte, k_bkte.astype(q_bkgte.dtype), v_bkte.astype(q_bkgte.dtype), segment_bt),
+      (qkv_axes[:2] + (None,) + qkv_axes[2:], qkv_axes, qkv_axes, ("batch", "length")))
+  return out_bkgte[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
 def _block_out(cfg: ModelConfig, x_btd, attn_bthe, layer, rngs):
@@ -682,7 +743,7 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv, l
                        "stacked parameters for a pass without one")
 
     def step(x, layer, rng):
-      return _block(cfg, x, layer, positions_bt, allowed_bts, None, rng)
+      return _block(cfg, x, layer, positions_bt, allowed_bts, None, rng, key_mask_bt=mask_bt)
 
     if cfg.remat:
       step = jax.checkpoint(step, prevent_cse=False,

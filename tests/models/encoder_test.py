@@ -89,7 +89,7 @@ def _np_encoder(params, tokens_bt, mask_bt, cfg):
 _forward = jax.jit(transformer.forward, static_argnames=("cfg",))
 
 
-@pytest.mark.parametrize("attention", ["blocked", "xla"])
+@pytest.mark.parametrize("attention", ["blocked", "xla", "splash"])
 def test_a_future_token_changes_the_encoder_not_the_decoder(attention, t=10):
   """(Beyond one query block the blocked path is compared with the library's in the next test.)"""
   decoder = _cfg(attention=attention)
@@ -115,10 +115,11 @@ def test_a_future_token_changes_the_encoder_not_the_decoder(attention, t=10):
   assert np.abs(first_only[0, 0] - want[0, 0]).max() > 1e-2
 
 
-def test_blocked_and_library_attention_agree_on_the_encoder_forward_and_backward():
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_blocked_and_library_attention_agree_on_the_encoder_forward_and_backward(attention):
   t = transformer.QUERY_BLOCK + 9  # beyond one query block: the blocked path must not skip "upper" blocks
   encoder = _cfg(causal=False)
-  library = dataclasses.replace(encoder, attention="xla")
+  library = dataclasses.replace(encoder, attention=attention)
   params = _params(encoder, seed=1)
   tokens_bt, mask_bt = _batch(t, seed=1)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax import sharding
 from rlhf_jax.models import presets, transformer
 
 VOCAB = 16
@@ -435,11 +436,13 @@ def test_scanned_layers_equal_the_unrolled_model():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5), cache_a, cache_b)
 
 
-def test_library_attention_equals_the_blocked_path():
-  """model.attention="xla" (jax.nn.dot_product_attention) against the blocked attention: the same logits and
-  gradients with left padding, GQA and a sliding window, and the same logits when decoding with the KV cache."""
-  base = _cfg(n_kv_heads=2, sliding_window=3)
-  library = dataclasses.replace(base, attention="xla")
+@pytest.mark.parametrize("attention,window", [("xla", 3), ("splash", 3), ("splash", 0)])
+def test_library_attention_equals_the_blocked_path(attention, window):
+  """model.attention="xla" (jax.nn.dot_product_attention) and "splash" (Pallas splash attention, in Pallas's
+  interpreter off TPU) against the blocked attention: the same logits and gradients with left padding, GQA and a
+  sliding window (or none: the causal mask), and the same logits when decoding with the KV cache."""
+  base = _cfg(n_kv_heads=2, sliding_window=window)
+  library = dataclasses.replace(base, attention=attention)
   params = _spread_params(base)
   tokens_bt, mask_bt = _left_padded_batch()
   real = mask_bt.astype(bool)
@@ -451,6 +454,8 @@ def test_library_attention_equals_the_blocked_path():
   a, _ = _forward(params, tokens_bt, cfg=base, mask_bt=mask_bt)
   b, _ = _forward(params, tokens_bt, cfg=library, mask_bt=mask_bt)
   np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=1e-5, rtol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda p: transformer.forward(p, tokens_bt, library, mask_bt=mask_bt))(params))
+  assert ("pallas_call" in jaxpr) == (attention == "splash")  # the kernel runs; no silent fallback
   ga, gb = (jax.jit(jax.grad(loss), static_argnums=1)(params, c) for c in (base, library))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=1e-5), ga, gb)
   p = SEQ_LEN - 3
@@ -459,4 +464,30 @@ def test_library_attention_equals_the_blocked_path():
     step, cache = _forward(params, tokens_bt[:, i:i + 1], cfg=library, mask_bt=mask_bt[:, i:i + 1], cache=cache)
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(a[:, i]), atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="no attention dropout"):
-    dataclasses.replace(base, attention="cudnn", dropout_rate=0.1)
+    dataclasses.replace(base, attention=attention, dropout_rate=0.1)
+
+
+def test_splash_attention_on_a_mesh_equals_the_blocked_path_on_one_device():
+  """On a data x fsdp x tensor = 2 x 2 x 2 mesh the kernel runs per device under jax.shard_map (a Mosaic call
+  cannot be partitioned by XLA): batch rows split over data x fsdp, kv heads over tensor; logits and gradients
+  equal one device's blocked attention."""
+  base = _cfg(n_kv_heads=2, sliding_window=4)
+  splash_cfg = dataclasses.replace(base, attention="splash")
+  params = _spread_params(base)
+  tokens_bt, mask_bt = _left_padded_batch()
+  tokens_bt, mask_bt = np.concatenate([tokens_bt, tokens_bt[:1]]), np.concatenate([mask_bt, mask_bt[:1]])  # 4 rows
+  real = mask_bt.astype(bool)
+
+  def loss(p, cfg):
+    logits, _ = transformer.forward(p, tokens_bt, cfg, mask_bt=mask_bt)
+    return jnp.sum(jnp.where(mask_bt[..., None], jax.nn.log_softmax(logits), 0.0) ** 2) * 1e-3
+
+  want, _ = _forward(params, tokens_bt, cfg=base, mask_bt=mask_bt)
+  want_grad = jax.jit(jax.grad(loss), static_argnums=1)(params, base)
+  with sharding.activate(sharding.make_mesh(2, 2, 2), sharding.DEFAULT_RULES):
+    fwd = jax.jit(lambda p: transformer.forward(p, tokens_bt, splash_cfg, mask_bt=mask_bt)[0])
+    assert "shard_map" in str(jax.make_jaxpr(fwd)(params))
+    got, got_grad = fwd(params), jax.jit(jax.grad(loss), static_argnums=1)(params, splash_cfg)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=1e-5),
+               want_grad, got_grad)

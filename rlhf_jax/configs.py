@@ -269,14 +269,17 @@ def mlm_config() -> ConfigDict:
 
 def icl_config() -> ConfigDict:
   """In-context learning (rlhf_jax/stages/icl.py): n_items items of each family, posed with k shots for every k
-  of `ks` in each style ("prompt": the corpus's Q&A completion; "instruction": a chat turn with options) to every
+  of `ks` in each style ("prompt": the corpus's Q&A completion; "instruction": a chat turn with options; "chat": the turn
+  without them) to every
   policy of `policies` present in the workdir, answered greedily with up to max_new_tokens tokens; shots drawn
-  from `seed`. held_out_from: an SFT without `held_out_family` (sft.exclude_families), compared zero-shot with
-  sft_from and with pretrained_from's few-shot accuracy ("" skips it). Not in any default pipeline."""
+  from `seed`. held_out_from: SFTs each without the family at the same place of `held_out_family`
+  (sft.exclude_families), compared zero-shot with sft_from and with pretrained_from's few-shot accuracy (() skips
+  it). Not in any default pipeline."""
   return ConfigDict(dict(
-      stage_dir="icl", policies=("pretrain", "sft", "ppo"), ks=(0, 1, 2, 4, 8), styles=("prompt", "instruction"),
+      stage_dir="icl", policies=("pretrain", "sft", "ppo"), ks=(0, 1, 2, 4, 8),
+      styles=("prompt", "instruction", "chat"),
       families=("fact", "arithmetic", "string", "unanswerable", "harmful"), n_items=48, batch_size=64,
-      max_new_tokens=16, seed=0, held_out_from="", held_out_family="arithmetic", sft_from="sft",
+      max_new_tokens=16, seed=0, held_out_from=(), held_out_family=(), sft_from="sft",
       pretrained_from="pretrain"))
 
 

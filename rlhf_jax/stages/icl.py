@@ -1,5 +1,5 @@
 """In-context learning (GPT-3, arXiv 2005.14165) and the held-out-family test of instruction tuning (FLAN, arXiv
-2109.01652): k-shot accuracy of every policy in `icl.policies`, prompt- and instruction-style.
+2109.01652): k-shot accuracy of every policy in `icl.policies`, prompt-, instruction- and chat-style.
 
 For each family of `icl.families`, the first `icl.n_items` items of rlhf_jax/tasks/icl.py (seeded by `icl.seed`)
 are posed with k shots for every k of `icl.ks`, in each style of `icl.styles`, to each policy present in the
@@ -8,13 +8,14 @@ workdir (a listed stage directory without an export is skipped and named in the 
 is not run; the table counts the rows that were. Prompts longer than the pretraining rows (pretrain.train.seq_len
 + 1) run at positions the model never trained on; the section gives the mean prompt length per (style, k).
 
-Held-out family: with `icl.held_out_from` naming an SFT trained without `icl.held_out_family`
-(sft.exclude_families, experiments/icl), the section compares its zero-shot instruction-style accuracy on that
-family with the full SFT's (`icl.sft_from`) and with the pretrained model's (`icl.pretrained_from`) best few-shot
-accuracy.
+Held-out families: `icl.held_out_from[i]` names an SFT trained without the family `icl.held_out_family[i]`
+(sft.exclude_families, experiments/icl); for each pair the section compares its zero-shot accuracy on that family,
+in every style, with the full SFT's (`icl.sft_from`) and the pretrained model's (`icl.pretrained_from`) zero-shot
+accuracy and with the pretrained model's best few-shot accuracy (any style, k > 0).
 
 WORKDIR/<icl.stage_dir>/{icl.jsonl (every row), icl_accuracy.png, report_section.md, summary.json}; summary keys
-"<policy>.<style>.<family>.k<k>" (gold-correct fraction) and the same with ".exact" (exact match).
+"<policy>.<style>.<family>.k<k>" (gold-correct fraction) and the same with ".exact" (exact match); the held-out
+comparison as "held_out.<family>.<key>" (keys of `held_out`).
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"icl.{field}={ic[field]}: expected >= 1")
   if not list(ic.policies):
     raise ValueError("icl.policies is empty: expected the stage directories of the policies to evaluate")
-  if ic.held_out_from:
-    if ic.held_out_family not in ic.families:
-      raise ValueError(f"icl.held_out_family={ic.held_out_family!r}: expected one of icl.families="
-                       f"{tuple(ic.families)}")
-    if ic.held_out_from not in ic.policies:
-      raise ValueError(f"icl.held_out_from={ic.held_out_from!r}: expected one of icl.policies={tuple(ic.policies)}")
+  held_from, held_family = tuple(ic.held_out_from), tuple(ic.held_out_family)
+  if len(held_from) != len(held_family):
+    raise ValueError(f"icl.held_out_from={held_from} and icl.held_out_family={held_family}: expected one family per "
+                     "held-out SFT (tuples of equal length)")
+  for name, fam in zip(held_from, held_family):
+    if fam not in ic.families:
+      raise ValueError(f"icl.held_out_family={held_family}: {fam!r} is not one of icl.families={tuple(ic.families)}")
+    if name not in ic.policies:
+      raise ValueError(f"icl.held_out_from={held_from}: {name!r} is not one of icl.policies={tuple(ic.policies)}")
 
 
 def _present(workdir: str, names) -> tuple[list[str], list[str]]:
@@ -110,8 +114,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for (family, style, k), acc in table.items():
       summary[f"{name}.{style}.{family}.k{k}"] = acc["correct"]
       summary[f"{name}.{style}.{family}.k{k}.exact"] = acc["exact"]
-  held = held_out(tables, ic) if ic.held_out_from in tables else {}
-  summary.update({f"held_out.{k}": v for k, v in held.items()})
+  held = {fam: held_out(tables, name, fam, ic) for name, fam in zip(ic.held_out_from, ic.held_out_family)
+          if name in tables}
+  summary.update({f"held_out.{fam}.{k}": v for fam, h in held.items() for k, v in h.items()})
   if jax.process_index() == 0:
     with open(os.path.join(stage_dir, "icl.jsonl"), "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -125,19 +130,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def held_out(tables, ic) -> dict[str, float]:
-  """The FLAN comparison on icl.held_out_family: the held-out SFT's zero-shot instruction-style accuracy against
-  the full SFT's and the pretrained model's best few-shot (prompt-style, k > 0) accuracy."""
-  fam = ic.held_out_family
-  get = lambda name, style, k: tables.get(name, {}).get((fam, style, k), {}).get("correct", float("nan"))  # noqa: E731
-  out = {"zero_shot": get(ic.held_out_from, "instruction", 0), "zero_shot_prompt": get(ic.held_out_from, "prompt", 0),
-         "sft_zero_shot": get(ic.sft_from, "instruction", 0)}
-  few = {k: a["correct"] for (f, style, k), a in tables.get(ic.pretrained_from, {}).items()
-         if f == fam and style == "prompt" and k > 0}
+def held_out(tables, name: str, fam: str, ic) -> dict[str, float]:
+  """The FLAN comparison on one family `fam` left out of the SFT `name`: zero-shot accuracy per style of `name`
+  ("<style>.zero_shot"), of the full SFT ("<style>.sft_zero_shot") and of the pretrained model
+  ("<style>.pretrained_zero_shot"), and the pretrained model's best few-shot accuracy over every style and k > 0
+  ("pretrained_best_few_shot", at "pretrained_best_k"; its style is the summary's "pretrained_best_style")."""
+  get = lambda policy, style, k: tables.get(policy, {}).get((fam, style, k), {}).get("correct", float("nan"))  # noqa: E731
+  out: dict[str, Any] = {}
+  for style in ic.styles:
+    out[f"{style}.zero_shot"] = get(name, style, 0)
+    out[f"{style}.sft_zero_shot"] = get(ic.sft_from, style, 0)
+    out[f"{style}.pretrained_zero_shot"] = get(ic.pretrained_from, style, 0)
+  few = {(style, k): a["correct"] for (f, style, k), a in tables.get(ic.pretrained_from, {}).items()
+         if f == fam and k > 0}
   if few:
-    best = max(few, key=lambda k: few[k])
-    out.update({"pretrained_best_few_shot": few[best], "pretrained_best_k": float(best)})
-  out["pretrained_zero_shot"] = get(ic.pretrained_from, "prompt", 0)
+    best = max(few, key=lambda sk: few[sk])
+    out.update({"pretrained_best_few_shot": few[best], "pretrained_best_k": float(best[1]),
+                "pretrained_best_style": best[0]})
   return out
 
 
@@ -174,7 +183,8 @@ def section(tables, ks, styles, families, lengths_by, held, missing, config, has
   lines = ["## In-context learning: accuracy against the number of shots", "",
            f"{ic.n_items} items per family (rlhf_jax/tasks/icl.py), greedy answers; each cell is the gold scorer's "
            "correct fraction with the exact-match fraction in brackets. Prompt-style: the corpus's \"Q: ...\\nA:\" "
-           "completion; instruction-style: a chat turn with four options (none for harmful). Unanswerable and "
+           "completion; instruction-style: a chat turn with four options (none for harmful); chat-style: the same turn "
+           "without options, the SFT demonstrations' own form. Unanswerable and "
            "harmful answer with a fixed phrase, so their shots show the answer: there the number is whether the "
            "policy takes the behaviour up from the shots.", ""]
   if has_plot:
@@ -196,18 +206,18 @@ def section(tables, ks, styles, families, lengths_by, held, missing, config, has
   for style in styles:
     lines.append(f"| {style} | " + " | ".join(
         f"{lengths_by[(style, k)][0]:.0f} ({lengths_by[(style, k)][1]})" for k in ks) + " |")
-  if held:
-    fam = ic.held_out_family
+  held_names = dict(zip(ic.held_out_family, ic.held_out_from))
+  for fam, h in held.items():
+    name = held_names[fam]
     lines += ["", f"### Held-out family (FLAN): {fam}", "",
-              f"WORKDIR/{ic.held_out_from} is SFT without any {fam} demonstration (sft.exclude_families).", "",
-              "| model | setting | correct |", "|---|---|---|",
-              f"| {ic.held_out_from} | zero-shot, instruction | {held['zero_shot']:.3f} |",
-              f"| {ic.held_out_from} | zero-shot, prompt | {held['zero_shot_prompt']:.3f} |",
-              f"| {ic.sft_from} | zero-shot, instruction | {held['sft_zero_shot']:.3f} |",
-              f"| {ic.pretrained_from} | zero-shot, prompt | {held['pretrained_zero_shot']:.3f} |"]
-    if "pretrained_best_few_shot" in held:
-      lines.append(f"| {ic.pretrained_from} | best few-shot (k={int(held['pretrained_best_k'])}), prompt | "
-                   f"{held['pretrained_best_few_shot']:.3f} |")
+              f"WORKDIR/{name} is SFT without any {fam} demonstration (sft.exclude_families); zero-shot, the "
+              f"correct fraction on the {fam} items:", "",
+              f"| style | {name} | {ic.sft_from} (every family) | {ic.pretrained_from} |", "|---|---|---|---|"]
+    lines += [f"| {style} | {h[f'{style}.zero_shot']:.3f} | {h[f'{style}.sft_zero_shot']:.3f} | "
+              f"{h[f'{style}.pretrained_zero_shot']:.3f} |" for style in styles]
+    if "pretrained_best_few_shot" in h:
+      lines += ["", f"{ic.pretrained_from}'s best few-shot: {h['pretrained_best_few_shot']:.3f} "
+                f"({h['pretrained_best_style']}, k={int(h['pretrained_best_k'])})."]
   if missing:
     lines += ["", f"Not evaluated (no export in the workdir): {', '.join(missing)}."]
   return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ An `Item` is one question of a task family with its target answer:
   shot of these families shows the query's answer by construction; their accuracy measures whether a model
   takes up a behaviour from the shots, not whether it recalls something (`ANSWER_FAMILIES` are the others).
 
-Two styles pose the same item (GPT-3's completion prompts against FLAN's instructions, arXiv 2109.01652):
+Three styles pose the same item (GPT-3's completion prompts against FLAN's instructions, arXiv 2109.01652):
 - "prompt": a raw completion in the pretraining corpus's own forum format (`language.QA_FORMATS[0]`), k shots
   "Q: ...\\nA: <answer>" joined by newlines as the corpus joins them, then "Q: <question>\\nA:"; the answer is
   the completion's first line.
@@ -15,6 +15,8 @@ Two styles pose the same item (GPT-3's completion prompts against FLAN's instruc
   with one of: o1, o2, o3, o4." (the answer and three distractors, in a seeded order; harmful requests get no
   options), the assistant's shot answers the demonstrator's short form ("Blue.", "12.", "tac."); the answer is
   the reply's first line.
+- "chat": the same chat without the options: the question alone as the user turn, the form of every SFT
+  demonstration, so a policy's zero-shot chat answer is what instruction tuning taught it (the FLAN test's form).
 
 Shots come from the family's whole prompt space (`World.prompt_space`), drawn by a seeded permutation per query
 (nested: the 2 shots of k=2 are the first 2 of k=8), never the query's own task (in any phrasing) and, in the
@@ -40,7 +42,7 @@ from rlhf_jax.tasks import language as lang
 from rlhf_jax.tasks.gold import GoldScorer
 from rlhf_jax.tasks.world import FAMILIES, Task, World
 
-STYLES = ("prompt", "instruction")
+STYLES = ("prompt", "instruction", "chat")
 ANSWER_FAMILIES = ("fact", "arithmetic", "string")  # item-specific answers; the others answer with a fixed phrase
 N_OPTIONS = 4
 OPTIONS_PREFIX = "Answer with one of:"
@@ -172,12 +174,14 @@ def prompt_style(query: Item, shots: Sequence[Item]) -> str:
   return "\n".join(lines)
 
 
-def instruction_style(query: Item, shots: Sequence[Item]) -> list[dict[str, str]]:
-  """Chat turns: each shot as a (user, assistant) pair, then the query's user turn."""
+def instruction_style(query: Item, shots: Sequence[Item], *, options: bool = True) -> list[dict[str, str]]:
+  """Chat turns: each shot as a (user, assistant) pair, then the query's user turn; the user turns carry the
+  options unless options=False (the "chat" style)."""
+  user = instruction_text if options else (lambda item: item.question)
   turns = []
   for s in shots:
-    turns += [{"role": "user", "content": instruction_text(s)}, {"role": "assistant", "content": short_answer(s)}]
-  return turns + [{"role": "user", "content": instruction_text(query)}]
+    turns += [{"role": "user", "content": user(s)}, {"role": "assistant", "content": short_answer(s)}]
+  return turns + [{"role": "user", "content": user(query)}]
 
 
 def extract(completion: str) -> str:
@@ -205,7 +209,7 @@ def score(item: Item, completion: str, gold: GoldScorer) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class Query:
   """One row to generate: an item posed in a style with k shots. `text` is the prompt-style string (None for
-  instruction style), `turns` the instruction-style chat (None for prompt style)."""
+  the chat styles), `turns` the instruction- or chat-style turns (None for prompt style)."""
 
   family: str
   style: str
@@ -218,7 +222,7 @@ class Query:
 
 def queries(items_by_family: Mapping[str, Sequence[Item]], pools: Mapping[str, Sequence[Item]], ks: Sequence[int],
             styles: Sequence[str], seed: int) -> list[Query]:
-  """Every (family, style, k, item) row, the same shots in both styles for one (item, k)."""
+  """Every (family, style, k, item) row, the same shots in every style for one (item, k)."""
   bad = sorted(set(styles) - set(STYLES))
   if bad:
     raise ValueError(f"icl.styles: {bad}; expected some of {STYLES}")
@@ -231,7 +235,8 @@ def queries(items_by_family: Mapping[str, Sequence[Item]], pools: Mapping[str, S
           if style == "prompt":
             out.append(Query(family, style, k, i, item, text=prompt_style(item, shots)))
           else:
-            out.append(Query(family, style, k, i, item, turns=tuple(instruction_style(item, shots))))
+            turns = instruction_style(item, shots, options=style == "instruction")
+            out.append(Query(family, style, k, i, item, turns=tuple(turns)))
   return out
 
 

@@ -1,5 +1,5 @@
 """The icl stage end to end on the shared tiny reference run (its data, pretrained, SFT and PPO policies), after a
-two-step SFT without arithmetic (sft:noarith): every row scored as tasks/icl scores it, the summary the mean of
+two-step SFT without arithmetic and one without strings (sft:noarith, sft:nostring): every row scored as tasks/icl scores it, the summary the mean of
 the rows, a batched greedy answer equal to the same prompt decoded alone; the preflight's errors."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rlhf_jax.evals import icl as icl_evals
 from rlhf_jax.tasks import icl, suite
 from rlhf_jax.tasks.gold import GoldScorer
 
-POLICIES = ("pretrain", "sft", "sft_noarith", "ppo")
+POLICIES = ("pretrain", "sft", "sft_noarith", "sft_nostring", "ppo")
 
 
 def _config():
@@ -28,7 +28,7 @@ def _config():
   c.eval.n_prompts, c.eval.batch_size = 8, 8
   c.icl.n_items, c.icl.ks, c.icl.batch_size, c.icl.max_new_tokens = 2, (0, 1), 8, 8
   c.checkpoint.save_every = 100
-  c.stages = ("sft:noarith", "icl")
+  c.stages = ("sft:noarith", "sft:nostring", "icl")
   return c
 
 
@@ -47,7 +47,7 @@ def test_every_row_is_scored_and_the_summary_is_their_mean(run):
     s = json.load(f)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "icl", "icl.jsonl"))]
   assert s["policies"] == ",".join(POLICIES) and s["missing"] == ""
-  assert s["n_queries"] == 5 * 2 * 2 * 2 and len(rows) == len(POLICIES) * s["n_run"] > 0
+  assert s["n_queries"] == 5 * 2 * 2 * len(icl.STYLES) and len(rows) == len(POLICIES) * s["n_run"] > 0
   world = suite.make_world(config.seed, suite.DataConfig.from_config(config.data))
   gold = GoldScorer(world)
   items = {(f, i): it for f in config.icl.families for i, it in enumerate(icl.family_items(world, f, 0)[:2])}
@@ -66,10 +66,16 @@ def test_every_row_is_scored_and_the_summary_is_their_mean(run):
             continue
           np.testing.assert_allclose(s[key], np.mean([r["correct"] for r in sel]))
           np.testing.assert_allclose(s[f"{key}.exact"], np.mean([r["exact"] for r in sel]))
-  np.testing.assert_allclose(s["held_out.zero_shot"], s["sft_noarith.instruction.arithmetic.k0"])
-  np.testing.assert_allclose(s["held_out.sft_zero_shot"], s["sft.instruction.arithmetic.k0"])
   section = open(os.path.join(workdir, "icl", "report_section.md")).read()
-  assert section.startswith("## In-context learning") and "### Held-out family (FLAN): arithmetic" in section
+  assert section.startswith("## In-context learning")
+  for name, fam in (("sft_noarith", "arithmetic"), ("sft_nostring", "string")):
+    assert f"### Held-out family (FLAN): {fam}" in section
+    for style in icl.STYLES:
+      np.testing.assert_allclose(s[f"held_out.{fam}.{style}.zero_shot"], s.get(f"{name}.{style}.{fam}.k0", np.nan))
+      np.testing.assert_allclose(s[f"held_out.{fam}.{style}.sft_zero_shot"], s.get(f"sft.{style}.{fam}.k0", np.nan))
+    few = [s[f"pretrain.{st}.{fam}.k1"] for st in icl.STYLES if f"pretrain.{st}.{fam}.k1" in s]  # tiny: k = 0, 1
+    if few:
+      np.testing.assert_allclose(s[f"held_out.{fam}.pretrained_best_few_shot"], max(few))
   assert os.path.getsize(os.path.join(workdir, "icl", "icl_accuracy.png")) > 0
   assert summary["icl.n_run"] == s["n_run"]
   with open(os.path.join(workdir, "sft_noarith", "summary.json")) as f:
@@ -100,8 +106,9 @@ def test_a_batched_greedy_answer_is_the_prompt_decoded_alone(run):
 
 @pytest.mark.parametrize("field,value,message", [
     ("icl.ks", (0, -1), r"icl.ks=\(0, -1\): expected distinct shot counts >= 0"),
-    ("icl.styles", ("chat",), r"icl.styles=\('chat',\): expected some of \('prompt', 'instruction'\)"),
-    ("icl.held_out_family", "maths", r"icl.held_out_family='maths': expected one of icl.families"),
+    ("icl.styles", ("dialogue",), r"icl.styles=\('dialogue',\): expected some of \('prompt', 'instruction', 'chat'\)"),
+    ("icl.held_out_family", ("maths", "string"), r"'maths' is not one of icl.families"),
+    ("icl.held_out_family", ("string",), r"expected one family per held-out SFT"),
     ("icl.policies", (), r"icl.policies is empty"),
     ("sft.exclude_families", ("maths",), r"sft.exclude_families=\('maths',\): expected some \(not all\) of"),
 ])

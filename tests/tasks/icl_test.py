@@ -39,7 +39,7 @@ def test_shots_never_hold_the_query_or_its_answer_and_are_seeded_and_nested(worl
   pool = pools[family]
   items = pool[:12]
   qs = icl.queries({family: items}, pools, KS, icl.STYLES, seed=11)
-  assert len(qs) == len(items) * len(KS) * 2
+  assert len(qs) == len(items) * len(KS) * 3
   gold = GoldScorer(world)
   for q in qs:
     if q.style != "prompt":
@@ -62,6 +62,11 @@ def test_shots_never_hold_the_query_or_its_answer_and_are_seeded_and_nested(worl
       users = [t["content"] for t in q.turns if t["role"] == "user"]
       assert len(q.turns) == 2 * k + 1 and q.turns[-1]["role"] == "user"
       assert [u.split(f" {icl.OPTIONS_PREFIX}")[0] for u in users[:-1]] == [s for s, _ in shots]
+      # Chat style: the same turns without the options; the assistant turns are the same short answers.
+      chat = by_key[(i, k, "chat")].turns
+      assert [t["content"] for t in chat if t["role"] == "user"] == [s for s, _ in shots] + [q.item.question]
+      assert [t for t in chat if t["role"] == "assistant"] == [t for t in q.turns if t["role"] == "assistant"]
+      assert all(icl.OPTIONS_PREFIX not in t["content"] for t in chat)
   # Nested in k and deterministic in the seed; another seed draws other shots.
   for i, item in enumerate(items):
     eight = icl.draw_shots(pool, item, 8, 11, i)
@@ -137,7 +142,7 @@ def test_accuracy_table_is_the_mean_per_family_style_and_k():
   rows = [{"family": f, "style": s, "k": k, "exact": bool(rng.random() < 0.3), "correct": bool(rng.random() < 0.6)}
           for f in ("fact", "string") for s in icl.STYLES for k in (0, 2) for _ in range(7)]
   table = icl.accuracy_table(rows)
-  assert len(table) == 8
+  assert len(table) == 2 * len(icl.STYLES) * 2
   for (f, s, k), acc in table.items():
     sel = [r for r in rows if (r["family"], r["style"], r["k"]) == (f, s, k)]
     assert acc["n"] == 7

@@ -187,6 +187,9 @@ def rm_config() -> ConfigDict:
       # responses, 0 = off (experiments/papers/rm_proxy.py).
       score_at="eos", lm_coef=0.0,
       seed_offset=0,  # > 0: another head initialisation and data order (the members of an RM ensemble)
+      # labels: "labelers" (their rankings) or "gold": the training comparisons' responses re-ranked by the gold
+      # scorer (ties give no pair), an oracle-label RM on the same data (experiments/papers/rm_proxy.py)
+      labels="labelers",
       # > 0: train on the first N prompts' comparisons only (the shared comparisons are sampled once a workdir)
       max_train_prompts=0,
       collected=(),  # with source="collected": the collect stage directories whose comparisons it trains on

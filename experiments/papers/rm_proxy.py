@@ -14,6 +14,9 @@ with the shared RM's optimizer and epochs; only the named field differs:
   rm_lm        rm.lm_coef=0.5: an auxiliary next-token loss on the responses (Askell et al. 2021)
   rm_s1, rm_s2 rm.seed_offset 1 and 2: other head initialisations and data orders; with `rm`, the mean ensemble
                rm+rm_s1+rm_s2 (Coste et al. 2023), evaluated by best-of-n only (PPO takes one RM)
+  rm_gold      rm.labels="gold": the same prompts and responses ranked by the gold scorer instead of the noisy
+               labelers (ties give no pair): the ceiling of this data and RM size with perfect labels, which says
+               whether the labels' noise or the amount of data and the RM's capacity hold the proxy back
 and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM. The papers stage
 (WORKDIR/papers_rm_proxy) writes the table and one verdict per row.
 
@@ -23,7 +26,7 @@ accelerator preset has such RMs), and more comparisons (the shared comparisons a
 a larger set needs its own workdir: `--experiment.rm.n_prompts`).
 
 Presets:
-  cpu          the small pipeline; five extra RMs (4 epochs of 1000 prompts each) and three PPO runs (40
+  cpu          the small pipeline; six extra RMs (4 epochs of 1000 prompts each) and four PPO runs (40
                iterations, the shared `ppo`'s settings).
   accelerator  the same runs, best-of-64 too.
   tiny         the tiny pipeline, 2 PPO iterations: a smoke test.
@@ -40,7 +43,8 @@ PRESETS = ("cpu", "accelerator", "tiny")
 
 # name -> the rm fields it changes; PPO runs against the ones marked True.
 RMS = {"rm_last": ({"score_at": "last"}, True), "rm_mean": ({"score_at": "mean"}, True),
-       "rm_lm": ({"lm_coef": 0.5}, True), "rm_s1": ({"seed_offset": 1}, False), "rm_s2": ({"seed_offset": 2}, False)}
+       "rm_lm": ({"lm_coef": 0.5}, True), "rm_s1": ({"seed_offset": 1}, False), "rm_s2": ({"seed_offset": 2}, False),
+       "rm_gold": ({"labels": "gold"}, True)}
 
 
 def get_config(arg: str | None = None):

@@ -91,6 +91,21 @@ def rating_targets(ranks: Sequence[int], method: str) -> np.ndarray:
   return ((x - x.mean()) / std if std > 0 else np.zeros_like(x)).astype(np.float32)
 
 
+def gold_ranks(gold: Sequence[float]) -> list[int]:
+  """Ranks (0 = best) of the gold scores: equal scores share a rank, so their pair gives no comparison."""
+  distinct = sorted(set(float(g) for g in gold), reverse=True)
+  return [distinct.index(float(g)) for g in gold]
+
+
+def relabel_by_gold(comps: Sequence[Comparison]) -> None:
+  """Replaces each comparison's ranks by its responses' gold ranks (noiseless labels: rm.labels="gold")."""
+  for i, c in enumerate(comps):
+    if c.gold is None:
+      raise ValueError(f"rm.labels='gold': comparison {i} has no gold scores (comparisons from a user's file or "
+                       "an old workdir carry none); expected the simulated labelers' comparisons")
+    c.ranks = gold_ranks(c.gold)
+
+
 def set_rating_targets(comps: Sequence[Comparison], method: str) -> None:
   """Sets each comparison's `target` (rating_targets of its ranks): group batches then carry "target"."""
   for c in comps:

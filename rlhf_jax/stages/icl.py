@@ -130,7 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def held_out(tables, name: str, fam: str, ic) -> dict[str, float]:
+def held_out(tables, name: str, fam: str, ic) -> dict[str, Any]:
   """The FLAN comparison on one family `fam` left out of the SFT `name`: zero-shot accuracy per style of `name`
   ("<style>.zero_shot"), of the full SFT ("<style>.sft_zero_shot") and of the pretrained model
   ("<style>.pretrained_zero_shot"), and the pretrained model's best few-shot accuracy over every style and k > 0

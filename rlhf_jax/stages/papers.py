@@ -524,9 +524,9 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   ns = sorted(n for n in pc.best_of_n if n > 1)
   names = rms + ["+".join(e) for e in ensembles]
   summary: dict[str, float] = {}
-  head = ["| reward model | score at | LM coef | clear-pair gold accuracy | labeler accuracy |",
+  head = ["| reward model | score at | LM coef | labels | clear-pair gold accuracy | labeler accuracy |",
           *[f" best-of-{n} share of the oracle's gain |" for n in ns], " PPO gold | PPO win rate vs SFT | PPO KL |"]
-  table = ["".join(head), "|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
+  table = ["".join(head), "|---|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
   verdicts = []
   for i, name in enumerate(names):
     curve = curves[i]
@@ -536,7 +536,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     acc = s.get("val_gold_accuracy_clear", float("nan"))
     lab = s.get("val_accuracy", float("nan"))
     row = [name, str(s.get("score_at", "eos")) if member else "mean of members",
-           f"{s.get('lm_coef', 0.0):g}" if member else "", f"{acc:.3f}" if member else "",
+           f"{s.get('lm_coef', 0.0):g}" if member else "", str(s.get("labels", "labelers")) if member else "",
+           f"{acc:.3f}" if member else "",
            f"{lab:.3f}" if member else ""]
     key = name.replace("+", "_")
     if member:

@@ -63,6 +63,9 @@ def check(config: ml_collections.ConfigDict) -> None:
                      f"(got {rc.model_size!r})")
   runtime.check_choice(rc.target, "rm.target", ("rankings", *comparisons.RATING_TARGETS))
   runtime.check_choice(rc.score_at, "rm.score_at", heads.SCORE_AT)
+  runtime.check_choice(rc.labels, "rm.labels", ("labelers", "gold"))
+  if rc.labels == "gold" and sources.on_user_data(config):
+    raise ValueError("rm.labels='gold' re-ranks by the task suite's gold scorer; a user's comparison file has none")
   if not isinstance(rc.max_train_prompts, int) or rc.max_train_prompts < 0:
     raise ValueError(f"rm.max_train_prompts must be an int >= 0 (0 = every comparison), got {rc.max_train_prompts!r}")
   if not isinstance(rc.seed_offset, int) or rc.seed_offset < 0:
@@ -127,6 +130,25 @@ def val_ranking_loss(comps, rewards) -> float:
   return float(np.mean(per_prompt)) if per_prompt else float("nan")
 
 
+def training_comparisons(train: list, rc) -> list:
+  """The comparisons the RM trains on: the first rm.max_train_prompts (0: all; Gao et al.'s comparison-set
+  sizes), re-ranked by the gold scorer with rm.labels="gold" (the same prompts and responses, noiseless labels),
+  with rating targets for rm.target != "rankings"."""
+  if rc.max_train_prompts:
+    if rc.max_train_prompts > len(train):
+      raise ValueError(f"rm.max_train_prompts={rc.max_train_prompts}: only {len(train)} training comparisons exist "
+                       "(rm.n_prompts, or the file's records)")
+    train = train[:rc.max_train_prompts]
+  if rc.labels == "gold":
+    comparisons.relabel_by_gold(train)
+    if not any(comparisons.num_strict_pairs(c.ranks) for c in train):
+      raise ValueError(f"rm.labels='gold': the gold scorer ties every response of all {len(train)} training "
+                       "comparisons, so there is no pair to train on; expected responses of different quality")
+  if rc.target != "rankings":
+    comparisons.set_rating_targets(train, rc.target)
+  return train
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The stage.
 
@@ -145,13 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"rm.seq_len={rc.seq_len} exceeds the reward model's max_len={model_cfg.max_len}")
 
   train, val, n_truncated, _, val_records = feedback.tokenized(config, workdir, tok)
-  if rc.max_train_prompts:  # the first N prompts' comparisons (Gao et al.'s comparison-set sizes)
-    if rc.max_train_prompts > len(train):
-      raise ValueError(f"rm.max_train_prompts={rc.max_train_prompts}: only {len(train)} training comparisons exist "
-                       "(rm.n_prompts, or the file's records)")
-    train = train[:rc.max_train_prompts]
-  if rc.target != "rankings":
-    comparisons.set_rating_targets(train, rc.target)
+  train = training_comparisons(train, rc)
   k = max(len(c.ranks) for c in train + val)
   groups = comparisons.make_groups(train, grouping=rc.grouping, pair_weighting=rc.pair_weighting)
   group_k = k if rc.grouping == "prompt" else 2
@@ -260,6 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {"step": steps, **final, "norm_gain": 1.0 / std, "norm_bias": -mean / std, "raw_score_mean": mean,
              "raw_score_std": std, "n_train_comparisons": len(train), "n_train_groups": len(groups),
              "n_truncated": n_truncated, "grouping": rc.grouping, "score_at": rc.score_at, "lm_coef": rc.lm_coef,
+             "labels": rc.labels, "n_train_pairs": sum(comparisons.num_strict_pairs(c.ranks) for c in train),
              "wall_s": time.time() - t0}
   if rc.target != "rankings":
     summary["target"] = rc.target

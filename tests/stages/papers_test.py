@@ -135,6 +135,9 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   s_rm = json.load(open(os.path.join(wd, "rm_mean", "summary.json")))
   assert s_rm["score_at"] == "mean" and s_rm["lm_coef"] == 0.5
   assert s_rm["n_train_comparisons"] == 10  # rm.max_train_prompts: the first 10 of the shared comparisons
+  # The labelers rank without ties: every comparison gives all its C(K, 2) pairs (rm.labels="gold" is not run
+  # here: the tiny SFT's samples all score the same gold, so gold labels leave no pair; rm_test has its test).
+  assert s_rm["labels"] == "labelers" and s_rm["n_train_pairs"] >= 10 * 6
   rows = [json.loads(line) for line in open(os.path.join(wd, "rm_mean", "metrics.jsonl"))]
   assert any(np.isfinite(r.get("lm_loss", np.nan)) for r in rows)
   proc = stage_runner.run(wd, cache_dir=cache, base_flags=(
@@ -158,7 +161,7 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   assert s["rm_ppo_gold_score"] == pytest.approx(ref["ppo.gold_score"], abs=1e-9)
   assert "rm_mean_ppo_gold_score" not in s
   text = open(os.path.join(wd, "papers_rm_proxy", papers.SECTION_FILE)).read()
-  assert "| rm_mean | mean | 0.5 |" in text and "| rm+rm_mean | mean of members |" in text
+  assert "| rm_mean | mean | 0.5 | labelers |" in text and "| rm+rm_mean | mean of members |" in text
   assert s["n_verdicts"] == 3  # rm, rm_mean and their ensemble
   shutil.rmtree(wd)
 

@@ -1,11 +1,13 @@
 """Reward-model data arrangement and loss: grouped (InstructGPT) vs shuffled pairs, normalisation, metrics."""
 
+import copy
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from rlhf_jax import feedback, losses, sharding, tokenizers, training
 from rlhf_jax.data import comparisons
@@ -269,3 +271,31 @@ def test_reward_model_exports_load_with_and_without_read(tmp_path):
                                np.asarray(heads.group_rewards(params, gb, CFG)), rtol=1e-6)
   with pytest.raises(ValueError, match="score_at"):  # transformers' classifier reads the last token only
     hf.save_hf(loaded, CFG, str(tmp_path / "hf"), kind="reward", pad_token_id=TOK.pad_id)
+
+
+def test_gold_labels_rank_by_the_gold_scores_with_ties_and_keep_the_subset():
+  """rm.labels="gold": each training comparison re-ranked by its gold scores (scipy's dense ranks; equal gold
+  is a tie, which gives no pair), after rm.max_train_prompts; comparisons without gold scores are named."""
+  rng = np.random.default_rng(3)
+  comps = []
+  for _ in range(12):
+    k = int(rng.integers(4, 10))
+    gold = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], size=k)  # few values: ties in most comparisons
+    comps.append(comparisons.Comparison([1], [[2, 3]] * k, list(rng.permutation(k)), gold=list(gold)))
+  rc = experiments.config("instructgpt", "tiny").rm
+  rc.labels, rc.max_train_prompts = "gold", 9
+  original = [list(c.ranks) for c in comps]
+  train = rm_stage.training_comparisons(copy.deepcopy(comps), rc)
+  assert len(train) == 9
+  for c in train:
+    want = scipy.stats.rankdata(-np.asarray(c.gold), method="dense") - 1
+    np.testing.assert_array_equal(c.ranks, want)
+    ties = sum(a == b for a, b in itertools.combinations(c.gold, 2))
+    assert comparisons.num_strict_pairs(c.ranks) == len(c.gold) * (len(c.gold) - 1) // 2 - ties
+  with pytest.raises(ValueError, match="rm.labels='gold': comparison 0 has no gold scores"):
+    comparisons.relabel_by_gold([comparisons.Comparison([1], [[2], [3]], [0, 1])])
+  tied, rc.max_train_prompts = [comparisons.Comparison([1], [[2], [3]], [1, 0], gold=[-2.0, -2.0])], 0
+  with pytest.raises(ValueError, match="rm.labels='gold': the gold scorer ties every response of all 1 training"):
+    rm_stage.training_comparisons(tied, rc)
+  rc.labels, rc.max_train_prompts = "labelers", 9
+  assert [c.ranks for c in rm_stage.training_comparisons(copy.deepcopy(comps), rc)] == original[:9]

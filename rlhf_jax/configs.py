@@ -210,7 +210,9 @@ def ppo_config(ptx_coef: float = 0.0) -> ConfigDict:
   """
   return ConfigDict(dict(
       # ref_from: the KL's (and the evaluation's) reference policy, "" = init_from's (online rounds: "sft").
-      stage_dir="ppo", init_from="sft", rm_from="rm", ref_from="", value_init="rm", algorithm="ppo",
+      # rm_ensemble: more reward-model stage directories; the reward is then the mean of their and rm_from's
+      # normalised scores (Coste et al. 2023), the value model still rm_from's.
+      stage_dir="ppo", init_from="sft", rm_from="rm", rm_ensemble=(), ref_from="", value_init="rm", algorithm="ppo",
       iterations=100, batch_size=64, n_minibatches=4, epochs=4, min_whiten=8, group_size=1,
       max_prompt_len=64, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
       clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,

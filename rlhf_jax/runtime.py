@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from rlhf_jax.data import sources
 from rlhf_jax.evals import judge as judge_lib
 from rlhf_jax.evals import lm as lm_evals
 from rlhf_jax.evals import policy as policy_evals
-from rlhf_jax.models import hf, transformer
+from rlhf_jax.models import heads, hf, transformer
 
 
 def stage_dir(config: ml_collections.ConfigDict, workdir: str, block: str) -> str:
@@ -110,11 +111,30 @@ def load_policy(workdir: str, name: str, mesh, rules, *, expect: transformer.Mod
 
 def load_reward_model(workdir: str, name: str, mesh, rules, *, field: str):
   """(params, model config) of the reward model WORKDIR/<name> exported; another kind of export is an error."""
+  if not os.path.exists(os.path.join(workdir, name, training.EXPORT_MANIFEST)):
+    raise ValueError(f"{field}={name!r}: {os.path.join(workdir, name)} holds no finished reward model; run the "
+                     "stage that trains it first")
   params, cfg, manifest = training.load_export(os.path.join(workdir, name), mesh, rules)
   if manifest["kind"] != "reward_model":
     raise ValueError(f"{field}={name!r}: {os.path.join(workdir, name)} holds a {manifest['kind']}, not a reward "
                      "model")
   return params, cfg
+
+
+def load_reward_models(workdir: str, names: Sequence[str], mesh, rules, *, field: str):
+  """(scoring params, model config, the first model's params): the reward model WORKDIR/<names[0]>, or with more
+  names the mean ensemble of all of them (heads.ensemble), which must share one config and parameter tree."""
+  first, cfg = load_reward_model(workdir, names[0], mesh, rules, field=field)
+  if len(names) == 1:
+    return first, cfg, first
+  members = [first]
+  for name in names[1:]:
+    params, member_cfg = load_reward_model(workdir, name, mesh, rules, field=field)
+    if member_cfg != cfg or jax.tree.structure(params) != jax.tree.structure(first):
+      raise ValueError(f"{field}: {name!r} is not the same kind of reward model as {names[0]!r} (model config equal: "
+                       f"{member_cfg == cfg}; an ensemble's members need one config and the same rm.score_at)")
+    members.append(params)
+  return heads.ensemble(members), cfg, first
 
 
 def check_judge(config) -> None:

@@ -13,11 +13,12 @@ with the shared RM's optimizer and epochs; only the named field differs:
   rm_mean      rm.score_at="mean": the head's mean over the response tokens
   rm_lm        rm.lm_coef=0.5: an auxiliary next-token loss on the responses (Askell et al. 2021)
   rm_s1, rm_s2 rm.seed_offset 1 and 2: other head initialisations and data orders; with `rm`, the mean ensemble
-               rm+rm_s1+rm_s2 (Coste et al. 2023), evaluated by best-of-n only (PPO takes one RM)
+               rm+rm_s1+rm_s2 (Coste et al. 2023), by best-of-n and by a PPO run whose reward is the
+               ensemble's mean score (ppo.rm_ensemble)
   rm_gold      rm.labels="gold": the same prompts and responses ranked by the gold scorer instead of the noisy
                labelers (ties give no pair): the ceiling of this data and RM size with perfect labels, which says
                whether the labels' noise or the amount of data and the RM's capacity hold the proxy back
-and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM. The papers stage
+and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM and the ensemble. The papers stage
 (WORKDIR/papers_rm_proxy) writes the table and one verdict per row.
 
 Not here: an RM larger than the policy (only the policy-sized RM starts from a pretrained model in this pipeline:
@@ -26,7 +27,7 @@ accelerator preset has such RMs), and more comparisons (the shared comparisons a
 a larger set needs its own workdir: `--experiment.rm.n_prompts`).
 
 Presets:
-  cpu          the small pipeline; six extra RMs (4 epochs of 1000 prompts each) and four PPO runs (40
+  cpu          the small pipeline; six extra RMs (4 epochs of 1000 prompts each) and five PPO runs (40
                iterations, the shared `ppo`'s settings).
   accelerator  the same runs, best-of-64 too.
   tiny         the tiny pipeline, 2 PPO iterations: a smoke test.
@@ -69,8 +70,12 @@ def get_config(arg: str | None = None):
   c.papers.stage_dir = "papers_rm_proxy"
   c.papers.experiment = "rm_proxy"
   c.papers.rms = tuple(rms)
-  c.papers.runs = tuple(runs)
   c.papers.ensembles = ((c.rm.stage_dir, "rm_s1", "rm_s2"),)
+  # PPO against the mean ensemble (ppo.rm_ensemble): its row is the first after the single RMs.
+  c.variants["ppo_ensemble"] = {"ppo": {"stage_dir": "ppo_ensemble", "rm_ensemble": ("rm_s1", "rm_s2")},
+                                "eval": no_bon}
+  ppo_stages.append("ppo:ppo_ensemble")
+  c.papers.runs = (*runs, "ppo_ensemble")
   c.papers.best_of_n = {"cpu": (1, 4, 16), "accelerator": (1, 4, 16, 64), "tiny": (1, 2, 4)}[preset]
   c.stages = ("data", "pretrain", "sft", "rm", *rm_stages, "ppo", *ppo_stages, "papers", "report")
   return c

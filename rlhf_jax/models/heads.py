@@ -11,6 +11,7 @@ that predict each response token.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -100,8 +101,20 @@ def raw_scores(rm_params, tokens_bt: jax.Array, mask_bt: jax.Array, model_cfg: M
   return (r_b, h_btd) if with_hidden else r_b
 
 
+def ensemble(members: Sequence[Params]) -> Params:
+  """A mean ensemble of reward models of one config and parameter tree (Coste et al. 2023): {"members": each
+  leaf stacked on a leading axis}; `scores` of it is the mean of the members' normalised scores."""
+  if len(members) < 2:
+    raise ValueError(f"an ensemble needs at least 2 reward models, got {len(members)}")
+  return {"members": jax.tree.map(lambda *xs: jnp.stack(xs), *members)}
+
+
 def scores(rm_params, tokens_bt, mask_bt, model_cfg: ModelConfig, response_bt=None) -> jax.Array:
-  """Normalised reward [b]: gain * raw + bias (mean 0, std 1 on SFT-policy samples)."""
+  """Normalised reward [b]: gain * raw + bias (mean 0, std 1 on SFT-policy samples); of an `ensemble`, the mean
+  of its members' normalised rewards."""
+  if "members" in rm_params:
+    member_b = jax.vmap(lambda p: scores(p, tokens_bt, mask_bt, model_cfg, response_bt))(rm_params["members"])
+    return jnp.mean(member_b, axis=0)
   raw_b = raw_scores(rm_params, tokens_bt, mask_bt, model_cfg, response_bt)
   return rm_params["norm"]["gain"] * raw_b + rm_params["norm"]["bias"]
 

@@ -52,9 +52,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   pc = config.papers
   runtime.check_choice(pc.experiment, "papers.experiment", EXPERIMENTS)
   if pc.experiment == "rm_proxy":
-    if not pc.rms or len(pc.runs) != len(pc.rms):
+    if not pc.rms or not len(pc.rms) <= len(pc.runs) <= len(pc.rms) + len(pc.ensembles):
       raise ValueError(f"papers.rms={tuple(pc.rms)}, papers.runs={tuple(pc.runs)}: rm_proxy expects reward models and "
-                       "one PPO run per reward model ('' for none)")
+                       "one PPO run per reward model ('' for none), then optionally one per papers.ensembles entry")
     bad = [e for e in pc.ensembles if len(e) < 2 or any(m not in pc.rms for m in e)]
     if bad:
       raise ValueError(f"papers.ensembles: {bad} expected groups of at least 2 of papers.rms {tuple(pc.rms)}")

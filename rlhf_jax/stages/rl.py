@@ -28,7 +28,6 @@ adapters and a head. Checkpoints then hold the adapters and the head; the export
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -107,6 +106,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if lora_config(pc) is not None:
     lora.check(lora_config(pc), policy, "ppo.lora")
   runtime.check_choice(pc.value_init, "ppo.value_init", ("rm", "sft"))
+  if not all(isinstance(name, str) and name for name in pc.rm_ensemble):
+    raise ValueError(f"ppo.rm_ensemble={tuple(pc.rm_ensemble)}: expected reward-model stage directories (with "
+                     "ppo.rm_from, the members of a mean ensemble), or () for rm_from alone")
   sharding.check_batch(pc.batch_size, mesh, rules, field="ppo.batch_size")
   sharding.check_batch(pc.batch_size // pc.n_minibatches, mesh, rules, field="ppo minibatch size")
   runtime.check_seq_len(pc.max_prompt_len + pc.max_new_tokens, policy, "ppo.max_prompt_len + ppo.max_new_tokens",
@@ -160,14 +162,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ref_params = sft_params  # frozen; jax arrays are immutable, so sharing the buffers is safe
   if pc.ref_from:  # online rounds: start from the last round's policy, keep the KL (and the evaluation) to SFT's
     ref_params, _ = runtime.load_policy(workdir, pc.ref_from, mesh, rules, expect=policy_cfg, field="ppo.ref_from")
-  rm_params, rm_cfg, manifest = training.load_export(os.path.join(workdir, pc.rm_from), mesh, rules)
-  if manifest["kind"] != "reward_model":
-    raise ValueError(f"ppo.rm_from={pc.rm_from!r}: {os.path.join(workdir, pc.rm_from)} holds a "
-                     f"{manifest['kind']}, not a reward model")
+  # ppo.rm_ensemble: the reward is the mean of those models' and rm_from's normalised scores; the value model
+  # still starts from rm_from's.
+  rm_params, rm_cfg, first_rm = runtime.load_reward_models(workdir, [pc.rm_from, *pc.rm_ensemble], mesh, rules,
+                                                           field="ppo.rm_from / ppo.rm_ensemble")
   trainable = {"policy": sft_params}
   axes = {"policy": transformer.param_axes(policy_cfg)}
   if s.uses_critic:  # GRPO and RLOO have no value model
-    trainable["value"] = init_value_params(pc.value_init, policy_cfg, rm_cfg, rm_params, sft_params)
+    trainable["value"] = init_value_params(pc.value_init, policy_cfg, rm_cfg, first_rm, sft_params)
     axes["value"] = heads.value_axes(policy_cfg)
   frozen = None
   if s.lora is not None:  # train adapters (and the value head) on frozen backbones shared with SFT / the RM

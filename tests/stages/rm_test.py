@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from rlhf_jax import feedback, losses, sharding, tokenizers, training
+from rlhf_jax import feedback, losses, runtime, sharding, tokenizers, training
 from rlhf_jax.data import comparisons
 from rlhf_jax.evals import rm as rm_evals
 from rlhf_jax.models import heads, hf, presets, transformer
@@ -271,6 +271,35 @@ def test_reward_model_exports_load_with_and_without_read(tmp_path):
                                np.asarray(heads.group_rewards(params, gb, CFG)), rtol=1e-6)
   with pytest.raises(ValueError, match="score_at"):  # transformers' classifier reads the last token only
     hf.save_hf(loaded, CFG, str(tmp_path / "hf"), kind="reward", pad_token_id=TOK.pad_id)
+  # An ensemble's members must share the parameter tree: an EOS-only export beside a "mean" one is named.
+  with pytest.raises(ValueError, match="'mean' is not the same kind of reward model as 'old'"):
+    runtime.load_reward_models(str(tmp_path), ["old", "mean"], mesh, sharding.DEFAULT_RULES, field="ppo.rm_ensemble")
+
+
+def test_a_mean_ensemble_scores_the_mean_of_its_members_normalised_scores(tmp_path):
+  """heads.ensemble (ppo.rm_ensemble, Coste et al. 2023): the mean over members of gain * raw + bias, each
+  member scored alone; loaded from exports by runtime.load_reward_models, the first member kept apart."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  comps, gb = _group_batch()
+  members = []
+  for i in range(3):
+    params = heads.init_rm_params(jax.random.PRNGKey(10 + i), CFG, score_at="last")
+    params["norm"] = {"gain": jnp.asarray(0.5 + i, jnp.float32), "bias": jnp.asarray(i - 1.0, jnp.float32)}
+    training.export_params(str(tmp_path / f"m{i}"), params, model_cfg=CFG, kind="reward_model")
+    members.append(params)
+  tokens_bt = gb["tokens"].reshape(-1, gb["tokens"].shape[-1])
+  mask_bt = gb["mask"].reshape(tokens_bt.shape)
+  each = [np.asarray(heads.scores(p, tokens_bt, mask_bt, CFG)) for p in members]
+  assert np.std(each, axis=0).max() > 1e-2  # the members disagree: the mean is not any one of them
+  np.testing.assert_allclose(np.asarray(heads.scores(heads.ensemble(members), tokens_bt, mask_bt, CFG)),
+                             np.mean(each, axis=0), rtol=1e-5, atol=1e-6)
+  scoring, cfg, first = runtime.load_reward_models(str(tmp_path), ["m0", "m1", "m2"], mesh, sharding.DEFAULT_RULES,
+                                                   field="ppo.rm_ensemble")
+  assert cfg == CFG and "members" not in first
+  np.testing.assert_allclose(np.asarray(heads.scores(scoring, tokens_bt, mask_bt, CFG)), np.mean(each, axis=0),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="at least 2"):
+    heads.ensemble(members[:1])
 
 
 def test_gold_labels_rank_by_the_gold_scores_with_ties_and_keep_the_subset():

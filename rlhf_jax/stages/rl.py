@@ -245,7 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if s.lora is not None:  # adapters merged into the weights: the export is an ordinary policy
       policy = jax.jit(lambda base, adapters: lora.merge(base, adapters, s.lora))(frozen["policy"], policy)
   training.export_params(stage_dir, policy, model_cfg=policy_cfg, tokenizer=tok)
-  summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "wall_s": time.time() - t0}
+  summary = {"step": pc.iterations, "final_beta": float(state["kl_beta"]), "rm_members": 1 + len(pc.rm_ensemble),
+             "wall_s": time.time() - t0}
   if s.lora is not None:
     summary["lora_params"] = lora.num_params(policy_cfg, s.lora)
   summary.update(runtime.evaluate_policy(config, workdir, tok, policy_cfg, policy, ref_params,

@@ -253,3 +253,19 @@ def test_sampler_logprobs_as_the_old_logprobs_and_the_mismatch_the_update_logs(r
   from rlhf_jax import tokenizers
   with pytest.raises(ValueError, match=r"ppo.old_logp='cached': expected 'recompute' or 'sampler'"):
     rl.settings_from_config(cfg, tokenizers.ByteTokenizer())
+
+
+def test_an_ensemble_reward_is_the_mean_of_its_members_in_the_rollout(rollout_out):
+  """ppo.rm_ensemble: the same rollout (same policy and key) scored by heads.ensemble([rm, other]) gets the mean
+  of the two members' scores (the no-EOS penalty, the same for both, included)."""
+  (policy, ref, rm, value), s, ro, rm_b, _ = rollout_out
+  other = heads.init_rm_params(jax.random.PRNGKey(9), CFG)
+  other["norm"] = {"gain": jnp.asarray(2.0), "bias": jnp.asarray(0.5)}
+  fn = jax.jit(rollout.make_rollout(CFG, CFG, s))
+  prompt, mask = _prompts()
+  args = (prompt, mask, jax.random.PRNGKey(3), jnp.float32(0.05))
+  ro_ens, ens_b, _ = fn(policy, value, ref, heads.ensemble([rm, other]), *args)
+  _, other_b, _ = fn(policy, value, ref, other, *args)
+  np.testing.assert_array_equal(np.asarray(ro_ens.response_bn), np.asarray(ro.response_bn))
+  assert np.abs(np.asarray(other_b) - np.asarray(rm_b)).max() > 1e-2  # the members differ
+  np.testing.assert_allclose(np.asarray(ens_b), (np.asarray(rm_b) + np.asarray(other_b)) / 2, rtol=1e-5, atol=1e-6)

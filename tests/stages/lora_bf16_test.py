@@ -23,7 +23,9 @@ FLAGS = ("--experiment.stage=ppo", "--experiment.model.param_dtype=bfloat16", "-
          f"--experiment.ppo.lora.rank={LCFG.rank}", f"--experiment.ppo.lora.alpha={LCFG.alpha}",
          f"--experiment.ppo.lora.targets={LCFG.targets!r}", "--experiment.ppo.optimizer.lr=1e-3",
          # One iteration: a second one recompiles the rollout and the update (as every PPO run does today), ~10 s.
-         "--experiment.ppo.iterations=1", "--experiment.eval.best_of_n=(2,)")
+         "--experiment.ppo.iterations=1", "--experiment.eval.best_of_n=(2,)",
+         # The reward from a mean ensemble (ppo.rm_ensemble; its numbers: rl_test), here rm with itself.
+         "--experiment.ppo.rm_ensemble=('rm',)")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_bf16_lora_ppo_finishes_with_finite_losses_and_no_first_kl(run):
   assert rows[0]["kl_seq"] == 0.0  # fresh adapters (B = 0): the policy is exactly its reference, the base
   assert abs(rows[0]["ratio_mean"] - 1.0) < 0.05 and rows[0]["grad_norm"] > 0
   summary = json.load(open(os.path.join(run, "ppo", "summary.json")))
-  assert summary["lora_params"] == lora.num_params(_cfg(run), LCFG)
+  assert summary["lora_params"] == lora.num_params(_cfg(run), LCFG) and summary["rm_members"] == 2
 
 
 def _cfg(workdir):

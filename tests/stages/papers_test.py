@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rlhf_jax import configs, losses, metrics
+from rlhf_jax import configs, losses
 from rlhf_jax.data.comparisons import Comparison
 from rlhf_jax.stages import papers, rm
 
@@ -269,22 +269,3 @@ def test_gao_peak_verdicts_per_axis_and_rm_subset_check():
   with pytest.raises(ValueError, match="rm.max_train_prompts"):
     rm.check(c)
 
-
-def test_ppo_against_an_ensemble_of_one_rm_twice_rolls_out_as_against_the_rm(tmp_path_factory, tmp_path):
-  # ppo.rm_ensemble=("rm",): the mean of rm and rm is rm's score, so the first iteration's rollout (the SFT
-  # policy's, the same seed) gets the reference PPO run's reward to rounding; a missing member is named.
-  reference, cache = stage_runner.shared_reference(tmp_path_factory)
-  wd = stage_runner.copy_workdir(reference, str(tmp_path / "w"))
-  flags = ("--experiment.stage=ppo", "--experiment.ppo.stage_dir=ppo_ens", "--experiment.ppo.iterations=1",
-           "--experiment.eval.best_of_n=(2,)")
-  proc = stage_runner.run(wd, *flags, "--experiment.ppo.rm_ensemble=('rm',)", cache_dir=cache)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  got = metrics.read_jsonl(os.path.join(wd, "ppo_ens", "metrics.jsonl"))[0]
-  want = metrics.read_jsonl(os.path.join(wd, "ppo", "metrics.jsonl"))[0]
-  assert got["step"] == want["step"] == 1
-  for key in ("rm_score", "kl_seq", "response_len", "gold_score"):
-    assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
-  proc = stage_runner.run(wd, *flags, "--experiment.ppo.stage_dir=ppo_ens2", "--experiment.ppo.rm_ensemble=('rm_x',)",
-                          cache_dir=cache)
-  assert proc.returncode != 0 and "error: ppo.rm_from / ppo.rm_ensemble='rm_x': " in proc.stderr
-  shutil.rmtree(wd)

@@ -300,6 +300,8 @@ def test_a_mean_ensemble_scores_the_mean_of_its_members_normalised_scores(tmp_pa
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="at least 2"):
     heads.ensemble(members[:1])
+  with pytest.raises(ValueError, match="ppo.rm_ensemble='m9': .* holds no finished reward model"):
+    runtime.load_reward_models(str(tmp_path), ["m0", "m9"], mesh, sharding.DEFAULT_RULES, field="ppo.rm_ensemble")
 
 
 def test_gold_labels_rank_by_the_gold_scores_with_ties_and_keep_the_subset():

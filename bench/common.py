@@ -206,7 +206,10 @@ def git_revision(repo: str) -> str:
     return "unknown"
 
 
-GROUPS = ("peak", "train", "generate", "ppo", "ppo_base", "ppo_base_lora")  # ppo_base_lora: ours only
+# *_lean: the same PPO iteration with activation recomputation, as a researcher short of memory runs it: ours
+# with scanned, rematerialised layers (model.scan_layers, model.remat), TRL with gradient checkpointing.
+GROUPS = ("peak", "train", "generate", "ppo", "ppo_base", "ppo_base_lora", "ppo_base_lean",
+          "ppo_base_lora_lean")  # ppo_base_lora*: ours only
 
 
 def main(run, doc: str | None, argv=None) -> None:

@@ -14,12 +14,14 @@ Groups:
             this group in its own process for a clean number; compare.py does).
   ppo_base  the same at the `base` size and common.Settings.ppo_base's shapes (bench/ppo_memory.py);
   ppo_base_lora  and with LoRA adapters (rank ppo_base_lora_rank) on every projection.
+  ppo_base_lean, ppo_base_lora_lean  both with scanned, rematerialised layers (model.scan_layers, model.remat).
 
 Every timing blocks on the result (`block_until_ready`); compilation happens in untimed warm-up calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -137,12 +139,14 @@ def bench_generate(st: common.Settings) -> dict[str, Any]:
   return out
 
 
-def bench_ppo(st: common.Settings, lora_rank: int = 0) -> dict[str, Any]:
+def bench_ppo(st: common.Settings, lora_rank: int = 0, lean: bool = False) -> dict[str, Any]:
   import ppo_iteration  # pylint: disable=g-import-not-at-top
   from rlhf_jax.models import lora  # pylint: disable=g-import-not-at-top
 
   rss_before = common.peak_rss_bytes()
   cfg = model_config(st.ppo_size)
+  if lean:  # one compiled block, recomputed in the backward: a layer's temporaries, not a model's
+    cfg = dataclasses.replace(cfg, scan_layers=True, remat=True)
   s = ppo_iteration.PPOSettings(batch=st.ppo_batch, prompt_len=st.ppo_prompt_len,
                                 response_len=st.ppo_response_len, epochs=st.ppo_epochs,
                                 minibatches=st.ppo_minibatches, eos_id=common.EOS_ID, pad_id=common.PAD_ID)
@@ -164,7 +168,7 @@ def bench_ppo(st: common.Settings, lora_rank: int = 0) -> dict[str, Any]:
                rss_before_models_bytes=rss_before)
   return {"settings": {"batch": s.batch, "prompt_len": s.prompt_len, "response_len": s.response_len,
                        "epochs": s.epochs, "minibatches": s.minibatches, "size": st.ppo_size,
-                       "lora_rank": lora_rank},
+                       "lora_rank": lora_rank, "scan_layers": cfg.scan_layers, "remat": cfg.remat},
           "iteration_s": phases["total"], "phases_s": phases, "first_iteration_s": warm_times["total"],
           "info": runs[-1][1], "memory": mem}
 
@@ -194,6 +198,10 @@ def run(groups: list[str], st: common.Settings) -> dict[str, Any]:
     res["ppo_base"] = bench_ppo(common.ppo_base_settings(st))
   if "ppo_base_lora" in groups:
     res["ppo_base_lora"] = bench_ppo(common.ppo_base_settings(st), lora_rank=st.ppo_base_lora_rank)
+  if "ppo_base_lean" in groups:
+    res["ppo_base_lean"] = bench_ppo(common.ppo_base_settings(st), lean=True)
+  if "ppo_base_lora_lean" in groups:
+    res["ppo_base_lora_lean"] = bench_ppo(common.ppo_base_settings(st), lora_rank=st.ppo_base_lora_rank, lean=True)
   return res
 
 

@@ -12,6 +12,8 @@ Groups mirror bench/ours.py:
   ppo       trl.PPOTrainer (0.19): GPT-2 policy, reference, value and reward models (the last two
             GPT2ForSequenceClassification, num_labels=1), one iteration = one PPOTrainer batch; timed from
             a callback at the end of each iteration, the first iteration counted as warm-up.
+  ppo_base, ppo_base_lean  the same at the `base` size (bench/ppo_memory.py); lean: gradient checkpointing on
+            the policy and value models (`gradient_checkpointing_enable()`).
 
 Threads: torch.set_num_threads(os.cpu_count()) (both cores here), like XLA's CPU backend, which uses every
 core by default. Device: CUDA when torch sees one (every timing then synchronises), else the CPU; on a GPU,
@@ -159,7 +161,7 @@ def _tokenizer():
   return tok
 
 
-def bench_ppo(st: common.Settings) -> dict[str, Any]:
+def bench_ppo(st: common.Settings, lean: bool = False) -> dict[str, Any]:
   import datasets  # pylint: disable=g-import-not-at-top
   from transformers import GPT2ForSequenceClassification, TrainerCallback  # pylint: disable=g-import-not-at-top
   from trl import PPOConfig, PPOTrainer  # pylint: disable=g-import-not-at-top
@@ -200,6 +202,9 @@ def bench_ppo(st: common.Settings) -> dict[str, Any]:
         total_episodes=b * iterations, num_sample_generations=0, temperature=1.0, stop_token="eos",
         missing_eos_penalty=1.0, kl_coef=0.05, learning_rate=3e-6, cliprange=0.2, cliprange_value=0.2,
         vf_coef=0.1, gamma=1.0, lam=0.95)
+    if lean:  # PPOTrainer's own loop does not apply args.gradient_checkpointing: enable it on the trained models
+      for model in (policy, value):
+        model.gradient_checkpointing_enable()
     trainer = PPOTrainer(args=args, processing_class=_tokenizer(), model=policy, ref_model=ref,
                          reward_model=reward, value_model=value, train_dataset=ds, eval_dataset=ds,
                          callbacks=[timer])
@@ -210,7 +215,8 @@ def bench_ppo(st: common.Settings) -> dict[str, Any]:
   param_bytes = {name: sum(p.numel() * p.element_size() for p in mod.parameters())
                  for name, mod in (("policy", policy), ("reference", ref), ("value", value), ("reward", reward))}
   return {"settings": {"batch": b, "prompt_len": st.ppo_prompt_len, "response_len": st.ppo_response_len,
-                       "epochs": st.ppo_epochs, "minibatches": st.ppo_minibatches, "size": size},
+                       "epochs": st.ppo_epochs, "minibatches": st.ppo_minibatches, "size": size,
+                       "gradient_checkpointing": lean},
           "iteration_s": common.median(laps[1:]), "first_iteration_s": laps[0], "trl": trl.__version__,
           "memory": {"kind": "process RSS high-water mark", "peak_bytes": common.peak_rss_bytes(),
                      "rss_before_models_bytes": rss_before, "param_bytes": param_bytes}}
@@ -246,8 +252,10 @@ def run(groups: list[str], st: common.Settings) -> dict[str, Any]:
     res["ppo"] = bench_ppo(st)
   if "ppo_base" in groups:
     res["ppo_base"] = bench_ppo(common.ppo_base_settings(st))
-  if "ppo_base_lora" in groups:
-    raise SystemExit("ppo_base_lora: ours only (TRL's PPOTrainer with peft is not benchmarked here)")
+  if "ppo_base_lean" in groups:
+    res["ppo_base_lean"] = bench_ppo(common.ppo_base_settings(st), lean=True)
+  if "ppo_base_lora" in groups or "ppo_base_lora_lean" in groups:
+    raise SystemExit("ppo_base_lora*: ours only (TRL's PPOTrainer with peft is not benchmarked here)")
   return res
 
 

@@ -12,7 +12,7 @@ from the SFT model), the value model (backbone plus a zero-initialised head, tra
 the reward model (backbone plus head, frozen). With LoRA (`lora_cfg`, as the PPO stage's `ppo.lora`) the trained
 state is adapters: the policy's on the frozen SFT weights, which are the reference too (no copy), and the value
 model's on the reward model's frozen backbone (value_init="rm", shared buffers) with its own head; each phase
-merges the adapters inside its jitted function.
+attaches the adapters (lora.attach) as the stage does; the sampler merges them layer by layer.
 
 Phases (each ends with `block_until_ready`):
   rollout    B prompts -> N sampled tokens with the KV cache.
@@ -133,7 +133,8 @@ class Iteration:
     self.prompt_bp = jnp.asarray(prompts, jnp.int32)
     self.prompt_mask_bp = jnp.ones((s.batch, s.prompt_len), jnp.bool_)
     cfg, st, temp = model_cfg, self.settings, self.settings.sampling.logprob_temperature
-    full = lambda t, f: rl_rollout.with_frozen(t, f, lora_cfg)  # the trained roles' weights (adapters merged)
+    # The trained roles' weights, adapters attached as the stage passes them (the sampler merges them per layer).
+    full = lambda t, f: rl_rollout.with_frozen(t, f, lora_cfg, attach=True)
     self._generate = jax.jit(lambda p, f, *a: sampling.generate(full({"policy": p}, f)["policy"], *a, cfg,
                                                                   st.sampling, eos_id=s.eos_id, pad_id=s.pad_id))
     self._logprobs = jax.jit(lambda p, f, ro: rl_rollout.policy_logprobs(full({"policy": p}, f)["policy"], ro, cfg,

@@ -280,10 +280,13 @@ def _generate(params, prompt_bp, prompt_mask_bp, rng, *, model_cfg, sampling_cfg
   b, p = prompt_bp.shape
   n = sampling_cfg.max_new_tokens
   segments = cache_lengths(p, n, sampling_cfg.cache_segments if sampling_cfg.use_cache else 1)
+  if sampling_cfg.use_cache:
+    # Sliced once here (and attached LoRA adapters merged per layer), not at every step of the loop; the prompt
+    # pass reads the same per-layer copies, so no stacked slice copies live beside them.
+    params = transformer.unstack_layers(params)
   logits_bv, model_state = _prefill(params, prompt_bp, prompt_mask_bp, model_cfg, sampling_cfg, pad_id,
                                     segments[0])
   if sampling_cfg.use_cache:
-    params = transformer.unstack_layers(params)  # sliced once here, not at every step of the loop
     if sampling_cfg.fuse_qkv:
       # Not for the prefill: at [b * p, d] rows the fused output's strided q/k/v slices cost more than the
       # two matmuls saved.

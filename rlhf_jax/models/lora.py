@@ -7,11 +7,13 @@ never formed beyond one layer's transient dL/dW', and the optimizer holds the ad
 
 Written here rather than with qwix or peft: qwix rewrites Flax module calls and peft wraps torch modules, while
 this model is a pure function of a params dict, where LoRA is a merge of two small arrays into one entry.
-Two ways to apply them. `merge` forms W + s A @ B (for the sampler, exports, and any model path). `attach`,
-what the training steps use, puts the adapters beside the weights (params["layers"]["lora"]) and the model adds
+Two ways to apply them. `merge` forms W + s A @ B (exports, and any model path). `attach`, what the rollout
+and the training steps use, puts the adapters beside the weights (params["layers"]["lora"]) and the model adds
 s (x @ A) @ B to each adapted projection's output (transformer._lora): the merged weights and their gradient,
-a full model's worth each, are never formed (at the bench's `base` size a LoRA PPO update runs about 20%
-faster; its peak memory did not move, being the step's activations). The two agree to float rounding.
+a full model's worth each, are never formed; the sampler merges attached adapters layer by layer as it unstacks
+the weights for decoding (transformer.unstack_layers). The two agree to float rounding. With scanned,
+rematerialised layers (model.scan_layers, model.remat) the update's temporaries then fall from a model's worth
+per trained role to a layer's (bench/PPO_MEMORY.md).
 
 Adapters: {"layers": {target: {"a": [l, d_in..., r], "b": [l, r, d_out...]}}}, stacked along the layers axis
 like the weights they adapt. They are float32 whatever model.param_dtype is; the merged weight is cast back to
@@ -114,21 +116,9 @@ def adapter_axes(cfg: ModelConfig, lcfg: LoraConfig) -> Params:
   return {"layers": out}
 
 
-def delta(a: jax.Array, b: jax.Array) -> jax.Array:
-  """A @ B over the rank axis, stacked layers kept: [l, d_in..., r] x [l, r, d_out...] -> [l, d_in..., d_out...]."""
-  l, r = a.shape[0], a.shape[-1]
-  a_lir = a.reshape(l, -1, r)
-  b_lro = b.reshape(l, r, -1)
-  return jnp.einsum("lir,lro->lio", a_lir, b_lro).reshape(a.shape[:-1] + b.shape[2:])
-
-
 def merge(params: Params, adapters: Params, lcfg: LoraConfig) -> Params:
   """`params` with W + scale * A @ B for every adapted weight (float32 sum, cast to W's dtype); the rest shared."""
-  layers = dict(params["layers"])
-  for target, ab in adapters["layers"].items():
-    name = TARGETS[target][0]
-    w = layers[name]
-    layers[name] = (w.astype(jnp.float32) + lcfg.scale * delta(ab["a"], ab["b"])).astype(w.dtype)
+  layers = jax.vmap(transformer.merge_attached_lora)(attach(params, adapters, lcfg)["layers"])
   return {**params, "layers": layers}
 
 

@@ -598,8 +598,7 @@ def backbone(
   """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache.
 
   mask_bt marks real tokens (1) against padding (0); it defaults to all ones. With a cache, the tokens are
-  appended after what the cache holds and attend to it, and `params` may have unstacked layers
-  (`unstack_layers`).
+  appended after what the cache holds and attend to it. `params` may have unstacked layers (`unstack_layers`).
   """
   h_btd, new_cache, _ = _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, keep_kv=False,
                                   last_only=False)
@@ -657,13 +656,28 @@ def grow_cache(cache: Cache, length: int) -> Cache:
 def unstack_layers(params: Params) -> Params:
   """`params` with "layers" as a tuple of per-layer dicts instead of arrays stacked along a leading axis.
 
-  Only the cached path (decoding) accepts it. `generate` unstacks once before its decoding loop: XLA:CPU
-  would otherwise copy every layer's weights out of the stacked arrays at every step. Costs one copy of the
-  layer weights while it lives.
+  `generate` unstacks once before the prompt pass and its decoding loop: XLA:CPU would otherwise copy every
+  layer's weights out of the stacked arrays at every step. Costs one copy of the layer weights while it lives.
+  Adapters attached by lora.attach are merged into each layer's weights on the way (W + scale * A @ B, in
+  float32, cast to W's dtype): one per-layer copy of the merged model, never a stacked one beside it.
   """
   n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-  layers = tuple(jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n_layers))
+  layers = tuple(merge_attached_lora(jax.tree.map(lambda w, i=i: w[i], params["layers"])) for i in range(n_layers))
   return {**params, "layers": layers}
+
+
+def merge_attached_lora(layer: Params) -> Params:
+  """One layer's dict with its attached LoRA adapters (layer["lora"], lora.attach) merged into the weights
+  (lora.merge vmaps it over the stacked layers)."""
+  if "lora" not in layer:
+    return layer
+  out = {k: v for k, v in layer.items() if k not in ("lora", "lora_scale")}
+  for name, ab in layer["lora"].items():
+    a, b, w = ab["a"], ab["b"], layer[name]
+    r = a.shape[-1]
+    delta = (a.reshape(-1, r) @ b.reshape(r, -1)).reshape(w.shape)
+    out[name] = (w.astype(jnp.float32) + layer["lora_scale"] * delta).astype(w.dtype)
+  return out
 
 
 def fuse_qkv(params: Params, cfg: ModelConfig) -> Params:
@@ -738,9 +752,7 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv, l
 
   kv = None
   if cache is None:
-    if isinstance(params["layers"], tuple):
-      raise ValueError("parameters with unstacked layers (model.unstack_layers) need a KV cache; pass the "
-                       "stacked parameters for a pass without one")
+    unstacked = isinstance(params["layers"], tuple)  # unstack_layers' (generate's prompt pass): never scanned
 
     def step(x, layer, rng):
       return _block(cfg, x, layer, positions_bt, allowed_bts, None, rng, key_mask_bt=mask_bt)
@@ -748,7 +760,7 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv, l
     if cfg.remat:
       step = jax.checkpoint(step, prevent_cse=False,
                             policy=_REMAT_POLICIES[cfg.remat_policy])
-    if cfg.scan_layers:
+    if cfg.scan_layers and not unstacked:
       # One compiled block applied by lax.scan: compile time independent of depth (accelerators; on XLA:CPU the
       # unrolled loop below runs faster, see the note there).
       def scan_step(x, layer_and_rng):
@@ -763,7 +775,8 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv, l
       # before the matmuls that read it, and stacks every layer's activations for the backward pass.
       kvs = []
       for i in range(cfg.n_layers):
-        layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+        layer = (params["layers"][i] if unstacked
+                 else jax.tree.map(lambda w, i=i: w[i], params["layers"]))
         rng = None if layer_rngs is None else layer_rngs[i]
         if last_only and i == cfg.n_layers - 1:
           x_btd, kv_bkte = _block(cfg, x_btd, layer, positions_bt, allowed_bts, None, rng, last_query_only=True)

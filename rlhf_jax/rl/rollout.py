@@ -83,8 +83,8 @@ def with_frozen(trainable: Params, frozen: Params | None, lcfg: lora.LoraConfig 
   """The full policy (and value) parameters of the trained ones: `trainable` itself without LoRA (frozen None);
   with it, {"policy": adapters, "value": {"adapters", "head"}} merged into the frozen {"policy": base, "value":
   backbone} inside the jitted caller, so the gradient reaches the adapters and the value head only. attach: the
-  adapters beside the base weights instead (lora.attach, the learner's: no merged weights or their gradient);
-  the sampler takes merged weights (one merge, not an adapter product at every decoding step)."""
+  adapters beside the base weights instead (lora.attach: no merged weights or their gradient), what the rollout
+  and the learner pass; sampling.generate merges attached adapters per layer before decoding."""
   if frozen is None:
     return trainable
   combine = lora.attach if attach else lora.merge
@@ -144,7 +144,10 @@ def make_rollout(policy_cfg, rm_cfg, s: PPOSettings):
 
   def rollout_fn(policy, value, ref, rm, prompt_bp, prompt_mask_bp, rng, beta, frozen=None):
     if frozen is not None:
-      full = with_frozen({"policy": policy, "value": value}, frozen, s.lora)
+      # Adapters attached (lora.attach), as the learner's: the sampler merges them layer by layer as it unstacks
+      # the weights for decoding (transformer.unstack_layers), and the passes below add x @ A @ B, so no stacked
+      # merged model is ever formed and the old log-probs are the learner's own function.
+      full = with_frozen({"policy": policy, "value": value}, frozen, s.lora, attach=True)
       policy, value = full["policy"], full.get("value")
     out = sampling.generate(policy, prompt_bp, prompt_mask_bp, rng, policy_cfg, s.sampling, eos_id=s.eos_id,
                             pad_id=s.pad_id)

@@ -127,6 +127,31 @@ def test_attached_adapters_equal_the_merged_weights_in_value_and_gradient(scan):
     np.testing.assert_allclose(np.asarray(h_att), np.asarray(h_mer), atol=2e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_unstacking_merges_attached_adapters_layer_by_layer(scan):
+  # transformer.unstack_layers, what sampling.generate does before its prompt pass and decoding loop, merges
+  # attached adapters into each layer's weights: the NumPy merge's per-layer weights, no adapter left, and the
+  # same prompt pass and cached decoding step as the merged stacked weights (scan_layers or not: an unstacked
+  # model is never scanned).
+  cfg = dataclasses.replace(CFG, scan_layers=scan)
+  params = transformer.init(jax.random.PRNGKey(0), cfg)
+  adapters = _random_adapters(cfg, ALL)
+  want = _numpy_merge(params, adapters, ALL)
+  unstacked = jax.jit(transformer.unstack_layers)(lora.attach(params, adapters, ALL))
+  assert len(unstacked["layers"]) == cfg.n_layers
+  for i, layer in enumerate(unstacked["layers"]):
+    assert set(layer) == set(params["layers"])  # "lora" and "lora_scale" are gone
+    for name, w in layer.items():
+      np.testing.assert_allclose(np.asarray(w), want[name][i], atol=1e-6, err_msg=f"layer {i} {name}")
+  merged = lora.merge(params, adapters, ALL)
+  tokens, mask = _tokens(t=8), jnp.asarray(np.arange(8)[None] >= np.arange(4)[:, None])  # left padding
+  prefill = jax.jit(lambda p: transformer.prefill(p, tokens, cfg, length=12, mask_bt=mask))
+  (h_u, cache_u), (h_m, cache_m) = prefill(unstacked), prefill(merged)
+  np.testing.assert_allclose(np.asarray(h_u), np.asarray(h_m), atol=2e-5)
+  step = jax.jit(lambda p, c: transformer.forward(p, tokens[:, :1], cfg, cache=c))
+  np.testing.assert_allclose(np.asarray(step(unstacked, cache_u)[0]), np.asarray(step(merged, cache_m)[0]), atol=2e-5)
+
+
 def test_lora_config_errors_name_the_field():
   with pytest.raises(ValueError, match=r"ppo\.lora\.targets=.*'qq'"):
     configs.to_lora_config(configs.lora_config(rank=4, targets=("qq",)), "ppo.lora")

@@ -16,6 +16,8 @@ from rlhf_jax.models import heads, lora, presets, transformer
 from rlhf_jax.rl import learner, rollout
 from rlhf_jax.stages import rl
 
+pytestmark = pytest.mark.xdist_group("lora_ppo")  # its module fixture is built once, on one worker
+
 CFG = presets.preset("tiny", vocab_size=32, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=1, max_len=32)
 LCFG = lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "mlp_out"))
 EOS, PAD = 2, 0

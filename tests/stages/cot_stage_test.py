@@ -17,6 +17,8 @@ from rlhf_jax.evals import cot as cot_evals
 from rlhf_jax.models import presets, transformer
 from rlhf_jax.tasks import multistep, suite
 
+pytestmark = pytest.mark.xdist_group("cot_stage")  # its module fixture is built once, on one worker
+
 
 def _config():
   """experiments/cot's tiny preset cut to the cot stage, two items per kind and short answers."""

@@ -18,6 +18,8 @@ from rlhf_jax.evals import icl as icl_evals
 from rlhf_jax.tasks import icl, suite
 from rlhf_jax.tasks.gold import GoldScorer
 
+pytestmark = pytest.mark.xdist_group("icl_stage")  # its module fixture is built once, on one worker
+
 POLICIES = ("pretrain", "sft", "sft_noarith", "sft_nostring", "ppo")
 
 

@@ -17,6 +17,8 @@ from rlhf_jax.evals import cloze as cloze_evals
 from rlhf_jax.stages import rm as rm_stage
 from rlhf_jax.tasks import cloze, suite
 
+pytestmark = pytest.mark.xdist_group("mlm")  # its module fixture is built once, on one worker
+
 
 def _config():
   """experiments/mlm's tiny preset with the reference run's overrides (stage_runner.TINY_FLAGS), shrunk."""

@@ -177,10 +177,16 @@ def test_response_logprobs_sum_the_response_tokens_of_each_sequence():
   got = np.asarray(rm_evals.response_logprobs(params, batch, CFG, 0.7))
   for row, (ci, idx, _) in enumerate(groups[:1]):  # 4 sequences of different lengths
     c = comps[ci]
-    for j, r in enumerate(idx):
-      seq = c.prompt_ids + c.response_ids[r]  # unpadded, one at a time
-      logits, _ = transformer.forward(params, jnp.asarray([seq], jnp.int32), CFG)
-      logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64) / 0.7, axis=-1)
+    seqs = [c.prompt_ids + c.response_ids[r] for r in idx]
+    # No padding before a sequence's tokens (the batch left-pads): each starts at position 0, its end padded
+    # with token 0, which a causal model's earlier positions never see; one jitted call for all of them.
+    width = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), width), np.int32)
+    for j, seq in enumerate(seqs):
+      tokens[j, :len(seq)] = seq
+    logits = np.asarray(jax.jit(transformer.forward, static_argnames="cfg")(params, jnp.asarray(tokens), cfg=CFG)[0])
+    for j, seq in enumerate(seqs):
+      logp = jax.nn.log_softmax(np.asarray(logits[j], np.float64) / 0.7, axis=-1)
       want = sum(logp[i - 1, seq[i]] for i in range(len(c.prompt_ids), len(seq)))
       np.testing.assert_allclose(got[row, j], want, rtol=1e-4, atol=1e-4)
 

@@ -757,10 +757,12 @@ def _backbone(params, tokens_bt, cfg, mask_bt, cache, dropout_rng, *, keep_kv, l
     def step(x, layer, rng):
       return _block(cfg, x, layer, positions_bt, allowed_bts, None, rng, key_mask_bt=mask_bt)
 
+    scanned = cfg.scan_layers and not unstacked
     if cfg.remat:
-      step = jax.checkpoint(step, prevent_cse=False,
-                            policy=_REMAT_POLICIES[cfg.remat_policy])
-    if cfg.scan_layers and not unstacked:
+      # prevent_cse=False only under the scan (which already keeps XLA from merging the recomputation with the
+      # forward pass); unrolled, XLA's CSE would undo the rematerialisation and keep every activation.
+      step = jax.checkpoint(step, prevent_cse=not scanned, policy=_REMAT_POLICIES[cfg.remat_policy])
+    if scanned:
       # One compiled block applied by lax.scan: compile time independent of depth (accelerators; on XLA:CPU the
       # unrolled loop below runs faster, see the note there).
       def scan_step(x, layer_and_rng):

@@ -413,12 +413,14 @@ def test_long_sequences_take_the_blocked_path_and_match_numpy():
   np.testing.assert_allclose(np.asarray(logits_btv)[mask_bt], expected_btv[mask_bt], atol=1e-4, rtol=1e-4)
 
 
-def test_scanned_layers_equal_the_unrolled_model():
-  """model.scan_layers (here with remat_policy="dots_saveable"): the same logits, gradients and prefilled cache as
-  the unrolled layers without remat (GQA, sliding window and the Qwen 3 switches on, so every per-layer
+@pytest.mark.parametrize("scan, policy", [(True, "dots_saveable"), (False, "nothing_saveable")],
+                         ids=["scanned_dots_saveable", "unrolled_nothing_saveable"])
+def test_scanned_layers_equal_the_unrolled_model(scan, policy):
+  """model.scan_layers with remat, and remat on the unrolled layers: the same logits, gradients and prefilled cache
+  as the unrolled layers without remat (GQA, sliding window and the Qwen 3 switches on, so every per-layer
   parameter kind goes through the scan)."""
   base = _cfg(n_kv_heads=2, mlp="swiglu", qk_norm=True, qkv_bias=True, sliding_window=4)
-  scanned = dataclasses.replace(base, scan_layers=True, remat=True, remat_policy="dots_saveable")
+  scanned = dataclasses.replace(base, scan_layers=scan, remat=True, remat_policy=policy)
   params = _spread_params(base)
   tokens_bt, mask_bt = _left_padded_batch()
 

@@ -461,6 +461,9 @@ def check_folder(path: str) -> ModelConfig:
   return cfg
 
 
+_COLLECT_BYTES = 64 << 20
+
+
 def load_hf(path: str, mesh, rules=sharding.DEFAULT_RULES, dtype: str = "float32"):
   """(params, ModelConfig) of a Hugging Face folder, placed on `mesh` by the logical-axis `rules`.
 
@@ -473,6 +476,7 @@ def load_hf(path: str, mesh, rules=sharding.DEFAULT_RULES, dtype: str = "float32
   np_dtype = _DTYPES[dtype]
   axes = dict(_flatten(transformer.param_axes(cfg)))
   flat = {}
+  uncollected = 0  # bytes copied since the last gc.collect()
   # Largest first: a tensor's transient host copies then coexist with few placed tensors, which keeps the
   # peak near the model's own bytes (bench/hf_import.py).
   for ours in sorted(plan, key=lambda name: -math.prod(plan[name][0])):
@@ -494,7 +498,12 @@ def load_hf(path: str, mesh, rules=sharding.DEFAULT_RULES, dtype: str = "float32
       return out
 
     flat[ours] = jax.make_array_from_callback(shape, named, shard)
-    gc.collect()  # the callback's host copies and file maps sit in reference cycles until collected
+    # The callback's host copies and file maps sit in reference cycles until collected. A full collection costs
+    # up to a second in a process with a large heap (a test worker), so small tensors are collected in batches.
+    uncollected += math.prod(shape) * np.dtype(np_dtype).itemsize
+    if uncollected >= _COLLECT_BYTES:
+      gc.collect()
+      uncollected = 0
   return transformer._unflatten(flat), cfg  # pylint: disable=protected-access
 
 

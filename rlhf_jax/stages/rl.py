@@ -178,8 +178,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                    optim.decay_mask_from_axes(axes))
   state, state_sh = optim.state_from_params(trainable, axes, optimizer, jax.random.PRNGKey(config.seed + 2), mesh,
                                             rules)
-  state["kl_beta"] = jnp.asarray(pc.kl.init_beta, jnp.float32)
   state_sh["kl_beta"] = sharding.replicated(mesh)
+  # Committed to its sharding from the start: an uncommitted scalar changes the jitted functions' input signature
+  # once the update or the controller returns a placed one, and the rollout and update then compile twice.
+  state["kl_beta"] = jax.device_put(jnp.asarray(pc.kl.init_beta, jnp.float32), state_sh["kl_beta"])
 
   prompts = sources.rl_prompts(config, workdir, tok, which="train")
   # batch_size episodes: batch_size / group_size prompts, each sampled group_size times (consecutive rows).

@@ -1,7 +1,9 @@
 """End to end: the tiny InstructGPT pipeline (3 PPO iterations), resumption, and run.py's flag handling."""
 
+import collections
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -80,6 +82,22 @@ def test_pipeline_writes_every_summary_key_and_the_report(tiny_run):
   ppo_rows = metrics.read_jsonl(os.path.join(workdir, "ppo", "metrics.jsonl"))
   assert {"kl_seq", "clip_frac", "approx_kl", "explained_variance", "entropy", "response_len", "rm_score",
           "gold_score", "beta"} <= set(ppo_rows[-1])
+
+
+def test_each_stage_compiles_its_training_programs_once(tiny_run, tmp_path_factory):
+  """A jitted step whose input signature changes after the first call (an uncommitted scalar that comes back
+  placed, a weak type) compiles again: seconds here, minutes for a large model."""
+  compiled = collections.Counter()
+  stage = None
+  for line in stage_runner.reference_log(tmp_path_factory).splitlines():
+    m = re.search(r"stage (\w+): starting", line)
+    stage = m.group(1) if m else stage
+    m = re.search(r"Compiling jit\((\w+)\)", line)
+    if m:
+      compiled[stage, m.group(1)] += 1
+  want = {("pretrain", "train_step"): 1, ("sft", "train_step"): 1, ("rm", "train_step"): 1,
+          ("ppo", "rollout_fn"): 1, ("ppo", "update_fn"): 1}
+  assert {k: compiled[k] for k in want} == want, sorted(compiled.items())
 
 
 def test_rerun_resumes_instead_of_starting_over(tiny_run, tmp_path):

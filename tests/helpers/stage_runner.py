@@ -68,13 +68,13 @@ def subprocess_env(cache_dir: str, devices: int = 1) -> dict[str, str]:
 
 
 def run(workdir: str, *flags: str, cache_dir: str, devices: int = 1, timeout: float = 300,
-        base_flags=TINY_FLAGS) -> subprocess.CompletedProcess:
-  """One `run.py` invocation to completion (stdout and stderr captured as text)."""
+        base_flags=TINY_FLAGS, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """One `run.py` invocation to completion (stdout and stderr captured as text); `env` adds variables."""
   cmd = [sys.executable, RUN_PY, *base_flags, *flags]
   if workdir is not None:
     cmd.append(f"--workdir={workdir}")
-  return subprocess.run(cmd, env=subprocess_env(cache_dir, devices), cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  return subprocess.run(cmd, env={**subprocess_env(cache_dir, devices), **(env or {})}, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,8 +251,17 @@ def shared_reference(tmp_path_factory) -> tuple[str, str]:
     if not done.exists():
       shutil.rmtree(base, ignore_errors=True)
       os.makedirs(cache)
-      proc = run(workdir, cache_dir=cache, timeout=600)
+      # JAX_LOG_COMPILES: the log names every program compiled (tests/pipeline_test.py counts them).
+      proc = run(workdir, cache_dir=cache, timeout=600, env={"JAX_LOG_COMPILES": "1"})
+      (base / "run.log").write_text(proc.stderr)
       if proc.returncode != 0:
         raise AssertionError(f"the reference pipeline failed:\n{proc.stderr[-4000:]}")
       done.write_text("ok")
   return workdir, cache
+
+
+def reference_log(tmp_path_factory) -> str:
+  """What the shared reference run printed (stderr), with a line for each program JAX compiled."""
+  workdir, _ = shared_reference(tmp_path_factory)
+  with open(os.path.join(os.path.dirname(workdir), "run.log")) as f:
+    return f.read()

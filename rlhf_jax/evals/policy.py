@@ -28,6 +28,7 @@ them from an experiment's config for the stages.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -80,18 +81,28 @@ def _batched(fn, params, arrays: dict[str, np.ndarray], batch_size: int, mesh, r
   return np.concatenate(outs)
 
 
+# Module-level jits keyed by the (hashable) configs: the policy and SFT, or each set of best-of-n candidates,
+# reuse one compiled program per batch shape instead of tracing and compiling a new lambda for every call.
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature"))
+def _seq_logprob_sums(p, b, cfg, temperature):
+  return sampling.sequence_logprobs(p, b["prompt_bp"], b["prompt_mask_bp"], b["response_bn"], b["response_mask_bn"],
+                                    cfg, temperature=temperature).sum(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _rm_scores(p, b, cfg):
+  return heads.response_scores(p, b["prompt_bp"], b["prompt_mask_bp"], b["response_bn"], b["response_mask_bn"], cfg)
+
+
 def seq_logprob_sums(params, cfg, samples, temperature: float, *, batch_size: int, mesh, rules) -> np.ndarray:
   """sum_t log pi(y_t | x, y_<t) [b] at `temperature`, one full forward pass per batch."""
-  fn = jax.jit(lambda p, b: sampling.sequence_logprobs(p, b["prompt_bp"], b["prompt_mask_bp"], b["response_bn"],
-                                                        b["response_mask_bn"], cfg, temperature=temperature
-                                                        ).sum(axis=1))
+  fn = functools.partial(_seq_logprob_sums, cfg=cfg, temperature=float(temperature))
   keys = ("prompt_bp", "prompt_mask_bp", "response_bn", "response_mask_bn")
   return _batched(fn, params, {k: samples[k] for k in keys}, batch_size, mesh, rules)
 
 
 def rm_scores(rm_params, rm_cfg, samples, *, batch_size: int, mesh, rules, no_eos_penalty: float | None = None):
-  fn = jax.jit(lambda p, b: heads.response_scores(p, b["prompt_bp"], b["prompt_mask_bp"], b["response_bn"],
-                                                  b["response_mask_bn"], rm_cfg))
+  fn = functools.partial(_rm_scores, cfg=rm_cfg)
   keys = ("prompt_bp", "prompt_mask_bp", "response_bn", "response_mask_bn")
   s = _batched(fn, rm_params, {k: samples[k] for k in keys}, batch_size, mesh, rules)
   if no_eos_penalty is not None:

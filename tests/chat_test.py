@@ -65,13 +65,22 @@ def expected_answer(seed: int, turns) -> str:
   return TOK.decode([t for t in tokens if t != TOK.eos_id])
 
 
+def chat_env(workdir: str) -> dict[str, str]:
+  """chat.py's environment: one CPU device, XLA's optimisation level 0 (as the expected answers here are computed),
+  and a compilation cache shared by this module's sessions, which compile the same programs."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "COLUMNS": "100",
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+          "JAX_COMPILATION_CACHE_DIR": workdir.rstrip("/") + "_xla_cache",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
 class Terminal:
   """chat.py in a pseudo-terminal: `expect` reads until a pattern, `send` types a line."""
 
-  def __init__(self, *args):
+  def __init__(self, workdir, *args):
     self.master, slave = pty.openpty()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "PYTHONUNBUFFERED": "1", "COLUMNS": "100"}
+    env = chat_env(workdir)
+    args = (f"--workdir={workdir}", *args)
     self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), *args], stdin=slave, stdout=slave,
                                  stderr=slave, cwd=ROOT, env=env, close_fds=True)
     os.close(slave)
@@ -115,7 +124,7 @@ class Terminal:
 
 
 def test_two_turns_then_reset(workdir):
-  term = Terminal(f"--workdir={workdir}", "--stage=ppo", f"--max_new_tokens={NEW}", "--temperature=0")
+  term = Terminal(workdir, "--stage=ppo", f"--max_new_tokens={NEW}", "--temperature=0")
   banner = term.expect(r"you> ")
   assert "Chatting with ppo" in banner and "/reset" in banner
   first = term.answer_to("hello there")
@@ -133,7 +142,7 @@ def test_two_turns_then_reset(workdir):
 
 
 def test_the_oldest_turns_are_dropped_at_the_context_limit_and_the_chat_says_so(workdir):
-  term = Terminal(f"--workdir={workdir}", "--stage=sft", f"--max_new_tokens={NEW}", "--temperature=0")
+  term = Terminal(workdir, "--stage=sft", f"--max_new_tokens={NEW}", "--temperature=0")
   term.expect(r"you> ")
   long_a, long_b = "tell me about " + "cats " * 8, "and now about " + "dogs " * 8  # ~55 bytes each
   answer_a = term.answer_to(long_a, "sft")
@@ -152,8 +161,7 @@ def test_the_oldest_turns_are_dropped_at_the_context_limit_and_the_chat_says_so(
 
 
 def test_prompt_answers_once_and_compare_shows_both_policies(workdir):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "COLUMNS": "100"}
+  env = chat_env(workdir)
 
   def run(*args):
     return subprocess.run([sys.executable, "chat.py", f"--workdir={workdir}", f"--max_new_tokens={NEW}",

@@ -34,13 +34,25 @@ def _config():
   return c
 
 
+# _config() as run.py flags (the checks below read n_items, ks and the SFT steps back from what ran): the stages
+# run in a subprocess on one device, as the reference run did, so its compilation cache serves the SFT steps.
+FLAGS = (f"--experiment={experiments.path('icl')}:tiny", "--experiment.sft.train.steps=2",
+         "--experiment.sft.train.log_every=1", "--experiment.sft.train.eval_every=2",
+         "--experiment.sft.train.eval_batches=1", "--experiment.eval.n_prompts=8", "--experiment.eval.batch_size=8",
+         "--experiment.icl.n_items=2", "--experiment.icl.ks=0", "--experiment.icl.ks=1",
+         "--experiment.icl.batch_size=8", "--experiment.icl.max_new_tokens=8", "--experiment.checkpoint.save_every=100",
+         *(f"--experiment.stages={s}" for s in ("sft:noarith", "sft:nostring", "icl")))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  ref, _ = stage_runner.shared_reference(tmp_path_factory)
+  ref, cache = stage_runner.shared_reference(tmp_path_factory)
   workdir = stage_runner.copy_workdir(ref, str(tmp_path_factory.mktemp("icl") / "w"))
-  config = _config()
-  summary = pipeline.run(config, workdir)
-  return config, workdir, summary
+  proc = stage_runner.run(workdir, cache_dir=cache, base_flags=FLAGS, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  return _config(), workdir, summary
 
 
 def test_every_row_is_scored_and_the_summary_is_their_mean(run):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from rlhf_jax import sampling, tokenizers, training
 from rlhf_jax.chat import PROMPT_BUCKET, Conversation, side_by_side
 from rlhf_jax.data.batching import left_pad
@@ -66,10 +67,10 @@ def expected_answer(seed: int, turns) -> str:
 
 
 def chat_env(workdir: str) -> dict[str, str]:
-  """chat.py's environment: one CPU device, XLA's optimisation level 0 (as the expected answers here are computed),
+  """chat.py's environment: one CPU device, the tests' XLA settings (as the expected answers here are computed),
   and a compilation cache shared by this module's sessions, which compile the same programs."""
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "COLUMNS": "100",
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {helpers.FAST_COMPILE_XLA_FLAGS}",
           "JAX_COMPILATION_CACHE_DIR": workdir.rstrip("/") + "_xla_cache",
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 

@@ -19,6 +19,7 @@ import numpy as np
 import portpicker
 import pytest
 
+import helpers
 from rlhf_jax import checkpoint, metrics, optim
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +46,7 @@ def workers(tmp_path_factory):
   port = portpicker.pick_unused_port()
   # 4 devices per process; optimization level 0 halves XLA's CPU compile time, which is nearly all the
   # workers' time (the numbers agree with the optimised reference to far below the tolerances).
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {helpers.FAST_COMPILE_XLA_FLAGS}",
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([_REPO, _HELPERS]))
   procs, logs = [], []
   for i in range(NUM_PROCESSES):

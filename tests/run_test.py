@@ -8,13 +8,16 @@ import sys
 
 import pytest
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--experiment=experiments/instructgpt/config.py:tiny"
 BASELINES = "--experiment=experiments/baselines/config.py:tiny"
 
 
 def _run_py(*args, timeout=180):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {helpers.FAST_COMPILE_XLA_FLAGS}",
+         "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], capture_output=True, text=True,
                         timeout=timeout, env=env, cwd=ROOT)
 

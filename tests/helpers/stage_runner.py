@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_PY = os.path.join(ROOT, "run.py")
 
@@ -55,9 +57,9 @@ BASELINE_STEPS = {"dpo": 3, "grpo": 3}
 def subprocess_env(cache_dir: str, devices: int = 1) -> dict[str, str]:
   env = dict(os.environ)
   env.update({
-      # Optimisation level 0 compiles about a fifth faster; every run of these tests uses it, the references too,
-      # so the runs they compare are the same programs.
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+      # Compile-speed settings; every run of these tests uses them, the references too, so the runs they compare
+      # are the same programs.
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {helpers.FAST_COMPILE_XLA_FLAGS}",
       "JAX_PLATFORMS": "cpu",
       "JAX_COMPILATION_CACHE_DIR": cache_dir,
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

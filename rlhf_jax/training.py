@@ -227,7 +227,10 @@ def train_lm(
       return merge(base, params)
 
   def evaluate(params):
-    return lm_evals.evaluate(eval_step, full(params), eval_iter_fn(), mesh, rules, tc.eval_batches)
+    # Under the mesh whether called in the loop or after it: a call outside would trace again without the
+    # activation sharding constraints and compile a second program.
+    with sharding.activate(mesh, rules):
+      return lm_evals.evaluate(eval_step, full(params), eval_iter_fn(), mesh, rules, tc.eval_batches)
 
   schedule = optim.learning_rate_schedule(optimizer_cfg, tc.steps)
   tokens_per_step = tc.batch_size * tc.seq_len

@@ -96,7 +96,9 @@ def test_each_stage_compiles_its_training_programs_once(tiny_run, tmp_path_facto
     if m:
       compiled[stage, m.group(1)] += 1
   want = {("pretrain", "train_step"): 1, ("sft", "train_step"): 1, ("rm", "train_step"): 1,
-          ("ppo", "rollout_fn"): 1, ("ppo", "update_fn"): 1}
+          ("ppo", "rollout_fn"): 1, ("ppo", "update_fn"): 1,
+          # the held-out LM loss: in the training loop and at the end; of the PPO policy and of SFT
+          ("pretrain", "eval_step"): 1, ("sft", "eval_step"): 1, ("ppo", "_eval_step"): 1}
   assert {k: compiled[k] for k in want} == want, sorted(compiled.items())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,10 +44,17 @@ def evaluate(eval_step, params, batches: Iterator[Batch], mesh, rules, max_batch
   return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _eval_step(params, batch, cfg):
+  return make_eval_step(cfg)(params, batch)
+
+
 def held_out_loss(params, cfg: transformer.ModelConfig, batches: Iterator[Batch], mesh, rules,
                   max_batches: int = 0) -> float:
-  """`evaluate`'s val_loss of one set of parameters (compiles its own eval step)."""
-  return evaluate(jax.jit(make_eval_step(cfg)), params, batches, mesh, rules, max_batches)["val_loss"]
+  """`evaluate`'s val_loss of one set of parameters (one compiled eval step per config and shape, shared by
+  every call: the policy's and SFT's losses compile once)."""
+  step = functools.partial(_eval_step, cfg=cfg)
+  return evaluate(step, params, batches, mesh, rules, max_batches)["val_loss"]
 
 
 def unigram_entropy(token_batches: Iterator[Batch], max_batches: int = 20) -> float:

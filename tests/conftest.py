@@ -7,16 +7,16 @@ mirroring rlhf_jax/ and import `from helpers import ...` from any of them.
 import os
 import sys
 
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_TESTS))
+sys.path.insert(0, _TESTS)
+
 # Compile-speed settings (tests/helpers/__init__.py, which every subprocess of the tests uses too): the tests'
 # programs are small, so compile time is most of their time.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import FAST_COMPILE_XLA_FLAGS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_TESTS))
-sys.path.insert(0, _TESTS)
 
 
 def pytest_collection_finish(session):

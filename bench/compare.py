@@ -45,18 +45,32 @@ LIMITS = {
     "ppo_iteration_speedup_vs_trl": (
         "The update phase (E x M policy + value gradient steps) dominates the iteration and is the small "
         "model's train step again, with the same limits; ours also recomputes the old log-probs with a full "
-        "forward pass, which TRL takes from its sampler."),
+        "forward pass, which TRL takes from its sampler (`ppo.old_logp=sampler` skips that pass; the bench "
+        "runs the default, `recompute`)."),
+    "train_step_speedup_vs_torch_base": (
+        "At base width both sides are mostly large matmuls, so the ratio is close to the ratio of the two "
+        "libraries' matmul peaks (the peak row)."),
     "generate_speedup_vs_hf_b64": (
-        "Per step at batch 64 (profile): weight matmuls ~35%, attention reading all cache slots (filled or "
-        "not) ~30%, random numbers ~12% (JAX's threefry runs as a loop on CPU); prefill ~25% of the total. "
-        "The next steps are a fused q/k/v projection and attending only over the filled part of the cache."),
+        "Measured on this CPU on 2026-12-06 (the fused q/k/v projection and the cache grown in 4 segments were "
+        "already in): a decoding step at batch 64 costs 2.0 ms plus 0.022 ms per cache slot (prompts of 8, 64 "
+        "and 192 tokens), the prefill of the 64 x 64 prompt 75 ms. The per-slot part is the KV cache read "
+        "(64 rows x 4 layers x keys and values x 128 floats, 262 KB a slot) at 12 GB/s, where a jitted "
+        "reduction streams 15-18 GB/s on this machine; the fixed part is mostly the [64, 128] x [128, n] weight "
+        "matmuls, which XLA:CPU runs at 45-68 GFLOP/s alone in a loop (a third of the peak; no XLA flag tried "
+        "-- YNNPACK, XNNPACK or oneDNN dots -- ran them faster): 1.75 ms a step for their 109 MFLOP. At those "
+        "two rates (1.75 ms + 27 MB of cache at 17 GB/s, 104 slots on average) 64 steps and the prefill take "
+        "about 0.29 s, against the 0.31 s that 3x transformers' time allows: the target is at this machine's "
+        "limit for this model, not a kernel away. Sampling (Gumbel noise over the 512-word vocabulary) is "
+        "another 5-10%. The table's transformers time sets the 3x budget; the estimate above is this "
+        "machine's, from the measurements listed, not a bound tested in tests/bench_test.py."),
 }
 
-TARGETS = {  # key -> (threshold, description)
-    "generate_speedup_vs_hf_b64": (10.0, ">= 10x transformers `generate` (KV cache, batch 64)"),
-    "ppo_iteration_speedup_vs_trl": (3.0, ">= 3x TRL 0.19 PPOTrainer, one iteration"),
-    "train_step_speedup_vs_torch": (1.0, ">= PyTorch eager train step (small)"),
+TARGETS = {  # key -> (threshold, description): issue #25's CPU targets
+    "train_step_speedup_vs_torch": (1.5, ">= 1.5x PyTorch eager train step (small)"),
+    "train_step_speedup_vs_torch_base": (1.5, ">= 1.5x PyTorch eager train step (base)"),
     "train_step_mfu_small": (0.40, ">= 40% of the measured matmul peak (small)"),
+    "generate_speedup_vs_hf_b64": (3.0, ">= 3x transformers `generate` (KV cache, batch 64)"),
+    "ppo_iteration_speedup_vs_trl": (3.0, ">= 3x TRL 0.19 PPOTrainer, one iteration"),
 }
 
 

@@ -175,6 +175,10 @@ def rm_config() -> ConfigDict:
       # encoder in WORKDIR/<encoder_from>, rlhf_jax/stages/mlm.py; the policy's size, model.causal=False).
       backbone="decoder", encoder_from="mlm",
       model_size="",  # "" = the policy's config (backbone from SFT); else a preset name (fresh backbone)
+      # backbone_from: a stage directory whose model (of the RM's config) the backbone starts from, e.g. a
+      # pretrain/SFT variant of rm.model_size's size (experiments/papers/gao.py); "" = rm.init_from's model when
+      # the RM has the policy's size, else a fresh init. rm.init_from stays the policy whose samples are ranked.
+      backbone_from="",
       n_prompts=256, n_val_prompts=64, k_min=4, k_max=9, sample_temperature=1.0, max_new_tokens=32,
       # length_bucket: batches are cut to their longest sequence rounded up to this (0: always seq_len).
       seq_len=128, length_bucket=32, too_long="truncate", grouping="prompt", pair_weighting="uniform",
@@ -308,6 +312,20 @@ def experiment_config(path: str, preset: str | None = None) -> ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(preset)
+
+
+def add_rm_of_size(c: ConfigDict, size: str) -> tuple[str, list[str]]:
+  """Adds to experiment config `c` a reward model of another model size (a models/presets.py name) that starts
+  from an SFT model of that size, as the policy-sized RM starts from the shared SFT model: variants
+  pretrain_<size> and sft_<size> (the shared pretraining and SFT settings with that model) and rm_<size>
+  (rm.model_size, rm.backbone_from; the shared comparisons of the policy's samples). Returns (the RM's stage
+  directory, the stages entries to run, in order). experiments/papers/gao.py and rm_proxy.py use it."""
+  model = model_config(size).to_dict()
+  name = f"rm_{size}"
+  c.variants[f"pretrain_{size}"] = {"model": model, "pretrain": {"stage_dir": f"pretrain_{size}"}}
+  c.variants[f"sft_{size}"] = {"model": model, "sft": {"stage_dir": f"sft_{size}", "init_from": f"pretrain_{size}"}}
+  c.variants[name] = {"rm": {"stage_dir": name, "model_size": size, "backbone_from": f"sft_{size}"}}
+  return name, [f"pretrain:pretrain_{size}", f"sft:sft_{size}", f"rm:{name}"]
 
 
 def files_config() -> ConfigDict:

@@ -15,13 +15,16 @@ Presets:
   cpu          one reward model (the shared `rm`); PPO at a fixed beta of 0.005 for 60 iterations at lr 5e-5 (the
                instructgpt `kl0` variant's rate, whose gold score peaked after ~10 iterations), every iteration
                logged: on a 2-core CPU, about 10 minutes once the shared stages exist.
-  accelerator  the same at 200 iterations, plus reward models of three sizes, the two others trained from
-               scratch (rm_tiny, rm_base: only the policy-sized one can start from SFT, a confound the README
-               states), each with its own RL run: does the gold peak move out as the RM grows? And a policy-sized
-               RM on half the comparisons (rm_half, rm.max_train_prompts) with its RL run: does the peak move out
-               with the comparison-set size?
+  cpu_sizes    cpu, plus reward models of the `tiny` and `medium` sizes (a quarter and 3.4x the `small` policy's
+               parameters) and a policy-sized one on half the comparisons (rm_half, rm.max_train_prompts), each
+               with its RL run: does the gold peak move out as the RM grows, and as its comparisons grow? Every
+               RM starts from an SFT model of its own size (pretrain_<size> and sft_<size>: the shared stages'
+               settings with that model), as the policy-sized one starts from the shared SFT model, so the sizes
+               differ only in size. About 1.5 hours a seed on a 2-core CPU.
+  accelerator  the same at 200 iterations with RMs of the `tiny`, `small` (the policy's) and `base` sizes.
   tiny         the tiny pipeline, 4 RL iterations, best-of-n up to 4, a second reward model (the `small` size,
-               from scratch) and one on half the comparisons, each with its own RL run: a smoke test.
+               from its own pretraining and SFT) and one on half the comparisons, each with its own RL run: a
+               smoke test.
 """
 
 import os
@@ -31,7 +34,7 @@ import ml_collections
 from rlhf_jax import configs
 
 _INSTRUCTGPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "instructgpt", "config.py")
-PRESETS = ("cpu", "accelerator", "tiny")
+PRESETS = ("cpu", "cpu_sizes", "accelerator", "tiny")
 
 
 def _instructgpt(preset: str):
@@ -51,19 +54,21 @@ def get_config(arg: str | None = None):
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r} of experiments/papers/gao.py; expected one of {', '.join(PRESETS)}")
   c = _instructgpt("tiny" if preset == "tiny" else "small")
-  iterations = {"cpu": 60, "accelerator": 200, "tiny": 4}[preset]
+  iterations = {"cpu": 60, "cpu_sizes": 60, "accelerator": 200, "tiny": 4}[preset]
   c.variants = ml_collections.ConfigDict({"gao": _rl("ppo_gao", iterations)})
-  runs, rms, rm_stages = ["ppo_gao"], ["rm"], []
-  if preset in ("accelerator", "tiny"):
-    # Reward models of other sizes on the same comparisons, from scratch (the smoke test: one, the `small` size).
-    sizes = ("tiny", "base") if preset == "accelerator" else ("small",)
+  runs, rms, size_stages, rm_stages = ["ppo_gao"], ["rm"], [], []
+  if preset != "cpu":
+    # Reward models of other sizes on the same comparisons, each from a pretrained and SFT model of its size
+    # (the shared stages' pretraining and SFT settings with that model), as the policy-sized `rm` starts from the
+    # shared SFT model.
+    sizes = {"cpu_sizes": ("tiny", "medium"), "accelerator": ("tiny", "base"), "tiny": ("small",)}[preset]
     for size in sizes:
-      name = f"rm_{size}"
-      c.variants[name] = {"rm": {"stage_dir": name, "model_size": size}}
+      name, entries = configs.add_rm_of_size(c, size)
       c.variants[f"gao_{name}"] = _rl(f"ppo_gao_{name}", iterations, rm_from=name)
       runs.append(f"ppo_gao_{name}")
       rms.append(name)
-      rm_stages.append(f"rm:{name}")
+      size_stages += entries[:-1]
+      rm_stages.append(entries[-1])
     # The comparison-set size: the policy-sized RM on the first half of the shared comparisons' prompts.
     c.variants["rm_half"] = {"rm": {"stage_dir": "rm_half", "max_train_prompts": c.rm.n_prompts // 2}}
     c.variants["gao_rm_half"] = _rl("ppo_gao_rm_half", iterations, rm_from="rm_half")
@@ -75,6 +80,6 @@ def get_config(arg: str | None = None):
   c.papers.runs = tuple(runs)
   c.papers.rms = tuple(rms)
   c.papers.best_of_n = (1, 2, 4) if preset == "tiny" else (1, 2, 4, 8, 16, 32, 64)
-  c.stages = ("data", "pretrain", "sft", "rm", *rm_stages, *(f"ppo:{r[len('ppo_'):]}" for r in runs), "papers",
+  c.stages = ("data", "pretrain", "sft", *size_stages, "rm", *rm_stages, *(f"ppo:{r[len('ppo_'):]}" for r in runs), "papers",
               "report")
   return c

@@ -18,17 +18,18 @@ with the shared RM's optimizer and epochs; only the named field differs:
   rm_gold      rm.labels="gold": the same prompts and responses ranked by the gold scorer instead of the noisy
                labelers (ties give no pair): the ceiling of this data and RM size with perfect labels, which says
                whether the labels' noise or the amount of data and the RM's capacity hold the proxy back
+  rm_<size>    a reward model larger than the policy (cpu: `medium`, 3.4x the `small` policy's parameters;
+               accelerator: `base`; tiny: `small`), from pretraining and SFT of its own size on the shared
+               settings (configs.add_rm_of_size), as the shared RM starts from the shared SFT model
 and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM and the ensemble. The papers stage
 (WORKDIR/papers_rm_proxy) writes the table and one verdict per row.
 
-Not here: an RM larger than the policy (only the policy-sized RM starts from a pretrained model in this pipeline:
-a larger one would start from scratch, which measures pretraining, not size; experiments/papers/gao.py's
-accelerator preset has such RMs), and more comparisons (the shared comparisons are sampled once per workdir;
-a larger set needs its own workdir: `--experiment.rm.n_prompts`).
+Not here: more comparisons (the shared comparisons are sampled once per workdir; a larger set needs its own
+workdir: `--experiment.rm.n_prompts`).
 
 Presets:
-  cpu          the small pipeline; six extra RMs (4 epochs of 1000 prompts each) and five PPO runs (40
-               iterations, the shared `ppo`'s settings).
+  cpu          the small pipeline; seven extra RMs (4 epochs of 1000 prompts each) and six PPO runs (40
+               iterations, the shared `ppo`'s settings), and the `medium` model's pretraining and SFT.
   accelerator  the same runs, best-of-64 too.
   tiny         the tiny pipeline, 2 PPO iterations: a smoke test.
 """
@@ -67,6 +68,14 @@ def get_config(arg: str | None = None):
       c.variants[run] = {"ppo": {"stage_dir": run, "rm_from": name}, "eval": no_bon}
       ppo_stages.append(f"ppo:{run}")
     runs.append(run)
+  # A reward model larger than the policy, from pretraining and SFT of its own size.
+  size = {"cpu": "medium", "accelerator": "base", "tiny": "small"}[preset]
+  name, size_stages = configs.add_rm_of_size(c, size)
+  rm_stages.append(size_stages[-1])
+  rms.append(name)
+  c.variants[f"ppo_{name}"] = {"ppo": {"stage_dir": f"ppo_{name}", "rm_from": name}, "eval": no_bon}
+  ppo_stages.append(f"ppo:ppo_{name}")
+  runs.append(f"ppo_{name}")
   c.papers.stage_dir = "papers_rm_proxy"
   c.papers.experiment = "rm_proxy"
   c.papers.rms = tuple(rms)
@@ -77,5 +86,6 @@ def get_config(arg: str | None = None):
   ppo_stages.append("ppo:ppo_ensemble")
   c.papers.runs = (*runs, "ppo_ensemble")
   c.papers.best_of_n = {"cpu": (1, 4, 16), "accelerator": (1, 4, 16, 64), "tiny": (1, 2, 4)}[preset]
-  c.stages = ("data", "pretrain", "sft", "rm", *rm_stages, "ppo", *ppo_stages, "papers", "report")
+  c.stages = ("data", "pretrain", "sft", *size_stages[:-1], "rm", *rm_stages, "ppo", *ppo_stages, "papers",
+              "report")
   return c

@@ -520,13 +520,13 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   pc = config.papers
   rms, runs = list(pc.rms), list(pc.runs)
   ensembles = [tuple(e) for e in pc.ensembles]
-  curves, _ = _best_of_n_curves(config, workdir, rms, [[rms.index(m) for m in e] for e in ensembles])
+  curves, n_params = _best_of_n_curves(config, workdir, rms, [[rms.index(m) for m in e] for e in ensembles])
   ns = sorted(n for n in pc.best_of_n if n > 1)
   names = rms + ["+".join(e) for e in ensembles]
   summary: dict[str, float] = {}
-  head = ["| reward model | score at | LM coef | labels | clear-pair gold accuracy | labeler accuracy |",
+  head = ["| reward model | parameters | score at | LM coef | labels | clear-pair gold accuracy | labeler accuracy |",
           *[f" best-of-{n} share of the oracle's gain |" for n in ns], " PPO gold | PPO win rate vs SFT | PPO KL |"]
-  table = ["".join(head), "|---|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
+  table = ["".join(head), "|---|---|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
   verdicts = []
   for i, name in enumerate(names):
     curve = curves[i]
@@ -535,12 +535,14 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     s = _read_summary(workdir, member) if member else {}
     acc = s.get("val_gold_accuracy_clear", float("nan"))
     lab = s.get("val_accuracy", float("nan"))
-    row = [name, str(s.get("score_at", "eos")) if member else "mean of members",
+    row = [name, f"{n_params[i] / 1e6:.2f}M" if member else "",
+           str(s.get("score_at", "eos")) if member else "mean of members",
            f"{s.get('lm_coef', 0.0):g}" if member else "", str(s.get("labels", "labelers")) if member else "",
            f"{acc:.3f}" if member else "",
            f"{lab:.3f}" if member else ""]
     key = name.replace("+", "_")
     if member:
+      summary[f"{key}_backbone_params"] = float(n_params[i])
       summary[f"{key}_gold_accuracy_clear"] = float(acc)
       summary[f"{key}_labeler_accuracy"] = float(lab)
     for n in ns:
@@ -567,7 +569,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   s0 = _read_summary(workdir, rms[0])
   base = s0.get("val_policy_logprob_gold_accuracy_clear")
   lines = ["## A better proxy reward model", "",
-           "Each reward model on the same comparisons, from the same SFT model; best-of-n of SFT on the held-out "
+           "Each reward model on the same comparisons, from the SFT model of its size (the shared one at the "
+           "policy's size; parameters: the backbone's); best-of-n of SFT on the held-out "
            f"prompts ({config.eval.n_prompts}), one set of {max(pc.best_of_n)} candidates a prompt for every "
            "model; the share is (gold of the RM's picks - SFT's) / (gold of the gold scorer's own picks - SFT's). "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."

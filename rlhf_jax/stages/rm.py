@@ -57,6 +57,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   runtime.check_choice(rc.grouping, "rm.grouping", ("prompt", "pairs"))
   runtime.check_choice(rc.pair_weighting, "rm.pair_weighting", ("uniform", "per_prompt"))
   runtime.check_choice(rc.backbone, "rm.backbone", ("decoder", "encoder"))
+  if rc.backbone_from and (rc.backbone == "encoder" or rc.finetune_from):
+    raise ValueError(f"rm.backbone_from={rc.backbone_from!r} starts a decoder RM's backbone; it cannot be combined "
+                     f"with rm.backbone='encoder' (rm.encoder_from) or rm.finetune_from={rc.finetune_from!r}")
   if rc.backbone == "encoder" and (rc.model_size or not rc.encoder_from):
     raise ValueError(f"rm.backbone='encoder' starts from the mlm stage's encoder in WORKDIR/<rm.encoder_from> (the "
                      f"policy's size): set rm.encoder_from (got {rc.encoder_from!r}) and leave rm.model_size empty "
@@ -79,7 +82,8 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def rm_model_config(config, vocab_size: int) -> transformer.ModelConfig:
-  """The reward model's size: the policy's unless rm.model_size names a preset ("tiny", "small", "base")."""
+  """The reward model's size: the policy's unless rm.model_size names a preset (models/presets.py: "tiny",
+  "small", "medium", "base")."""
   if config.rm.backbone == "encoder":  # the policy's architecture with bidirectional attention (stages/mlm.py)
     return dataclasses.replace(runtime.policy_config(config, vocab_size), causal=False)
   if not config.rm.model_size:
@@ -179,7 +183,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("[rm] %d train comparisons (%d groups, %s), %d validation; %d steps", len(train), len(groups),
                rc.grouping, len(val), steps)
 
-  # Backbone: the SFT (policy) parameters when the RM has the policy's size; a fresh init otherwise.
+  # Backbone: rm.backbone_from's model if set; else the SFT (policy) parameters when the RM has the policy's size,
+  # a fresh init otherwise.
   axes = heads.rm_param_axes(model_cfg)
   optimizer = optim.make_optimizer(rc.optimizer, steps, optim.decay_mask_from_axes(axes))
   # rm.seed_offset: another head initialisation and data order on the same comparisons (an ensemble's members).
@@ -197,12 +202,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                       field="rm.encoder_from")
     state, state_sh = optim.state_from_params(heads.init_rm_params(rng, model_cfg, backbone, rc.score_at), axes, optimizer, rng,
                                               mesh, rules)
+  elif rc.backbone_from:  # e.g. a pretrain/SFT variant of rm.model_size's size: the RM's own config
+    backbone, _ = runtime.load_policy(workdir, rc.backbone_from, mesh, rules, expect=model_cfg,
+                                      field="rm.backbone_from")
+    init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at)
+    state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   elif dataclasses.asdict(model_cfg) == dataclasses.asdict(policy_cfg) and rc.init_from:
     backbone, _ = runtime.load_policy(workdir, rc.init_from, mesh, rules, expect=policy_cfg, field="rm.init_from")
     init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at)
     state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   else:
-    logging.warning("[rm] reward model size differs from the policy's: its backbone starts from scratch")
+    logging.warning("[rm] reward model size differs from the policy's and rm.backbone_from is empty: its backbone "
+                    "starts from scratch")
     state, state_sh = optim.create_state(lambda key: heads.init_rm_params(key, model_cfg, score_at=rc.score_at), axes, optimizer, rng,
                                          mesh, rules)
 

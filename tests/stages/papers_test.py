@@ -127,6 +127,40 @@ def test_gao_section_on_the_tiny_run_matches_ppo_best_of_n_and_numpy(tmp_path_fa
   shutil.rmtree(wd)
 
 
+def test_an_rm_of_another_size_starts_from_the_sft_model_of_its_size(tmp_path_factory, tmp_path):
+  # gao.py's size axis: rm_small (the tiny policy's run) starts from sft_small, itself from pretrain_small, both
+  # the shared stages' settings with the `small` model. At lr 0 the exported RM backbone is sft_small's model.
+  import jax  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import sharding, training  # pylint: disable=g-import-not-at-top
+  reference, cache = stage_runner.shared_reference(tmp_path_factory)
+  wd = stage_runner.copy_workdir(reference, str(tmp_path / "w"))
+  flags = (f"--experiment={os.path.join(stage_runner.ROOT, 'experiments', 'papers', 'gao.py')}:tiny",
+           *stage_runner.TINY_FLAGS[1:], "--experiment.stages=pretrain:pretrain_small",
+           "--experiment.stages=sft:sft_small", "--experiment.stages=rm:rm_small", "--experiment.rm.optimizer.lr=0.0")
+  proc = stage_runner.run(wd, cache_dir=cache, base_flags=flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  load = lambda d: training.load_export(os.path.join(wd, d), mesh, sharding.DEFAULT_RULES)
+  sft_small, small_cfg, _ = load("sft_small")
+  pretrain_small, _, _ = load("pretrain_small")
+  rm_small, rm_cfg, manifest = load("rm_small")
+  _, tiny_cfg, _ = load("sft")
+  assert manifest["kind"] == "reward_model" and rm_cfg == small_cfg
+  assert (small_cfg.d_model, small_cfg.n_layers, tiny_cfg.d_model) == (128, 4, 64)
+  for a, b in zip(jax.tree.leaves(rm_small["backbone"]), jax.tree.leaves(sft_small), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+           for a, b in zip(jax.tree.leaves(sft_small), jax.tree.leaves(pretrain_small), strict=True)]
+  assert max(moved) > 0  # SFT trained the small model it started from
+  # A backbone of another config is a one-line error naming the field and both configs.
+  proc = stage_runner.run(wd, "--experiment.variants.rm_small.rm.backbone_from=sft",
+                          "--experiment.variants.rm_small.rm.stage_dir=rm_bad", cache_dir=cache, base_flags=flags)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "error: rm.backbone_from='sft'" in proc.stderr and "d_model: 64 there, 128 here" in proc.stderr
+  assert not os.path.exists(os.path.join(wd, "rm_bad", training.EXPORT_MANIFEST))
+  shutil.rmtree(wd)
+
+
 def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   # A second RM read at the response mean with the auxiliary LM loss, then the rm_proxy section over both and
   # their ensemble: the shared RM's best-of-2 is the PPO stage's, and each share is the formula's.
@@ -167,7 +201,14 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   assert s["rm_ppo_gold_score"] == pytest.approx(ref["ppo.gold_score"], abs=1e-9)
   assert "rm_mean_ppo_gold_score" not in s
   text = open(os.path.join(wd, "papers_rm_proxy", papers.SECTION_FILE)).read()
-  assert "| rm_mean | mean | 0.5 | labelers |" in text and "| rm+rm_mean | mean of members |" in text
+  # The backbone's parameter count by hand: embedding and unembedding, per layer q/k/v/o, the GELU MLP's two
+  # matrices and two norm scales, and the final norm.
+  cfg = json.load(open(os.path.join(wd, "rm_mean", "export.json")))["model"]
+  d, f, v, l = cfg["d_model"], cfg["d_ff"], cfg["vocab_size"], cfg["n_layers"]
+  assert (cfg["mlp"], cfg["tie_embeddings"], cfg["n_heads"] * (cfg["head_dim"] or d // cfg["n_heads"])) == ("gelu", False, d)
+  assert s["rm_mean_backbone_params"] == 2 * v * d + l * (4 * d * d + 2 * d * f + 2 * d) + d
+  mparams = f"{s['rm_mean_backbone_params'] / 1e6:.2f}M"
+  assert f"| rm_mean | {mparams} | mean | 0.5 | labelers |" in text and "| rm+rm_mean |  | mean of members |" in text
   assert s["n_verdicts"] == 3  # rm, rm_mean and their ensemble
   shutil.rmtree(wd)
 
@@ -241,8 +282,9 @@ def test_dpo_vs_ppo_section(tmp_path):
     papers.check(c)
 
 
-@pytest.mark.parametrize("name", ["gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo", "rm_proxy"])
-@pytest.mark.parametrize("preset", ["cpu", "accelerator", "tiny"])
+@pytest.mark.parametrize("name,preset", [
+    *((n, p) for n in ("gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo", "rm_proxy")
+      for p in ("cpu", "accelerator", "tiny")), ("gao", "cpu_sizes")])
 def test_every_run_a_papers_experiment_reads_is_written_by_one_of_its_stages(name, preset):
   from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
   c = configs.experiment_config(os.path.join(stage_runner.ROOT, "experiments", "papers", f"{name}.py"), preset)

@@ -100,6 +100,13 @@ def policy_comparisons(config, workdir: str, tok) -> tuple[list[dict], list[dict
   fp = f"seed={config.seed};n={rc.n_prompts},{rc.n_val_prompts};k={rc.k_min}-{rc.k_max};" \
        f"T={rc.sample_temperature};new={rc.max_new_tokens};from={rc.init_from}"
   ds_dir = os.path.join(out_dir, name, "1.0.0")
+  if os.path.isdir(ds_dir) and tfds_io.read_fingerprint(ds_dir) != fp:
+    # Not silently reused: a variant asking for more prompts (or another K, temperature or policy) would train on
+    # the other settings' comparisons.
+    raise ValueError(f"{ds_dir} holds policy comparisons sampled with {tfds_io.read_fingerprint(ds_dir)!r}, not "
+                     f"this run's {fp!r} (rm.n_prompts, n_val_prompts, k_min/k_max, sample_temperature, "
+                     "max_new_tokens, init_from): the shared comparisons are sampled once a workdir; use another "
+                     "workdir for other settings")
   if not os.path.isdir(ds_dir):
     mesh, rules = runtime.mesh_and_rules(config)
     params, policy_cfg = runtime.load_policy(workdir, rc.init_from, mesh, rules,

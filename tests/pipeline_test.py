@@ -128,3 +128,7 @@ def test_policy_plus_offline_comparisons_add_the_suite_split_to_training_only(ti
   assert [r["responses"] for r in tr] == [r["responses"] for r in policy_tr] + [
       offline[i]["responses"] for i in range(len(offline))]
   assert [r["responses"] for r in va] == [r["responses"] for r in policy_va]
+  # The shared comparisons were sampled for 16 prompts: a variant asking for 32 is an error, not the 16 reused.
+  config.rm.n_prompts = 32
+  with pytest.raises(ValueError, match=r"n=16,8;.*not this run's 'seed=0;n=32,8;.*use another workdir"):
+    feedback.policy_comparisons(config, workdir, tok)

@@ -176,6 +176,11 @@ def read_metadata(dataset_dir: str) -> dict[str, Any]:
   return _read_metadata_file(dataset_dir).get(_USER_KEY) or {}
 
 
+def read_fingerprint(dataset_dir: str) -> str | None:
+  """The `fingerprint` the dataset in `dataset_dir` was written from (None if none was given)."""
+  return _read_metadata_file(dataset_dir).get(_FINGERPRINT_KEY)
+
+
 def read_schema(dataset_dir: str) -> dict[str, str]:
   """The field -> type-string dict the dataset in `dataset_dir` was written with."""
   return dict(_read_metadata_file(dataset_dir)[_SCHEMA_KEY])

@@ -18,17 +18,19 @@ with the shared RM's optimizer and epochs; only the named field differs:
   rm_gold      rm.labels="gold": the same prompts and responses ranked by the gold scorer instead of the noisy
                labelers (ties give no pair): the ceiling of this data and RM size with perfect labels, which says
                whether the labels' noise or the amount of data and the RM's capacity hold the proxy back
+  rm_half      rm.max_train_prompts: the first half of the shared comparisons' prompts (the world's comparison
+               prompts are all in the shared set, so more data is measured as its slope from half to all)
   rm_<size>    a reward model larger than the policy (cpu: `medium`, 3.4x the `small` policy's parameters;
                accelerator: `base`; tiny: `small`), from pretraining and SFT of its own size on the shared
                settings (configs.add_rm_of_size), as the shared RM starts from the shared SFT model
 and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM and the ensemble. The papers stage
 (WORKDIR/papers_rm_proxy) writes the table and one verdict per row.
 
-Not here: more comparisons (the shared comparisons are sampled once per workdir; a larger set needs its own
-workdir: `--experiment.rm.n_prompts`).
+Not here: more comparisons than the world's comparison prompts (data.n_comparisons: another data preset, so
+another world and workdir).
 
 Presets:
-  cpu          the small pipeline; seven extra RMs (4 epochs of 1000 prompts each) and six PPO runs (40
+  cpu          the small pipeline; eight extra RMs (4 epochs of 1000 prompts each, rm_half 500) and six PPO runs (40
                iterations, the shared `ppo`'s settings), and the `medium` model's pretraining and SFT.
   accelerator  the same runs, best-of-64 too.
   tiny         the tiny pipeline, 2 PPO iterations: a smoke test.
@@ -68,6 +70,12 @@ def get_config(arg: str | None = None):
       c.variants[run] = {"ppo": {"stage_dir": run, "rm_from": name}, "eval": no_bon}
       ppo_stages.append(f"ppo:{run}")
     runs.append(run)
+  # Fewer comparisons: the shared RM on the first half of the prompts (gao.py's rm_half, the same stage). The
+  # world has no more comparison prompts than the shared set, so this is the data axis this workdir can measure.
+  c.variants["rm_half"] = {"rm": {"stage_dir": "rm_half", "max_train_prompts": c.rm.n_prompts // 2}}
+  rm_stages.append("rm:rm_half")
+  rms.append("rm_half")
+  runs.append("")
   # A reward model larger than the policy, from pretraining and SFT of its own size.
   size = {"cpu": "medium", "accelerator": "base", "tiny": "small"}[preset]
   name, size_stages = configs.add_rm_of_size(c, size)

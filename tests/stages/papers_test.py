@@ -310,4 +310,8 @@ def test_gao_peak_verdicts_per_axis_and_rm_subset_check():
   c.rm.max_train_prompts = -1
   with pytest.raises(ValueError, match="rm.max_train_prompts"):
     rm.check(c)
+  c = configs.base_config()
+  c.rm.backbone_from, c.rm.finetune_from = "sft_small", "rm"
+  with pytest.raises(ValueError, match=r"rm.backbone_from='sft_small' .* rm.finetune_from='rm'"):
+    rm.check(c)
 

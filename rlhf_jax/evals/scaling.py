@@ -102,6 +102,10 @@ class Verdict:
   held: bool
   evidence: str
 
+  def __post_init__(self):
+    # A NumPy comparison gives np.bool_, which sums to np.int64 and does not serialise to JSON.
+    object.__setattr__(self, "held", bool(self.held))
+
   def markdown(self) -> str:
     return f"**{'Held' if self.held else 'Not held'}**: {self.claim} ({self.evidence})"
 

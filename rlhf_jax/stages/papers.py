@@ -593,7 +593,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               "dpo_vs_ppo": dpo_vs_ppo,
                               "rm_proxy": rm_proxy}[config.papers.experiment](config, workdir, out_dir)
   lines += ["Verdicts (rlhf_jax/evals/scaling.py):", "", *[f"- {v.markdown()}" for v in verdicts], ""]
-  summary = {**summary, "n_verdicts_held": sum(v.held for v in verdicts), "n_verdicts": len(verdicts),
+  summary = {**summary, "n_verdicts_held": int(sum(v.held for v in verdicts)), "n_verdicts": len(verdicts),
              "wall_s": time.time() - t0}
   if jax.process_index() == 0:
     checkpoint.write_text_atomic(os.path.join(out_dir, SECTION_FILE), "\n".join(lines))

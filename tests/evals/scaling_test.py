@@ -1,5 +1,6 @@
 """Gao et al.'s two fits against NumPy on synthetic points with known coefficients, and the verdict helpers."""
 
+import json
 import math
 
 import numpy as np
@@ -73,6 +74,9 @@ def test_peak_moves_out_and_interior_optimum():
   assert scaling.peak_moves_out([3, 1, 2], [5.0, 1.0, 2.0]).held
   assert not scaling.peak_moves_out([1, 2, 3], [1.0, 3.0, 2.0]).held
   assert not scaling.peak_moves_out([1], [1.0]).held
+  # Verdicts hold Python bools (from NumPy comparisons too): the papers stage sums them into summary.json.
+  v = scaling.peak_moves_out([1, 2], np.array([1.0, 2.0]))
+  assert type(v.held) is bool and json.dumps({"n": sum(x.held for x in (v, v))}) == '{"n": 2}'
   v = scaling.interior_optimum([0.1, 0.01, 0.001], [0.2, 0.5, 0.3], kls=[0.5, 2.0, 6.0])
   assert v.held and "best: beta 0.01" in v.evidence and v.evidence.startswith("beta 0.001: gold +0.300 at KL 6.00")
   assert not scaling.interior_optimum([0.1, 0.01, 0.001], [0.2, 0.3, 0.5]).held  # smallest beta best

@@ -72,6 +72,7 @@ def test_pipeline_writes_every_summary_key_and_the_report(tiny_run):
   assert sum(n.values()) == on_disk["rm.val_gold_pairs_clear"]  # this tiny draw may have no clear pair
   # The families come from the RM stage's own policy comparisons (prompt text only, parsed by the world).
   config = experiments.config("instructgpt", "tiny")
+  config.rm.n_prompts, config.rm.n_val_prompts = 16, 8  # the shared run's sizes (stage_runner.FLAGS)
   _, val_records = feedback.comparison_records(config, workdir, sources.tokenizer(config, workdir))
   families = feedback.suite_families(config, workdir, val_records)
   assert families is not None and len(families) == len(val_records) and set(families) <= set(FAMILIES)

@@ -36,6 +36,9 @@ class Stage:
   module: types.ModuleType  # has check(config) and run(config, workdir)
   block: str | None = None  # its config block (which holds stage_dir); None: no stage directory of its own
   always_run: bool = False  # never skipped as complete (data keeps its own cache; the report is rewritten)
+  # is_current(config, workdir) -> None if the finished run still answers this config, else why not (the stage
+  # is redone): for a stage that reads the others' files under settings a rerun may change (papers).
+  is_current: Any = None
 
 
 STAGES: dict[str, Stage] = {
@@ -50,7 +53,7 @@ STAGES: dict[str, Stage] = {
     "collect": Stage(collect, "collect"),  # online rounds: the current policy's samples ranked by the labelers
     "elo": Stage(elo, "elo"),  # a cross-model Elo table of policy snapshots
     "export": Stage(export, "export"),
-    "papers": Stage(papers, "papers"),  # a paper's ablation from the other stages' files (experiments/papers/)
+    "papers": Stage(papers, "papers", is_current=papers.is_current),  # a paper's ablation from the other stages' files (experiments/papers/)
     "icl": Stage(icl, "icl"),  # k-shot accuracy, prompt- and instruction-style, and the held-out family
     "report": Stage(report, always_run=True),
 }
@@ -111,10 +114,14 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
   name = stage_dir_name(config, stage)  # a variant is named by its directory (ppo_ptx, grpo, ...)
   if skip_done and path and os.path.exists(path):
     damage = training.export_damage(os.path.dirname(path))
-    if damage is None:
+    stale = STAGES[stage].is_current(config, workdir) if STAGES[stage].is_current and damage is None else None
+    if damage is None and stale is None:
       logging.info("stage %s is complete (%s); skipping", name, path)
       with open(path) as f:
         return json.load(f)
+    if stale is not None:
+      logging.warning("stage %s: redone, %s", name, stale)
+      return STAGES[stage].module.run(config, workdir)
     # Its summary says done, but what it handed on is damaged: redo it (it resumes from its last checkpoint).
     aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:

@@ -583,6 +583,30 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
 # The stage.
 
 
+_INPUTS_FILE = "inputs.json"
+
+
+def _inputs(config) -> dict[str, Any]:
+  """What the section is computed from besides the other stages' files: the papers and eval blocks."""
+  return json.loads(json.dumps({"papers": config.papers.to_dict(), "eval": config.eval.to_dict(),
+                                "seed": config.seed}, default=list))
+
+
+def is_current(config, workdir: str) -> str | None:
+  """None if the finished section was computed with this config's papers and eval settings, else why not: an
+  experiment that gains a variant (another RM, another run) redoes its section instead of keeping the old one."""
+  path = os.path.join(runtime.stage_dir(config, workdir, "papers"), _INPUTS_FILE)
+  if not os.path.exists(path):
+    return f"{path} is missing (a section written before the settings were recorded)"
+  with open(path) as f:
+    stored = json.load(f)
+  if stored != _inputs(config):
+    diff = sorted(f"{b}.{k}" for b in ("papers", "eval") for k in set(stored.get(b, {})) | set(_inputs(config)[b])
+                  if stored.get(b, {}).get(k) != _inputs(config)[b].get(k))
+    return f"its settings changed since it ran ({', '.join(diff) or 'seed'})"
+  return None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   check(config)
@@ -597,5 +621,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              "wall_s": time.time() - t0}
   if jax.process_index() == 0:
     checkpoint.write_text_atomic(os.path.join(out_dir, SECTION_FILE), "\n".join(lines))
+    checkpoint.write_json_atomic(os.path.join(out_dir, _INPUTS_FILE), _inputs(config))
     checkpoint.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
   return summary

@@ -55,6 +55,26 @@ def test_kl_frontier_section_finds_the_interior_beta(tmp_path):
   assert papers.run(_config("kl_frontier", ("b1", "b2", "b3")), wd)["interior_optimum_held"] == 0.0
 
 
+def test_a_finished_section_is_redone_when_its_settings_change(tmp_path, caplog):
+  # The pipeline skips a finished stage, but a papers section whose experiment gained a run is redone.
+  from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path)
+  for run, beta, kl, gold in (("b1", 0.3, 0.2, 0.05), ("b2", 0.03, 1.4, 0.21), ("b3", 0.003, 9.0, -0.4)):
+    _write(wd, run, {"gold_score": gold, "kl_to_sft": kl, "rm_score": 1.0, "win_rate_vs_sft": 0.5,
+                     "win_rate_vs_sft_se": 0.02, "final_beta": beta}, [{"beta": beta}])
+  two, three = _config("kl_frontier", ("b1", "b2")), _config("kl_frontier", ("b1", "b2", "b3"))
+  assert pipeline.run_stage(two, wd, "papers")["n_fixed_betas"] == 2
+  assert papers.is_current(two, wd) is None and "papers.runs" in papers.is_current(three, wd)
+  with caplog.at_level("INFO"):
+    assert pipeline.run_stage(two, wd, "papers")["n_fixed_betas"] == 2
+    assert "is complete" in caplog.text
+    assert pipeline.run_stage(three, wd, "papers")["n_fixed_betas"] == 3
+    assert "redone, its settings changed since it ran (papers.runs)" in caplog.text
+  # A section written before the settings were recorded is redone once.
+  os.remove(tmp_path / "papers_kl_frontier" / "inputs.json")
+  assert "is missing" in papers.is_current(three, wd)
+
+
 def test_rm_batching_section_compares_the_two_arrangements(tmp_path):
   wd = str(tmp_path)
   epochs = [0.5, 1.0, 1.5, 2.0]

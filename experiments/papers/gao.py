@@ -20,7 +20,8 @@ Presets:
                with its RL run: does the gold peak move out as the RM grows, and as its comparisons grow? Every
                RM starts from an SFT model of its own size (pretrain_<size> and sft_<size>: the shared stages'
                settings with that model), as the policy-sized one starts from the shared SFT model, so the sizes
-               differ only in size. About 1.5 hours a seed on a 2-core CPU.
+               differ only in size. About an hour a seed on a 2-core CPU (less once rm_proxy.py's
+               `medium` stages exist in the workdir).
   accelerator  the same at 200 iterations with RMs of the `tiny`, `small` (the policy's) and `base` sizes.
   tiny         the tiny pipeline, 4 RL iterations, best-of-n up to 4, a second reward model (the `small` size,
                from its own pretraining and SFT) and one on half the comparisons, each with its own RL run: a

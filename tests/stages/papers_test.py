@@ -9,10 +9,11 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import configs, losses
+from rlhf_jax import configs, losses, pipeline, sharding, training
 from rlhf_jax.data.comparisons import Comparison
 from rlhf_jax.stages import papers, rm
 
@@ -57,7 +58,6 @@ def test_kl_frontier_section_finds_the_interior_beta(tmp_path):
 
 def test_a_finished_section_is_redone_when_its_settings_change(tmp_path, caplog):
   # The pipeline skips a finished stage, but a papers section whose experiment gained a run is redone.
-  from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
   wd = str(tmp_path)
   for run, beta, kl, gold in (("b1", 0.3, 0.2, 0.05), ("b2", 0.03, 1.4, 0.21), ("b3", 0.003, 9.0, -0.4)):
     _write(wd, run, {"gold_score": gold, "kl_to_sft": kl, "rm_score": 1.0, "win_rate_vs_sft": 0.5,
@@ -150,8 +150,6 @@ def test_gao_section_on_the_tiny_run_matches_ppo_best_of_n_and_numpy(tmp_path_fa
 def test_an_rm_of_another_size_starts_from_the_sft_model_of_its_size(tmp_path_factory, tmp_path):
   # gao.py's size axis: rm_small (the tiny policy's run) starts from sft_small, itself from pretrain_small, both
   # the shared stages' settings with the `small` model. At lr 0 the exported RM backbone is sft_small's model.
-  import jax  # pylint: disable=g-import-not-at-top
-  from rlhf_jax import sharding, training  # pylint: disable=g-import-not-at-top
   reference, cache = stage_runner.shared_reference(tmp_path_factory)
   wd = stage_runner.copy_workdir(reference, str(tmp_path / "w"))
   flags = (f"--experiment={os.path.join(stage_runner.ROOT, 'experiments', 'papers', 'gao.py')}:tiny",
@@ -306,7 +304,6 @@ def test_dpo_vs_ppo_section(tmp_path):
     *((n, p) for n in ("gao", "kl_frontier", "rm_batching", "alignment_tax", "dpo_vs_ppo", "rm_proxy")
       for p in ("cpu", "accelerator", "tiny")), ("gao", "cpu_sizes")])
 def test_every_run_a_papers_experiment_reads_is_written_by_one_of_its_stages(name, preset):
-  from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
   c = configs.experiment_config(os.path.join(stage_runner.ROOT, "experiments", "papers", f"{name}.py"), preset)
   papers.check(c)
   written = {pipeline.stage_dir_name(cfg, stage) for _, stage, cfg in pipeline.stages_to_run(c)}

@@ -21,6 +21,7 @@ import json
 import os
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ class Stage:
   always_run: bool = False  # never skipped as complete (data keeps its own cache; the report is rewritten)
   # is_current(config, workdir) -> None if the finished run still answers this config, else why not (the stage
   # is redone): for a stage that reads the others' files under settings a rerun may change (papers).
-  is_current: Any = None
+  is_current: Callable[[Any, str], str | None] | None = None
 
 
 STAGES: dict[str, Stage] = {
@@ -53,7 +54,8 @@ STAGES: dict[str, Stage] = {
     "collect": Stage(collect, "collect"),  # online rounds: the current policy's samples ranked by the labelers
     "elo": Stage(elo, "elo"),  # a cross-model Elo table of policy snapshots
     "export": Stage(export, "export"),
-    "papers": Stage(papers, "papers", is_current=papers.is_current),  # a paper's ablation from the other stages' files (experiments/papers/)
+    # A paper's ablation from the other stages' files (experiments/papers/), redone when its settings change.
+    "papers": Stage(papers, "papers", is_current=papers.is_current),
     "icl": Stage(icl, "icl"),  # k-shot accuracy, prompt- and instruction-style, and the held-out family
     "report": Stage(report, always_run=True),
 }
@@ -121,13 +123,13 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
         return json.load(f)
     if stale is not None:
       logging.warning("stage %s: redone, %s", name, stale)
-      return STAGES[stage].module.run(config, workdir)
-    # Its summary says done, but what it handed on is damaged: redo it (it resumes from its last checkpoint).
-    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-    if jax.process_index() == 0:
-      os.replace(path, aside)
-    logging.warning("stage %s: its exported parameters are damaged (%s); %s moved to %s and the stage redone",
-                    name, damage, path, aside)
+    else:
+      # Its summary says done, but what it handed on is damaged: redo it (it resumes from its last checkpoint).
+      aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+      if jax.process_index() == 0:
+        os.replace(path, aside)
+      logging.warning("stage %s: its exported parameters are damaged (%s); %s moved to %s and the stage redone",
+                      name, damage, path, aside)
   if jax.process_count() == 1 and preemption.requested():  # the notice came after the last stage's training
     raise preemption.Preempted(f"preemption notice before stage {name}: every finished stage is saved; rerun the "
                                "same command to continue")

@@ -600,11 +600,12 @@ def is_current(config, workdir: str) -> str | None:
     return f"{path} is missing (a section written before the settings were recorded)"
   with open(path) as f:
     stored = json.load(f)
-  if stored != _inputs(config):
-    diff = sorted(f"{b}.{k}" for b in ("papers", "eval") for k in set(stored.get(b, {})) | set(_inputs(config)[b])
-                  if stored.get(b, {}).get(k) != _inputs(config)[b].get(k))
-    return f"its settings changed since it ran ({', '.join(diff) or 'seed'})"
-  return None
+  now = _inputs(config)
+  if stored == now:
+    return None
+  diff = sorted(f"{b}.{k}" for b in ("papers", "eval") for k in set(stored.get(b, {})) | set(now[b])
+                if stored.get(b, {}).get(k) != now[b].get(k))
+  return f"its settings changed since it ran ({', '.join(diff) or 'seed'})"
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -165,7 +165,9 @@ def rm_config() -> ConfigDict:
   """The reward model stage (InstructGPT: 1 epoch, batch 64 prompts, K = 4..9)."""
   return ConfigDict(dict(
       stage_dir="rm",
-      source="policy",  # "policy" (rank SFT samples), "offline" (suite comparisons), "policy+offline", "file"
+      # "policy" (rank SFT samples), "offline" (suite comparisons), "policy+offline", "file", "collected",
+      # "policy+collected"
+      source="policy",
       file="",  # with source="file": a K-way rankings .jsonl, or a folder of rlhf_jax.data.real.prepare_rankings
       # file_schema: how to read a file (not a folder) given as rm.file: a comparison schema of rlhf_jax.data.real
       # ("rankings", "hh", "summarize_from_feedback", "ultrafeedback", "pairs"); converted once, cached by hash.
@@ -196,7 +198,9 @@ def rm_config() -> ConfigDict:
       labels="labelers",
       # > 0: train on the first N prompts' comparisons only (the shared comparisons are sampled once a workdir)
       max_train_prompts=0,
-      collected=(),  # with source="collected": the collect stage directories whose comparisons it trains on
+      # with source="collected" (or "policy+collected": after the shared SFT samples' comparisons): the collect
+      # stage directories whose training comparisons it trains on
+      collected=(),
       finetune_from="",  # a reward-model stage directory whose backbone and head this one starts from
       # evals_per_epoch > 0: evaluate (with the validation ranking loss) that many times an epoch instead of every
       # eval_every steps (experiments/papers/rm_batching.py: per-epoch curves of the two arrangements).
@@ -250,10 +254,12 @@ def dpo_config() -> ConfigDict:
 
 def collect_config() -> ConfigDict:
   """Online feedback (rlhf_jax/stages/collect.py): K responses per prompt from the policy in `policy_from`,
-  ranked by the simulated labelers, on the suite's comparison prompts [prompt_offset, prompt_offset + n_prompts)
-  and the first n_val_prompts validation prompts."""
-  return ConfigDict(dict(stage_dir="collect", policy_from="sft", n_prompts=256, n_val_prompts=64, prompt_offset=0,
-                         k_min=4, k_max=9, sample_temperature=1.0, max_new_tokens=32))
+  ranked by the simulated labelers, on the suite's prompts [prompt_offset, prompt_offset + n_prompts) of
+  `split` ("comparisons", or "prompts": the RL training prompts) and the first n_val_prompts validation
+  comparison prompts."""
+  return ConfigDict(dict(stage_dir="collect", policy_from="sft", split="comparisons", n_prompts=256,
+                         n_val_prompts=64, prompt_offset=0, k_min=4, k_max=9, sample_temperature=1.0,
+                         max_new_tokens=32))
 
 
 def elo_config() -> ConfigDict:

@@ -22,7 +22,7 @@ from rlhf_jax.data import comparisons, real, sources, tfds_io
 from rlhf_jax.data.batching import decode_responses
 from rlhf_jax.evals import policy as policy_evals
 
-SOURCES = ("policy", "offline", "policy+offline", "file", "collected")
+SOURCES = ("policy", "offline", "policy+offline", "file", "collected", "policy+collected")
 COLLECTED_FILES = {"train": "comparisons.jsonl", "validation": "comparisons_val.jsonl"}  # in a collect stage dir
 
 
@@ -45,8 +45,8 @@ def check(config) -> None:
               if rc.file_schema == "rankings" else f"a {rc.file_schema} comparisons file (rm.file_schema)")
       raise ValueError(f"rm.file={rc.file!r}: expected {what} or a dataset folder written by "
                        "rlhf_jax.data.real.prepare")
-  if rc.source == "collected" and not rc.collected:
-    raise ValueError("rm.collected=(): rm.source='collected' needs the collect stage directories to train on "
+  if rc.source in ("collected", "policy+collected") and not rc.collected:
+    raise ValueError(f"rm.collected=(): rm.source={rc.source!r} needs the collect stage directories to train on "
                      "(e.g. ('collect_r0', 'collect_r1'))")
 
 
@@ -155,7 +155,11 @@ def comparison_records(config, workdir: str, tok) -> tuple[list[dict], list[dict
   if rc.source == "collected":
     return collected_comparisons(workdir, rc.collected)
   tr, va = policy_comparisons(config, workdir, tok)
-  if rc.source == "policy+offline":
+  if rc.source == "policy+collected":
+    # More comparisons than the shared SFT samples: the collect stages' (more prompts, or more samples of the same
+    # prompts); validation, and with it every RM's clear-pair accuracy and normalisation, stays on SFT samples.
+    tr = tr + collected_comparisons(workdir, rc.collected)[0]
+  elif rc.source == "policy+offline":
     # SFT samples plus the demonstrators' comparisons, whose wider range of mistakes (over-refusals, garbage,
     # loops) a policy drifting away from SFT may find; validation (and the normalisation) stays on SFT samples.
     off = sources.split(config, workdir, "comparisons")

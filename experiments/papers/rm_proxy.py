@@ -18,20 +18,26 @@ with the shared RM's optimizer and epochs; only the named field differs:
   rm_gold      rm.labels="gold": the same prompts and responses ranked by the gold scorer instead of the noisy
                labelers (ties give no pair): the ceiling of this data and RM size with perfect labels, which says
                whether the labels' noise or the amount of data and the RM's capacity hold the proxy back
-  rm_half      rm.max_train_prompts: the first half of the shared comparisons' prompts (the world's comparison
-               prompts are all in the shared set, so more data is measured as its slope from half to all)
+  rm_half      rm.max_train_prompts: the first half of the shared comparisons' prompts
+  rm_more      rm.source="policy+collected": the shared comparisons and as many again from new prompts, the world's
+               RL training prompts (800 on cpu), sampled from SFT and ranked by the same labelers (the
+               collect_rl_prompts stage, collect.split="prompts"; the world has no more comparison prompts, and
+               best-of-n is measured on the RL validation prompts, which no RM sees)
+  rm_most      rm_more's comparisons plus a second set of SFT samples of the shared prompts (collect_again): the
+               data axis rm_half (500 prompts), rm (1000), rm_more (1800), rm_most (2800 prompts' comparisons);
+               with a PPO run
   rm_<size>    a reward model larger than the policy (cpu: `medium`, 3.4x the `small` policy's parameters;
                accelerator: `base`; tiny: `small`), from pretraining and SFT of its own size on the shared
                settings (configs.add_rm_of_size), as the shared RM starts from the shared SFT model
 and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM and the ensemble. The papers stage
 (WORKDIR/papers_rm_proxy) writes the table and one verdict per row.
 
-Not here: more comparisons than the world's comparison prompts (data.n_comparisons: another data preset, so
-another world and workdir).
+Not here: more distinct prompts than the world's comparison and RL prompts (data.n_comparisons, another world).
 
 Presets:
-  cpu          the small pipeline; eight extra RMs (4 epochs of 1000 prompts each, rm_half 500) and six PPO runs (40
-               iterations, the shared `ppo`'s settings), and the `medium` model's pretraining and SFT.
+  cpu          the small pipeline; ten extra RMs (4 epochs of 1000 prompts each; rm_half 500, rm_more 1800, rm_most
+               2800) and seven PPO runs (40 iterations, the shared `ppo`'s settings), and the `medium` model's
+               pretraining and SFT.
   accelerator  the same runs, best-of-64 too.
   tiny         the tiny pipeline, 2 PPO iterations: a smoke test.
 """
@@ -76,6 +82,24 @@ def get_config(arg: str | None = None):
   rm_stages.append("rm:rm_half")
   rms.append("rm_half")
   runs.append("")
+  # More comparisons than the world's comparison prompts: SFT's samples of the 800 RL training prompts, ranked by
+  # the same labelers (collect.split="prompts"), after the shared ones (rm_more); and with them a second set of
+  # SFT samples of the shared prompts (rm_most). The data axis continues from rm_half through rm.
+  rc = c.rm
+  sample = {"policy_from": rc.init_from, "k_min": rc.k_min, "k_max": rc.k_max, "n_val_prompts": 1,
+            "sample_temperature": rc.sample_temperature, "max_new_tokens": rc.max_new_tokens}
+  c.variants["collect_rl_prompts"] = {"collect": {"stage_dir": "collect_rl_prompts", "split": "prompts",
+                                                  "n_prompts": c.data.n_prompts, **sample}}
+  c.variants["collect_again"] = {"collect": {"stage_dir": "collect_again", "n_prompts": rc.n_prompts, **sample}}
+  collect_stages = ["collect:collect_rl_prompts", "collect:collect_again"]
+  for name, dirs in (("rm_more", ("collect_rl_prompts",)), ("rm_most", ("collect_rl_prompts", "collect_again"))):
+    c.variants[name] = {"rm": {"stage_dir": name, "source": "policy+collected", "collected": dirs}}
+    rm_stages.append(f"rm:{name}")
+    rms.append(name)
+    runs.append("")
+  c.variants["ppo_rm_most"] = {"ppo": {"stage_dir": "ppo_rm_most", "rm_from": "rm_most"}, "eval": no_bon}
+  ppo_stages.append("ppo:ppo_rm_most")
+  runs[-1] = "ppo_rm_most"
   # A reward model larger than the policy, from pretraining and SFT of its own size.
   size = {"cpu": "medium", "accelerator": "base", "tiny": "small"}[preset]
   name, size_stages = configs.add_rm_of_size(c, size)
@@ -94,6 +118,6 @@ def get_config(arg: str | None = None):
   ppo_stages.append("ppo:ppo_ensemble")
   c.papers.runs = (*runs, "ppo_ensemble")
   c.papers.best_of_n = {"cpu": (1, 4, 16), "accelerator": (1, 4, 16, 64), "tiny": (1, 2, 4)}[preset]
-  c.stages = ("data", "pretrain", "sft", *size_stages[:-1], "rm", *rm_stages, "ppo", *ppo_stages, "papers",
-              "report")
+  c.stages = ("data", "pretrain", "sft", *size_stages[:-1], "rm", *collect_stages, *rm_stages, "ppo", *ppo_stages,
+              "papers", "report")
   return c

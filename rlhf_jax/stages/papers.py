@@ -524,9 +524,10 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   ns = sorted(n for n in pc.best_of_n if n > 1)
   names = rms + ["+".join(e) for e in ensembles]
   summary: dict[str, float] = {}
-  head = ["| reward model | parameters | score at | LM coef | labels | clear-pair gold accuracy | labeler accuracy |",
-          *[f" best-of-{n} share of the oracle's gain |" for n in ns], " PPO gold | PPO win rate vs SFT | PPO KL |"]
-  table = ["".join(head), "|---|---|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
+  head = ["| reward model | parameters | comparisons | score at | LM coef | labels | clear-pair gold accuracy |",
+          " labeler accuracy |", *[f" best-of-{n} share of the oracle's gain |" for n in ns],
+          " PPO gold | PPO win rate vs SFT | PPO KL |"]
+  table = ["".join(head), "|---|---|---|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
   verdicts = []
   for i, name in enumerate(names):
     curve = curves[i]
@@ -536,6 +537,7 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     acc = s.get("val_gold_accuracy_clear", float("nan"))
     lab = s.get("val_accuracy", float("nan"))
     row = [name, f"{n_params[i] / 1e6:.2f}M" if member else "",
+           str(s.get("n_train_comparisons", "")) if member else "",  # prompts, each with its K-way ranking
            str(s.get("score_at", "eos")) if member else "mean of members",
            f"{s.get('lm_coef', 0.0):g}" if member else "", str(s.get("labels", "labelers")) if member else "",
            f"{acc:.3f}" if member else "",
@@ -543,6 +545,7 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     key = name.replace("+", "_")
     if member:
       summary[f"{key}_backbone_params"] = float(n_params[i])
+      summary[f"{key}_train_comparisons"] = float(s.get("n_train_comparisons", np.nan))
       summary[f"{key}_gold_accuracy_clear"] = float(acc)
       summary[f"{key}_labeler_accuracy"] = float(lab)
     for n in ns:
@@ -569,8 +572,9 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   s0 = _read_summary(workdir, rms[0])
   base = s0.get("val_policy_logprob_gold_accuracy_clear")
   lines = ["## A better proxy reward model", "",
-           "Each reward model on the same comparisons, from the SFT model of its size (the shared one at the "
-           "policy's size; parameters: the backbone's); best-of-n of SFT on the held-out "
+           "Each reward model on the shared comparisons (or the number of prompts' K-way rankings given), from the "
+           "SFT model of its size (the shared one at the policy's size; parameters: the backbone's); best-of-n of "
+           "SFT on the held-out "
            f"prompts ({config.eval.n_prompts}), one set of {max(pc.best_of_n)} candidates a prompt for every "
            "model; the share is (gold of the RM's picks - SFT's) / (gold of the gold scorer's own picks - SFT's). "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."

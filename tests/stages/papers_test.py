@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import configs, losses, pipeline, sharding, training
+from rlhf_jax import configs, feedback, losses, pipeline, sharding, training
+from rlhf_jax.data import sources
 from rlhf_jax.data.comparisons import Comparison
-from rlhf_jax.stages import papers, rm
+from rlhf_jax.stages import collect, papers, rm
 
 from helpers import stage_runner  # tests/ is on sys.path (tests/conftest.py)
 
@@ -226,9 +227,49 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   assert (cfg["mlp"], cfg["tie_embeddings"], cfg["n_heads"] * (cfg["head_dim"] or d // cfg["n_heads"])) == ("gelu", False, d)
   assert s["rm_mean_backbone_params"] == 2 * v * d + l * (4 * d * d + 2 * d * f + 2 * d) + d
   mparams = f"{s['rm_mean_backbone_params'] / 1e6:.2f}M"
-  assert f"| rm_mean | {mparams} | mean | 0.5 | labelers |" in text and "| rm+rm_mean |  | mean of members |" in text
+  assert f"| rm_mean | {mparams} | 10 | mean | 0.5 | labelers |" in text
+  assert "| rm+rm_mean |  |  | mean of members |" in text and s["rm_mean_train_comparisons"] == 10
   assert s["n_verdicts"] == 3  # rm, rm_mean and their ensemble
   shutil.rmtree(wd)
+
+
+def test_more_comparisons_from_the_rl_prompts_follow_the_shared_ones(tmp_path_factory, tmp_path):
+  # rm_proxy.py's rm_more: SFT's samples of the RL training prompts (collect.split="prompts"), ranked by the
+  # labelers, trained on after the shared comparisons (rm.source="policy+collected"); validation stays on the
+  # shared SFT samples, so its numbers compare with the shared RM's.
+  reference, cache = stage_runner.shared_reference(tmp_path_factory)
+  wd = stage_runner.copy_workdir(reference, str(tmp_path / "w"))
+  path = os.path.join(stage_runner.ROOT, "experiments", "papers", "rm_proxy.py")
+  proc = stage_runner.run(wd, cache_dir=cache, base_flags=(
+      f"--experiment={path}:tiny", *stage_runner.TINY_FLAGS[1:], "--experiment.stages=collect:collect_rl_prompts",
+      "--experiment.stages=rm:rm_more", "--experiment.variants.collect_rl_prompts.collect.n_prompts=6"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in open(os.path.join(wd, "collect_rl_prompts", "comparisons.jsonl"))]
+  c = configs.experiment_config(path, "tiny")
+  rl = [r["prompt"] for r in sources.rl_prompts(c, wd, sources.tokenizer(c, wd))[:6]]
+  shared = sources.split(c, wd, "comparisons")
+  assert [r["prompt"] for r in records] == rl and not set(rl) & {shared[i]["prompt"] for i in range(len(shared))}
+  gold = sources.gold_scorer(c, wd)
+  for r in records:  # K = rm.k_min..k_max responses, scored by the gold scorer, ranked by one labeler
+    assert c.rm.k_min <= len(r["responses"]) == len(r["ranks"]) <= c.rm.k_max
+    np.testing.assert_allclose(r["gold_scores"], gold.score_batch([r["prompt"]] * len(r["responses"]),
+                                                                  r["responses"]), rtol=1e-6)
+  s_rm = json.load(open(os.path.join(wd, "rm", "summary.json")))
+  s_more = json.load(open(os.path.join(wd, "rm_more", "summary.json")))
+  assert s_more["n_train_comparisons"] == s_rm["n_train_comparisons"] + 6
+  # The same validation comparisons: the SFT policy's log-likelihood ranks them the same.
+  assert s_more["val_policy_logprob_accuracy"] == s_rm["val_policy_logprob_accuracy"]
+  shutil.rmtree(wd)
+  c.collect.split = "rl"
+  with pytest.raises(ValueError, match="collect.split='rl': expected 'comparisons' or 'prompts'"):
+    collect.check(c)
+  c.collect.split, c.collect.n_prompts = "prompts", c.data.n_prompts + 1
+  with pytest.raises(ValueError, match=f"n_prompts={c.data.n_prompts + 1}: the task suite has only "
+                                       f"data.n_prompts={c.data.n_prompts}"):
+    collect.check(c)
+  c.rm.source, c.rm.collected = "policy+collected", ()
+  with pytest.raises(ValueError, match=r"rm.collected=\(\): rm.source='policy\+collected' needs"):
+    feedback.check(c)
 
 
 def test_captured_share():

@@ -278,7 +278,25 @@ def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequ
   g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
   g0 = g0.reshape(k, len(texts_p))
   rm_np += [np.mean([rm_np[i] for i in members], axis=0) for members in ensembles]
-  return [{n: best_of_n_summary(r[:n], gold_np[:n], g0) for n in ns} for r in rm_np]
+  return [{n: {**best_of_n_summary(r[:n], gold_np[:n], g0), **oracle_gain_share(r[:n], gold_np[:n])} for n in ns}
+          for r in rm_np]
+
+
+def oracle_gain_share(rm_np: np.ndarray, gold_np: np.ndarray) -> dict[str, float]:
+  """The share of the oracle's gain the RM's pick captures, both over the first candidate (best-of-1) of each
+  prompt, from scores [n, prompts]: mean(pick - first) / mean(oracle - first), with its standard error over
+  prompts by the delta method for a ratio of means (sqrt(sum (a - share b)^2 / (P (P - 1))) / mean(b)); NaN
+  when the oracle gains nothing (n = 1)."""
+  n, n_prompts = rm_np.shape
+  cols = np.arange(n_prompts)
+  a = gold_np[rm_np.argmax(axis=0), cols] - gold_np[0]
+  b = gold_np.max(axis=0) - gold_np[0]
+  gain = float(b.mean())
+  if gain <= 1e-9 or n_prompts < 2:
+    return {"share": float("nan"), "share_se": float("nan")}
+  share = float(a.mean()) / gain
+  return {"share": share, "share_se": float(np.sqrt(np.sum((a - share * b) ** 2) / (n_prompts * (n_prompts - 1)))
+                                            / gain)}
 
 
 def write_samples(path: str, rows: Sequence[dict[str, Any]]) -> None:

@@ -551,9 +551,11 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     for n in ns:
       share = captured_share(curve[n]["gold_score"], curve[n]["oracle_gold_score"], sft_gold)
       summary[f"{key}_bon{n}_share"] = share
+      summary[f"{key}_bon{n}_share_se"] = float(curve[n]["share_se"])
       summary[f"{key}_bon{n}_gold_score"] = float(curve[n]["gold_score"])
       summary[f"{key}_bon{n}_oracle_gold_score"] = float(curve[n]["oracle_gold_score"])
-      row.append(f"{share:.2f} ({curve[n]['gold_score']:+.3f} of {curve[n]['oracle_gold_score']:+.3f})")
+      row.append(f"{share:.2f} +- {curve[n]['share_se']:.2f} ({curve[n]['gold_score']:+.3f} of "
+                 f"{curve[n]['oracle_gold_score']:+.3f})")
     run = runs[i] if i < len(runs) else ""
     if run:
       p = _eval_point(workdir, run, _EVAL_KEYS)
@@ -576,7 +578,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
            "SFT model of its size (the shared one at the policy's size; parameters: the backbone's); best-of-n of "
            "SFT on the held-out "
            f"prompts ({config.eval.n_prompts}), one set of {max(pc.best_of_n)} candidates a prompt for every "
-           "model; the share is (gold of the RM's picks - SFT's) / (gold of the gold scorer's own picks - SFT's). "
+           "model; the share is (gold of the RM's picks - SFT's) / (gold of the gold scorer's own picks - SFT's), "
+           "SFT's being each prompt's first candidate, +- its standard error over the prompts. "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."
            + (f" The SFT policy's own log-likelihood ranks the clear pairs {base:.3f} right." if base else ""), "",
            *table, ""]

@@ -78,6 +78,22 @@ def test_response_breakdown_matches_a_per_family_loop():
                                                               for p, r in zip(prompts, responses)]))
 
 
+def test_oracle_gain_share_and_its_standard_error_against_a_bootstrap():
+  rng = np.random.default_rng(1)
+  n, p = 8, 400
+  gold = rng.normal(size=(n, p))
+  rm = gold + rng.normal(scale=1.5, size=(n, p))  # a noisy proxy: it captures part of the oracle's gain
+  got = policy_evals.oracle_gain_share(rm, gold)
+  pick = gold[rm.argmax(axis=0), np.arange(p)]
+  first, best = gold[0], gold.max(axis=0)
+  share = lambda i: (pick[i].mean() - first[i].mean()) / (best[i].mean() - first[i].mean())  # noqa: E731
+  assert got["share"] == pytest.approx(share(np.arange(p)))
+  assert 0.1 < got["share"] < 0.9
+  boot = [share(rng.integers(0, p, size=p)) for _ in range(4000)]  # resampling prompts, picks paired
+  assert got["share_se"] == pytest.approx(np.std(boot), rel=0.1)
+  assert np.isnan(policy_evals.oracle_gain_share(rm[:1], gold[:1])["share"])  # best-of-1: no oracle gain
+
+
 def test_best_of_n_summary_against_a_loop():
   rng = np.random.default_rng(0)
   n, p = 5, 40

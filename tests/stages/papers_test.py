@@ -215,6 +215,8 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
                                                                           s[f"{key}_bon2_gold_score"]) / (1 - s[f"{key}_bon2_share"])
          for key in ("rm", "rm_mean", "rm_rm_mean") if abs(1 - s[f"{key}_bon2_share"]) > 1e-6}
   assert len(set(round(v, 6) for v in sft.values())) <= 1, sft
+  assert all(np.isfinite(s[f"{key}_bon2_share_se"]) or np.isnan(s[f"{key}_bon2_share"])
+             for key in ("rm", "rm_mean", "rm_rm_mean"))
   assert s["rm_mean_labeler_accuracy"] == pytest.approx(s_rm["val_accuracy"])
   assert s["rm_mean_gold_accuracy_clear"] == pytest.approx(s_rm.get("val_gold_accuracy_clear", np.nan), nan_ok=True)
   assert s["rm_ppo_gold_score"] == pytest.approx(ref["ppo.gold_score"], abs=1e-9)

@@ -391,7 +391,10 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   # written as WORKDIR/<stage_dir>/report_section.md with its figures, table and verdict (experiments/papers/).
   # ptx_coefs: alignment_tax's PPO-ptx coefficient of each run; dpo_runs: dpo_vs_ppo's DPO runs (`runs`: PPO).
   # rm_proxy: `rms` the reward models compared, `runs` the PPO run against each ("" = none), `ensembles` groups
-  # of `rms` entries whose mean score chooses as one more row.
+  # of `rms` entries whose mean score chooses as one more row. bon_prompts: best-of-n's prompts, "rl" (the first
+  # eval.n_prompts RL validation prompts, the PPO stage's) or "all_validation" (every validation prompt of the
+  # task suite: the RL, comparison and SFT ones, each unseen by every stage's training).
   c.papers = ConfigDict(dict(stage_dir="papers", experiment="gao", runs=(), rms=(), sft_from="sft",
-                             best_of_n=(1, 2, 4, 8, 16, 32, 64), ptx_coefs=(), dpo_runs=(), ensembles=()))
+                             best_of_n=(1, 2, 4, 8, 16, 32, 64), ptx_coefs=(), dpo_runs=(), ensembles=(),
+                             bon_prompts="rl"))
   return c

@@ -369,6 +369,19 @@ def labelers(config):
   return suite.make_labelers(config.seed, suite.DataConfig.from_config(config.data))
 
 
+def validation_prompts(config, workdir: str, tok) -> list[dict]:
+  """Every validation prompt of the task suite as rl_prompts' records: the RL validation prompts, then the
+  comparison and the SFT validation prompts (their user turns up to the last; the answers left out). None of them
+  is trained on by any stage; with the RL ones alone an evaluation has data.n_prompts_val prompts."""
+  out = rl_prompts(config, workdir, tok, which="validation")
+  cmp_val, sft_val = split(config, workdir, "comparisons_val"), split(config, workdir, "sft_val")
+  for turns in ([*(cmp_val[i]["prompt_turns"] for i in range(len(cmp_val))),
+                 *(sft_val[i]["turns"][:-1] for i in range(len(sft_val)))]):
+    turns = list(turns)
+    out.append({"ids": tokenizers.encode_prompt(tok, turns), "turns": turns, "prompt": turns[-1]["content"]})
+  return out
+
+
 def rl_prompts(config, workdir: str, tok, *, which: str = "train") -> list[dict]:
   """Prompt records with their token ids: {"ids", "turns", "prompt"}; which = "train" or "validation"."""
   if which not in ("train", "validation"):

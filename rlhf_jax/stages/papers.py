@@ -51,6 +51,7 @@ SECTION_FILE = "report_section.md"  # the name rlhf_jax/stages/report.py looks f
 def check(config: ml_collections.ConfigDict) -> None:
   pc = config.papers
   runtime.check_choice(pc.experiment, "papers.experiment", EXPERIMENTS)
+  runtime.check_choice(pc.bon_prompts, "papers.bon_prompts", ("rl", "all_validation"))
   if pc.experiment == "rm_proxy":
     if not pc.rms or not len(pc.rms) <= len(pc.runs) <= len(pc.rms) + len(pc.ensembles):
       raise ValueError(f"papers.rms={tuple(pc.rms)}, papers.runs={tuple(pc.runs)}: rm_proxy expects reward models and "
@@ -129,9 +130,9 @@ def bon_points(curve: dict[int, dict[str, float]]) -> dict[str, np.ndarray]:
 
 
 def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) -> tuple[
-    list[dict[int, dict[str, float]]], list[int]]:
-  """Best-of-n of SFT on the held-out prompts at every n, each reward model choosing; and each model's
-  parameter count (its size, as Gao et al. count it)."""
+    list[dict[int, dict[str, float]]], list[int], int]:
+  """Best-of-n of SFT on the held-out prompts (papers.bon_prompts) at every n, each reward model choosing; each
+  model's parameter count (its size, as Gao et al. count it); and the number of prompts."""
   ec, pc = config.eval, config.ppo
   tok = sources.tokenizer(config, workdir)
   mesh, rules = runtime.mesh_and_rules(config)
@@ -146,14 +147,16 @@ def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) ->
     rms.append((params, cfg))
   ns = sorted(config.papers.best_of_n)
   # The PPO stage's evaluation settings, candidate keys and SFT baseline key: its bon<n> numbers are ours at n.
+  prompts = (sources.validation_prompts(config, workdir, tok) if config.papers.bon_prompts == "all_validation"
+             else sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts])
   curves = policy_evals.best_of_n_curve(
-      sft, policy_cfg, tok, sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts],
+      sft, policy_cfg, tok, prompts,
       sources.gold_scorer(config, workdir), rms=rms, ns=ns,
       scfg=sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature),
       candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(max(ns))],
       samples_per_prompt=ec.samples_per_prompt, sft_rng=runtime._sft_baseline_key(config.seed),
       no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles)
-  return curves, [int(sum(np.prod(x.shape) for x in jax.tree.leaves(p["backbone"]))) for p, _ in rms]
+  return curves, [int(sum(np.prod(x.shape) for x in jax.tree.leaves(p["backbone"]))) for p, _ in rms], len(prompts)
 
 
 def peak_verdicts(peaks: list[tuple[str, float]], sizes: dict[str, int], n_comps: dict[str, int]
@@ -178,7 +181,7 @@ def gao(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float]
   runs = list(pc.runs)
   rm_dirs = list(pc.rms) or ["rm"] * len(runs)
   unique = list(dict.fromkeys(rm_dirs))
-  bon, n_params = _best_of_n_curves(config, workdir, unique)
+  bon, n_params, n_prompts = _best_of_n_curves(config, workdir, unique)
   curves, sizes = dict(zip(unique, bon)), dict(zip(unique, n_params))
   summary: dict[str, float] = {}
   table = ["| reward model | method | score | a | b | R^2 | peak KL | points | measured up to KL |",
@@ -213,7 +216,7 @@ def gao(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float]
   _plot_gao(series, os.path.join(out_dir, "gao.png"))
   lines = ["## Gao et al. 2022: reward over-optimisation", "",
            "Gold and proxy (reward-model) score gained over SFT against d = sqrt(KL to SFT). Best-of-n: held-out "
-           f"prompts, n in {sorted(pc.best_of_n)}, KL = log n - (n-1)/n, fitted with d(a - b d). RL: the "
+           f"prompts ({n_prompts}), n in {sorted(pc.best_of_n)}, KL = log n - (n-1)/n, fitted with d(a - b d). RL: the "
            "training rollout of every iteration (ppo.batch_size episodes on training prompts, their sampled KL), "
            "fitted with d(a - b log d). Dotted: best-of-n with the gold scorer picking (the ceiling at that KL).", "",
            "![gold and proxy against sqrt(KL)](gao.png)", "", *table, ""]
@@ -520,7 +523,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   pc = config.papers
   rms, runs = list(pc.rms), list(pc.runs)
   ensembles = [tuple(e) for e in pc.ensembles]
-  curves, n_params = _best_of_n_curves(config, workdir, rms, [[rms.index(m) for m in e] for e in ensembles])
+  curves, n_params, n_prompts = _best_of_n_curves(config, workdir, rms,
+                                                  [[rms.index(m) for m in e] for e in ensembles])
   ns = sorted(n for n in pc.best_of_n if n > 1)
   names = rms + ["+".join(e) for e in ensembles]
   summary: dict[str, float] = {}
@@ -577,7 +581,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
            "Each reward model on the shared comparisons (or the number of prompts' K-way rankings given), from the "
            "SFT model of its size (the shared one at the policy's size; parameters: the backbone's); best-of-n of "
            "SFT on the held-out "
-           f"prompts ({config.eval.n_prompts}), one set of {max(pc.best_of_n)} candidates a prompt for every "
+           f"prompts ({n_prompts}: papers.bon_prompts={config.papers.bon_prompts!r}), one set of "
+           f"{max(pc.best_of_n)} candidates a prompt for every "
            "model; the share is (gold of the RM's picks - SFT's) / (gold of the gold scorer's own picks - SFT's), "
            "SFT's being each prompt's first candidate, +- its standard error over the prompts. "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import configs, feedback, losses, pipeline, sharding, training
+from rlhf_jax import configs, feedback, losses, pipeline, sharding, tokenizers, training
 from rlhf_jax.data import sources
 from rlhf_jax.data.comparisons import Comparison
 from rlhf_jax.stages import collect, papers, rm
@@ -202,7 +202,7 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   proc = stage_runner.run(wd, cache_dir=cache, base_flags=(
       exp, *stage_runner.TINY_FLAGS[1:], "--experiment.stage=papers", "--experiment.papers.rms=rm",
       "--experiment.papers.rms=rm_mean", "--experiment.papers.runs=ppo", "--experiment.papers.runs=",
-      "--experiment.papers.best_of_n=1", "--experiment.papers.best_of_n=2",
+      "--experiment.papers.best_of_n=1", "--experiment.papers.best_of_n=2", "--experiment.papers.bon_prompts=rl",
       "--experiment.papers.ensembles=(('rm', 'rm_mean'),)"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   s = json.load(open(os.path.join(wd, "papers_rm_proxy", "summary.json")))
@@ -272,6 +272,34 @@ def test_more_comparisons_from_the_rl_prompts_follow_the_shared_ones(tmp_path_fa
   c.rm.source, c.rm.collected = "policy+collected", ()
   with pytest.raises(ValueError, match=r"rm.collected=\(\): rm.source='policy\+collected' needs"):
     feedback.check(c)
+
+
+def test_every_validation_prompt_and_none_trained_on(tmp_path_factory):
+  # papers.bon_prompts="all_validation": the RL validation prompts first (the PPO stage's), then the comparison and
+  # SFT validation prompts, none of which a training split holds.
+  reference, _ = stage_runner.shared_reference(tmp_path_factory)
+  c = configs.experiment_config(os.path.join(stage_runner.ROOT, "experiments", "papers", "rm_proxy.py"), "tiny")
+  assert c.papers.bon_prompts == "all_validation"
+  tok = sources.tokenizer(c, reference)
+  got = sources.validation_prompts(c, reference, tok)
+  rl = sources.rl_prompts(c, reference, tok, which="validation")
+  assert len(got) == c.data.n_prompts_val + c.data.n_comparisons_val + c.data.n_sft_val
+  assert [p["prompt"] for p in got[:len(rl)]] == [p["prompt"] for p in rl]
+  cmp_val, sft_val = sources.split(c, reference, "comparisons_val"), sources.split(c, reference, "sft_val")
+  want_cmp = [cmp_val[i]["prompt"] for i in range(len(cmp_val))]
+  assert [p["prompt"] for p in got[len(rl):len(rl) + len(cmp_val)]] == want_cmp
+  for p, i in zip(got[len(rl) + len(cmp_val):], range(len(sft_val))):
+    turns = sft_val[i]["turns"]
+    assert turns[-1]["role"] == "assistant" and p["turns"] == turns[:-1] and p["prompt"] == turns[-2]["content"]
+    assert p["ids"] == list(tokenizers.encode_prompt(tok, turns[:-1]))
+  trained = {sources.prompt_text(r["turns"]) for r in sources.rl_prompts(c, reference, tok)}
+  cmp, sft = sources.split(c, reference, "comparisons"), sources.split(c, reference, "sft")
+  trained |= {sources.prompt_text(list(cmp[i]["prompt_turns"])) for i in range(len(cmp))}
+  trained |= {sources.prompt_text(sft[i]["turns"][:-1]) for i in range(len(sft))}
+  assert not {sources.prompt_text(p["turns"]) for p in got} & trained
+  c.papers.bon_prompts = "every"
+  with pytest.raises(ValueError, match="papers.bon_prompts='every': expected 'rl' or 'all_validation'"):
+    papers.check(c)
 
 
 def test_captured_share():

@@ -22,15 +22,16 @@ with the shared RM's optimizer and epochs; only the named field differs:
   rm_more      rm.source="policy+collected": the shared comparisons and as many again from new prompts, the world's
                RL training prompts (800 on cpu), sampled from SFT and ranked by the same labelers (the
                collect_rl_prompts stage, collect.split="prompts"; the world has no more comparison prompts, and
-               best-of-n is measured on the RL validation prompts, which no RM sees)
+               best-of-n is measured on validation prompts, which no RM sees)
   rm_most      rm_more's comparisons plus a second set of SFT samples of the shared prompts (collect_again): the
                data axis rm_half (500 prompts), rm (1000), rm_more (1800), rm_most (2800 prompts' comparisons);
                with a PPO run
   rm_<size>    a reward model larger than the policy (cpu: `medium`, 3.4x the `small` policy's parameters;
                accelerator: `base`; tiny: `small`), from pretraining and SFT of its own size on the shared
                settings (configs.add_rm_of_size), as the shared RM starts from the shared SFT model
-and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM and the ensemble. The papers stage
-(WORKDIR/papers_rm_proxy) writes the table and one verdict per row.
+and a 40-iteration PPO run (the shared `ppo` settings) against each single-change RM and the ensemble. The papers
+stage (WORKDIR/papers_rm_proxy) writes the table and one verdict per row; best-of-n is on every validation prompt
+of the task suite (papers.bon_prompts="all_validation": 300 on cpu), each share with its standard error.
 
 Not here: more distinct prompts than the world's comparison and RL prompts (data.n_comparisons, another world).
 

@@ -512,13 +512,6 @@ def _plot_dpo_ppo(series, sft_gold: float, path: str) -> None:
 # A better proxy reward model (issue #21 item 6).
 
 
-def captured_share(rm_gold: float, oracle_gold: float, sft_gold: float) -> float:
-  """The share of the oracle's (the gold scorer choosing) best-of-n gain over SFT that the RM's choice captures:
-  (gold of the RM's picks - SFT's) / (gold of the oracle's picks - SFT's); NaN when the oracle gains nothing."""
-  gain = oracle_gold - sft_gold
-  return float((rm_gold - sft_gold) / gain) if gain > 1e-9 else float("nan")
-
-
 def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float], list[scaling.Verdict]]:
   pc = config.papers
   rms, runs = list(pc.rms), list(pc.runs)
@@ -553,7 +546,7 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
       summary[f"{key}_gold_accuracy_clear"] = float(acc)
       summary[f"{key}_labeler_accuracy"] = float(lab)
     for n in ns:
-      share = captured_share(curve[n]["gold_score"], curve[n]["oracle_gold_score"], sft_gold)
+      share = float(curve[n]["share"])  # over each prompt's first candidate (policy_evals.oracle_gain_share)
       summary[f"{key}_bon{n}_share"] = share
       summary[f"{key}_bon{n}_share_se"] = float(curve[n]["share_se"])
       summary[f"{key}_bon{n}_gold_score"] = float(curve[n]["gold_score"])

@@ -302,12 +302,6 @@ def test_every_validation_prompt_and_none_trained_on(tmp_path_factory):
     papers.check(c)
 
 
-def test_captured_share():
-  assert papers.captured_share(0.3, 0.5, 0.1) == pytest.approx(0.5)
-  assert papers.captured_share(0.0, 0.5, 0.1) == pytest.approx(-0.25)
-  assert np.isnan(papers.captured_share(0.2, 0.1, 0.1))
-
-
 def test_rm_validation_loss_is_the_grouped_ranking_loss():
   # rm.val_ranking_loss (the per-epoch curves' loss) against losses.ranking_loss, InstructGPT eq. 1, on ragged K
   # with ties: the same number from a padded batch.

@@ -393,8 +393,10 @@ def base_config(model_size: str = "tiny", world: str = "tiny") -> ConfigDict:
   # rm_proxy: `rms` the reward models compared, `runs` the PPO run against each ("" = none), `ensembles` groups
   # of `rms` entries whose mean score chooses as one more row. bon_prompts: best-of-n's prompts, "rl" (the first
   # eval.n_prompts RL validation prompts, the PPO stage's) or "all_validation" (every validation prompt of the
-  # task suite: the RL, comparison and SFT ones, each unseen by every stage's training).
+  # task suite: the RL, comparison and SFT ones, each unseen by every stage's training). bon_estimator: "first"
+  # (best-of-n is each prompt's first n candidates, the PPO stage's bon<n> at the same n) or "subsets" (Gao et
+  # al.'s: its expectation over every n-subset of bon_candidates candidates a prompt, 0 = max(best_of_n)).
   c.papers = ConfigDict(dict(stage_dir="papers", experiment="gao", runs=(), rms=(), sft_from="sft",
                              best_of_n=(1, 2, 4, 8, 16, 32, 64), ptx_coefs=(), dpo_runs=(), ensembles=(),
-                             bon_prompts="rl"))
+                             bon_prompts="rl", bon_estimator="first", bon_candidates=0))
   return c

@@ -22,7 +22,8 @@ Presets:
                settings with that model), as the policy-sized one starts from the shared SFT model, so the sizes
                differ only in size. About an hour a seed on a 2-core CPU (less once rm_proxy.py's
                `medium` stages exist in the workdir).
-  accelerator  the same at 200 iterations with RMs of the `tiny`, `small` (the policy's) and `base` sizes.
+  accelerator  the same at 200 iterations with RMs of the `tiny`, `small` (the policy's) and `base` sizes, best-of-n
+               from 256 candidates a prompt (papers.bon_estimator="subsets", Gao et al.'s estimator).
   tiny         the tiny pipeline, 4 RL iterations, best-of-n up to 4, a second reward model (the `small` size,
                from its own pretraining and SFT) and one on half the comparisons, each with its own RL run: a
                smoke test.
@@ -81,6 +82,10 @@ def get_config(arg: str | None = None):
   c.papers.runs = tuple(runs)
   c.papers.rms = tuple(rms)
   c.papers.best_of_n = (1, 2, 4) if preset == "tiny" else (1, 2, 4, 8, 16, 32, 64)
+  if preset == "accelerator":
+    # Gao et al.'s estimator: every n-subset of a larger pool. cpu and cpu_sizes keep each prompt's first n
+    # candidates of 64 (papers.bon_estimator="first"), as their three seeds in experiments/papers/README.md ran.
+    c.papers.bon_estimator, c.papers.bon_candidates = "subsets", 256
   c.stages = ("data", "pretrain", "sft", *size_stages, "rm", *rm_stages, *(f"ppo:{r[len('ppo_'):]}" for r in runs), "papers",
               "report")
   return c

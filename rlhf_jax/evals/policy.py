@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -257,20 +258,24 @@ def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequ
                     rms: Sequence[tuple[Params, transformer.ModelConfig]], ns: Sequence[int],
                     scfg: sampling.SamplingConfig, candidate_rngs: Sequence[jax.Array], samples_per_prompt: int,
                     sft_rng: jax.Array, no_eos_penalty: float, batch_size: int, mesh, rules,
-                    ensembles: Sequence[Sequence[int]] = ()) -> list[dict[int, dict]]:
-  """Best-of-n at every n of `ns` from one set of len(candidate_rngs) >= max(ns) SFT candidates per prompt (the
-  first n of them: with best_of_n_eval's keys, the same candidates it draws), each reward model of `rms`
-  (params, cfg) choosing: Gao et al.'s best-of-n curve for 64 samples a prompt instead of 1 + 2 + ... + 64.
-  One {n: best_of_n_summary} per reward model, then one per entry of `ensembles` (indices into `rms`): the mean
-  of those models' normalised scores choosing (Coste et al. 2023's mean ensemble)."""
+                    ensembles: Sequence[Sequence[int]] = (), estimator: str = "first") -> list[dict[int, dict]]:
+  """Best-of-n at every n of `ns` from one set of N = len(candidate_rngs) >= max(ns) SFT candidates per prompt,
+  each reward model of `rms` (params, cfg) choosing: Gao et al.'s best-of-n curve for N samples a prompt instead
+  of 1 + 2 + ... + 64. estimator "first": best-of-n is the first n candidates (with best_of_n_eval's keys, the
+  same candidates it draws); "subsets": its expectation over every n-subset of the N (best_of_n_expected).
+  One {n: best_of_n_summary plus share} per reward model, then one per entry of `ensembles` (indices into
+  `rms`): the mean of those models' normalised scores choosing (Coste et al. 2023's mean ensemble)."""
   if not ns or min(ns) < 1 or max(ns) > len(candidate_rngs):
     raise ValueError(f"best-of-n sizes {list(ns)}: expected sizes from 1 to the {len(candidate_rngs)} candidates")
+  if estimator not in ("first", "subsets"):
+    raise ValueError(f"best-of-n estimator {estimator!r}: expected 'first' or 'subsets'")
   kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
   texts_p = [p["prompt"] for p in prompts]
   ids = [p["ids"] for p in prompts]
   k = samples_per_prompt
+  n_cands = len(candidate_rngs) if estimator == "subsets" else max(ns)
   with sharding.activate(mesh, rules):
-    cands = [sample(sft_params, cfg, ids, tok, scfg, key, **kw) for key in candidate_rngs[:max(ns)]]
+    cands = [sample(sft_params, cfg, ids, tok, scfg, key, **kw) for key in candidate_rngs[:n_cands]]
     rm_np = [np.stack([rm_scores(p, c_rm, c, no_eos_penalty=no_eos_penalty, **kw) for c in cands]) for p, c_rm in rms]
     base = sample(sft_params, cfg, ids * k, tok, scfg, sft_rng, **kw)
   gold_np = np.stack([gold.score_batch(texts_p, decode_responses(tok, c["response_bn"], c["response_mask_bn"]))
@@ -278,25 +283,60 @@ def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequ
   g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
   g0 = g0.reshape(k, len(texts_p))
   rm_np += [np.mean([rm_np[i] for i in members], axis=0) for members in ensembles]
+  if estimator == "subsets":
+    return [{n: best_of_n_expected(r, gold_np, g0, n) for n in ns} for r in rm_np]
   return [{n: {**best_of_n_summary(r[:n], gold_np[:n], g0), **oracle_gain_share(r[:n], gold_np[:n])} for n in ns}
           for r in rm_np]
 
 
-def oracle_gain_share(rm_np: np.ndarray, gold_np: np.ndarray) -> dict[str, float]:
-  """The share of the oracle's gain the RM's pick captures, both over the first candidate (best-of-1) of each
-  prompt, from scores [n, prompts]: mean(pick - first) / mean(oracle - first), with its standard error over
-  prompts by the delta method for a ratio of means (sqrt(sum (a - share b)^2 / (P (P - 1))) / mean(b)); NaN
-  when the oracle gains nothing (n = 1)."""
-  n, n_prompts = rm_np.shape
-  cols = np.arange(n_prompts)
-  a = gold_np[rm_np.argmax(axis=0), cols] - gold_np[0]
-  b = gold_np.max(axis=0) - gold_np[0]
+def _share_of_gain(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+  """mean(a) / mean(b) over prompts, with its standard error by the delta method for a ratio of means
+  (sqrt(sum (a - share b)^2 / (P (P - 1))) / mean(b)); NaN when b gains nothing."""
+  n_prompts = len(b)
   gain = float(b.mean())
   if gain <= 1e-9 or n_prompts < 2:
     return {"share": float("nan"), "share_se": float("nan")}
   share = float(a.mean()) / gain
   return {"share": share, "share_se": float(np.sqrt(np.sum((a - share * b) ** 2) / (n_prompts * (n_prompts - 1)))
                                             / gain)}
+
+
+def oracle_gain_share(rm_np: np.ndarray, gold_np: np.ndarray) -> dict[str, float]:
+  """The share of the oracle's gain the RM's pick captures, both over the first candidate (best-of-1) of each
+  prompt, from scores [n, prompts]: mean(pick - first) / mean(oracle - first), with its standard error over
+  prompts (_share_of_gain); NaN when the oracle gains nothing (n = 1)."""
+  cols = np.arange(rm_np.shape[1])
+  return _share_of_gain(gold_np[rm_np.argmax(axis=0), cols] - gold_np[0], gold_np.max(axis=0) - gold_np[0])
+
+
+def best_of_n_weights(n: int, n_candidates: int) -> np.ndarray:
+  """w[r] = C(r, n - 1) / C(N, n): the probability that the candidate ranked r-th from the bottom (r = 0..N-1)
+  of N is the best of n drawn from them without replacement (Gao et al. 2022's unbiased best-of-n estimator)."""
+  if not 1 <= n <= n_candidates:
+    raise ValueError(f"best-of-{n} from {n_candidates} candidates: expected 1 <= n <= the candidates")
+  # Exact integers, then one division: C(255, 127) ~ 6e75 is still a float, its share of C(N, n) exact enough.
+  return np.array([math.comb(r, n - 1) for r in range(n_candidates)], np.float64) / math.comb(n_candidates, n)
+
+
+def best_of_n_expected(rm_np: np.ndarray, gold_np: np.ndarray, gold_sft_p: np.ndarray, n: int) -> dict[str, float]:
+  """best_of_n_summary's numbers and the oracle-gain share as expectations over every n-subset of the N
+  candidates [N, prompts] rather than from the first n: each candidate weighted by the chance that it is the
+  RM's (or the gold scorer's) pick of a random n-subset (best_of_n_weights), so every candidate counts at every
+  n. Best-of-1, the share's baseline, is the mean of the N. The share's standard error is over prompts, whose
+  expected picks are independent."""
+  n_cands, n_prompts = rm_np.shape
+  w = best_of_n_weights(n, n_cands)
+  by_rm = np.argsort(rm_np, axis=0, kind="stable")  # ties: the same text scores the same, so any order will do
+  by_gold = np.argsort(gold_np, axis=0, kind="stable")
+  wins = np.stack([per_prompt_win_rates(g, gold_sft_p) for g in gold_np])  # [N, prompts]
+  pick = w @ np.take_along_axis(gold_np, by_rm, 0)
+  oracle = w @ np.take_along_axis(gold_np, by_gold, 0)
+  base = gold_np.mean(axis=0)
+  return {"gold_score": float(pick.mean()), "rm_score": float((w @ np.sort(rm_np, axis=0)).mean()),
+          "win_rate_vs_sft": float((w @ np.take_along_axis(wins, by_rm, 0)).mean()),
+          "kl_to_sft": float(losses.best_of_n_kl(n)), "oracle_gold_score": float(oracle.mean()),
+          "oracle_win_rate_vs_sft": float((w @ np.take_along_axis(wins, by_gold, 0)).mean()), "n": n,
+          "n_candidates": n_cands, **_share_of_gain(pick - base, oracle - base)}
 
 
 def write_samples(path: str, rows: Sequence[dict[str, Any]]) -> None:

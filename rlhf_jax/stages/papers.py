@@ -52,6 +52,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   pc = config.papers
   runtime.check_choice(pc.experiment, "papers.experiment", EXPERIMENTS)
   runtime.check_choice(pc.bon_prompts, "papers.bon_prompts", ("rl", "all_validation"))
+  runtime.check_choice(pc.bon_estimator, "papers.bon_estimator", ("first", "subsets"))
+  if pc.bon_candidates and (pc.bon_candidates < max(pc.best_of_n, default=1) or pc.bon_estimator == "first"):
+    raise ValueError(f"papers.bon_candidates={pc.bon_candidates}: expected 0 (max(papers.best_of_n)), or at least "
+                     f"max(papers.best_of_n)={max(pc.best_of_n, default=1)} with papers.bon_estimator='subsets' "
+                     "(the 'first' estimator reads only the first max(n))")
   if pc.experiment == "rm_proxy":
     if not pc.rms or not len(pc.rms) <= len(pc.runs) <= len(pc.rms) + len(pc.ensembles):
       raise ValueError(f"papers.rms={tuple(pc.rms)}, papers.runs={tuple(pc.runs)}: rm_proxy expects reward models and "
@@ -129,6 +134,19 @@ def bon_points(curve: dict[int, dict[str, float]]) -> dict[str, np.ndarray]:
           "oracle": np.array([curve[n]["oracle_gold_score"] for n in ns]) - curve[1]["gold_score"]}
 
 
+def n_candidates(config) -> int:
+  """The SFT candidates a prompt best-of-n is read from (papers.bon_candidates, 0 = the largest n)."""
+  return config.papers.bon_candidates or max(config.papers.best_of_n)
+
+
+def bon_method(config) -> str:
+  """How the section's best-of-n was estimated, in words."""
+  if config.papers.bon_estimator == "first":
+    return f"each prompt's first n of one set of {n_candidates(config)} SFT candidates"
+  return (f"the expectation over every n-subset of {n_candidates(config)} SFT candidates a prompt (Gao et al.'s "
+          "estimator, papers.bon_estimator='subsets'; best-of-1 is their mean)")
+
+
 def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) -> tuple[
     list[dict[int, dict[str, float]]], list[int], int]:
   """Best-of-n of SFT on the held-out prompts (papers.bon_prompts) at every n, each reward model choosing; each
@@ -153,9 +171,10 @@ def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) ->
       sft, policy_cfg, tok, prompts,
       sources.gold_scorer(config, workdir), rms=rms, ns=ns,
       scfg=sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature),
-      candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(max(ns))],
+      candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(n_candidates(config))],
       samples_per_prompt=ec.samples_per_prompt, sft_rng=runtime._sft_baseline_key(config.seed),
-      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles)
+      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles,
+      estimator=config.papers.bon_estimator)
   return curves, [int(sum(np.prod(x.shape) for x in jax.tree.leaves(p["backbone"]))) for p, _ in rms], len(prompts)
 
 
@@ -216,7 +235,8 @@ def gao(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float]
   _plot_gao(series, os.path.join(out_dir, "gao.png"))
   lines = ["## Gao et al. 2022: reward over-optimisation", "",
            "Gold and proxy (reward-model) score gained over SFT against d = sqrt(KL to SFT). Best-of-n: held-out "
-           f"prompts ({n_prompts}), n in {sorted(pc.best_of_n)}, KL = log n - (n-1)/n, fitted with d(a - b d). RL: the "
+           f"prompts ({n_prompts}), n in {sorted(pc.best_of_n)}, {bon_method(config)}, KL = log n - (n-1)/n, fitted "
+           "with d(a - b d). RL: the "
            "training rollout of every iteration (ppo.batch_size episodes on training prompts, their sampled KL), "
            "fitted with d(a - b log d). Dotted: best-of-n with the gold scorer picking (the ceiling at that KL).", "",
            "![gold and proxy against sqrt(KL)](gao.png)", "", *table, ""]
@@ -546,7 +566,7 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
       summary[f"{key}_gold_accuracy_clear"] = float(acc)
       summary[f"{key}_labeler_accuracy"] = float(lab)
     for n in ns:
-      share = float(curve[n]["share"])  # over each prompt's first candidate (policy_evals.oracle_gain_share)
+      share = float(curve[n]["share"])  # over best-of-1 (policy_evals.oracle_gain_share, best_of_n_expected)
       summary[f"{key}_bon{n}_share"] = share
       summary[f"{key}_bon{n}_share_se"] = float(curve[n]["share_se"])
       summary[f"{key}_bon{n}_gold_score"] = float(curve[n]["gold_score"])
@@ -574,10 +594,9 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
            "Each reward model on the shared comparisons (or the number of prompts' K-way rankings given), from the "
            "SFT model of its size (the shared one at the policy's size; parameters: the backbone's); best-of-n of "
            "SFT on the held-out "
-           f"prompts ({n_prompts}: papers.bon_prompts={config.papers.bon_prompts!r}), one set of "
-           f"{max(pc.best_of_n)} candidates a prompt for every "
-           "model; the share is (gold of the RM's picks - SFT's) / (gold of the gold scorer's own picks - SFT's), "
-           "SFT's being each prompt's first candidate, +- its standard error over the prompts. "
+           f"prompts ({n_prompts}: papers.bon_prompts={config.papers.bon_prompts!r}), {bon_method(config)}, the "
+           "same candidates for every model; the share is (gold of the RM's picks - SFT's) / (gold of the gold "
+           "scorer's own picks - SFT's), SFT's being best-of-1, +- its standard error over the prompts. "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."
            + (f" The SFT policy's own log-likelihood ranks the clear pairs {base:.3f} right." if base else ""), "",
            *table, ""]
@@ -589,6 +608,11 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
 
 
 _INPUTS_FILE = "inputs.json"
+
+
+# Settings added after sections were recorded, at the values that compute what those sections computed: a
+# section recorded without one is current when the config holds that value.
+_ADDED_SETTINGS = {"papers": {"bon_prompts": "rl", "bon_estimator": "first", "bon_candidates": 0}}
 
 
 def _inputs(config) -> dict[str, Any]:
@@ -605,6 +629,7 @@ def is_current(config, workdir: str) -> str | None:
     return f"{path} is missing (a section written before the settings were recorded)"
   with open(path) as f:
     stored = json.load(f)
+  stored.update({b: {**added, **stored.get(b, {})} for b, added in _ADDED_SETTINGS.items()})
   now = _inputs(config)
   if stored == now:
     return None

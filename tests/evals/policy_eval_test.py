@@ -94,6 +94,68 @@ def test_oracle_gain_share_and_its_standard_error_against_a_bootstrap():
   assert np.isnan(policy_evals.oracle_gain_share(rm[:1], gold[:1])["share"])  # best-of-1: no oracle gain
 
 
+def test_best_of_n_weights_are_the_chance_of_each_rank_being_the_best_of_a_subset():
+  for n_cands in (1, 5, 9):
+    for n in range(1, n_cands + 1):
+      subsets = list(itertools.combinations(range(n_cands), n))
+      want = np.bincount([max(c) for c in subsets], minlength=n_cands) / len(subsets)
+      np.testing.assert_allclose(policy_evals.best_of_n_weights(n, n_cands), want, rtol=1e-12)
+  w = policy_evals.best_of_n_weights(64, 256)  # big binomials: still a distribution
+  assert w.sum() == pytest.approx(1.0) and w[:63].sum() == 0 and w[-1] == pytest.approx(64 / 256)
+  with pytest.raises(ValueError, match="best-of-5 from 4 candidates"):
+    policy_evals.best_of_n_weights(5, 4)
+
+
+def test_best_of_n_expected_against_every_subset():
+  # Gao et al.'s estimator against the plain average over every n-subset of the candidates of each prompt, each
+  # subset's pick read by best_of_n_summary on that subset alone.
+  rng = np.random.default_rng(2)
+  n_cands, p = 7, 30
+  gold = rng.integers(-2, 3, size=(n_cands, p)).astype(float)  # coarse: the oracle's picks tie often
+  rm = gold + rng.normal(scale=1.0, size=(n_cands, p))
+  base = rng.integers(-2, 3, size=(2, p)).astype(float)  # two SFT samples a prompt as the win-rate baseline
+  for n in (1, 3, 7):
+    got = policy_evals.best_of_n_expected(rm, gold, base, n)
+    subsets = [list(c) for c in itertools.combinations(range(n_cands), n)]
+    per = [policy_evals.best_of_n_summary(rm[c], gold[c], base) for c in subsets]
+    for k in ("gold_score", "rm_score", "oracle_gold_score", "win_rate_vs_sft", "oracle_win_rate_vs_sft"):
+      assert got[k] == pytest.approx(np.mean([r[k] for r in per]), abs=1e-12), (n, k)
+    assert got["n"] == n and got["n_candidates"] == n_cands
+    assert got["kl_to_sft"] == pytest.approx(np.log(n) - (n - 1) / n)
+    # The share: (pick - best-of-1) / (oracle - best-of-1), best-of-1 being the mean of the candidates.
+    b1 = gold.mean()
+    if n == 1:
+      assert np.isnan(got["share"])
+    else:
+      assert got["share"] == pytest.approx((got["gold_score"] - b1) / (got["oracle_gold_score"] - b1))
+  # At n = N there is one subset: the plain best-of-N, as the "first" estimator reads it.
+  full = policy_evals.best_of_n_summary(rm, gold, base)
+  assert got["gold_score"] == pytest.approx(full["gold_score"]) and got["win_rate_vs_sft"] == full["win_rate_vs_sft"]
+
+
+def test_best_of_n_expected_share_error_against_redrawn_candidates():
+  # The share's standard error over prompts against its spread over independent redraws of the whole candidate
+  # pool (the estimator's real sampling error), and smaller than the first-n estimator's spread on the same draws.
+  rng = np.random.default_rng(3)
+  p, n_cands, n = 300, 32, 8
+  scale = rng.uniform(0.2, 1.5, size=p)  # prompts differ in how much their candidates spread
+
+  def draw():
+    gold = rng.normal(size=(n_cands, p)) * scale
+    return gold + rng.normal(scale=1.5, size=(n_cands, p)), gold
+
+  sub, first, ses = [], [], []
+  for _ in range(300):
+    rm, gold = draw()
+    got = policy_evals.best_of_n_expected(rm, gold, gold[:1], n)
+    sub.append(got["share"])
+    ses.append(got["share_se"])
+    first.append(policy_evals.oracle_gain_share(rm[:n], gold[:n])["share"])
+  assert np.mean(ses) == pytest.approx(np.std(sub), rel=0.15)
+  assert np.std(sub) < 0.7 * np.std(first)
+  assert np.mean(sub) == pytest.approx(np.mean(first), abs=3 * np.std(first) / np.sqrt(300))
+
+
 def test_best_of_n_summary_against_a_loop():
   rng = np.random.default_rng(0)
   n, p = 5, 40

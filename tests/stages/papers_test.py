@@ -71,6 +71,15 @@ def test_a_finished_section_is_redone_when_its_settings_change(tmp_path, caplog)
     assert "is complete" in caplog.text
     assert pipeline.run_stage(three, wd, "papers")["n_fixed_betas"] == 3
     assert "redone, its settings changed since it ran (papers.runs)" in caplog.text
+  # A section recorded before a setting was added is current at the value that computes what it computed (the
+  # "first" best-of-n estimator), and redone at another.
+  path = tmp_path / "papers_kl_frontier" / "inputs.json"
+  stored = json.load(open(path))
+  del stored["papers"]["bon_estimator"], stored["papers"]["bon_candidates"]
+  json.dump(stored, open(path, "w"))
+  assert papers.is_current(three, wd) is None
+  three.papers.bon_estimator = "subsets"
+  assert "papers.bon_estimator" in papers.is_current(three, wd)
   # A section written before the settings were recorded is redone once.
   os.remove(tmp_path / "papers_kl_frontier" / "inputs.json")
   assert "is missing" in papers.is_current(three, wd)
@@ -113,6 +122,17 @@ def test_papers_check_rejects_bad_settings():
   papers.check(c)
   c.papers.runs = ("ppo", "", "ppo_ensemble", "ppo_extra")
   with pytest.raises(ValueError, match="one PPO run per reward model"):
+    papers.check(c)
+  c.papers.runs, c.papers.bon_candidates = ("ppo", "", "ppo_ensemble"), 8
+  with pytest.raises(ValueError, match="papers.bon_candidates=8: expected 0 .* with papers.bon_estimator='subsets'"):
+    papers.check(c)  # the "first" estimator reads the first max(n) candidates only
+  c.papers.bon_estimator = "subsets"
+  papers.check(c)
+  c.papers.bon_candidates = 2
+  with pytest.raises(ValueError, match=r"papers.bon_candidates=2: .*at least max\(papers.best_of_n\)=4"):
+    papers.check(c)
+  c.papers.bon_estimator = "mean"
+  with pytest.raises(ValueError, match="papers.bon_estimator='mean': expected 'first' or 'subsets'"):
     papers.check(c)
 
 
@@ -209,8 +229,10 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   ref = json.load(open(os.path.join(wd, "summary.json")))
   assert s["rm_bon2_gold_score"] == pytest.approx(ref["ppo.bon2.gold_score"], abs=1e-6)
   assert s["rm_bon2_oracle_gold_score"] == pytest.approx(ref["ppo.bon2.oracle_gold_score"], abs=1e-6)
-  # The share's SFT baseline is best-of-1, the first candidate, whose gold the PPO stage does not record; the
-  # share and the two gold scores must agree with the formula for one baseline common to all three rows.
+  # rm_proxy reads best-of-n by Gao et al.'s estimator, here over the two candidates, so best-of-2 is the PPO
+  # stage's. The share's SFT baseline is best-of-1, the candidates' mean, which the PPO stage does not record;
+  # the share and the two gold scores must agree with the formula for one baseline common to all three rows.
+  assert json.load(open(os.path.join(wd, "papers_rm_proxy", "inputs.json")))["papers"]["bon_estimator"] == "subsets"
   sft = {key: s[f"{key}_bon2_gold_score"] - s[f"{key}_bon2_share"] * (s[f"{key}_bon2_oracle_gold_score"] -
                                                                           s[f"{key}_bon2_gold_score"]) / (1 - s[f"{key}_bon2_share"])
          for key in ("rm", "rm_mean", "rm_rm_mean") if abs(1 - s[f"{key}_bon2_share"]) > 1e-6}

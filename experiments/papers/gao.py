@@ -7,8 +7,8 @@
 
 The shared stages (data, pretrain, SFT, the reward model) are experiments/instructgpt's `small` (`tiny` for the
 smoke test), so in that experiment's workdir this adds only the low-beta RL run (WORKDIR/ppo_gao) and the papers
-stage (WORKDIR/papers_gao: best-of-n of SFT for n = 1..64 on the held-out prompts, the fits, the figure and the
-verdicts; rlhf_jax/stages/papers.py). report.md then includes its section. Results and the time each preset took:
+stage (WORKDIR/papers_gao, cpu_sizes: papers_gao_sizes: best-of-n of SFT for n = 1..64 on the held-out prompts,
+the fits, the figure and the verdicts; rlhf_jax/stages/papers.py). report.md then includes its section. Results and the time each preset took:
 experiments/papers/README.md.
 
 Presets:
@@ -20,7 +20,8 @@ Presets:
                with its RL run: does the gold peak move out as the RM grows, and as its comparisons grow? Every
                RM starts from an SFT model of its own size (pretrain_<size> and sft_<size>: the shared stages'
                settings with that model), as the policy-sized one starts from the shared SFT model, so the sizes
-               differ only in size. About an hour a seed on a 2-core CPU (less once rm_proxy.py's
+               differ only in size. Best-of-n from 128 candidates a prompt by Gao et al.'s estimator
+               (papers.bon_estimator="subsets"). About an hour a seed on a 2-core CPU (less once rm_proxy.py's
                `medium` stages exist in the workdir).
   accelerator  the same at 200 iterations with RMs of the `tiny`, `small` (the policy's) and `base` sizes, best-of-n
                from 256 candidates a prompt (papers.bon_estimator="subsets", Gao et al.'s estimator).
@@ -77,15 +78,18 @@ def get_config(arg: str | None = None):
     runs.append("ppo_gao_rm_half")
     rms.append("rm_half")
     rm_stages.append("rm:rm_half")
-  c.papers.stage_dir = "papers_gao"
+  # cpu_sizes writes a section of its own, so cpu's (one RM) and cpu_sizes' (four) stay side by side per seed.
+  c.papers.stage_dir = "papers_gao_sizes" if preset == "cpu_sizes" else "papers_gao"
   c.papers.experiment = "gao"
   c.papers.runs = tuple(runs)
   c.papers.rms = tuple(rms)
   c.papers.best_of_n = (1, 2, 4) if preset == "tiny" else (1, 2, 4, 8, 16, 32, 64)
-  if preset == "accelerator":
-    # Gao et al.'s estimator: every n-subset of a larger pool. cpu and cpu_sizes keep each prompt's first n
-    # candidates of 64 (papers.bon_estimator="first"), as their three seeds in experiments/papers/README.md ran.
-    c.papers.bon_estimator, c.papers.bon_candidates = "subsets", 256
+  if preset in ("cpu_sizes", "accelerator"):
+    # Gao et al.'s estimator: each best-of-n the mean over every n-subset of a pool larger than the largest n,
+    # so that the four RMs' best-of-n peaks are not one draw of 64 candidates each. The cpu preset keeps each
+    # prompt's first n of 64 (papers.bon_estimator="first"), as its three seeds in experiments/papers/README.md ran.
+    c.papers.bon_estimator = "subsets"
+    c.papers.bon_candidates = 128 if preset == "cpu_sizes" else 256
   c.stages = ("data", "pretrain", "sft", *size_stages, "rm", *rm_stages, *(f"ppo:{r[len('ppo_'):]}" for r in runs), "papers",
               "report")
   return c

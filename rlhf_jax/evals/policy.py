@@ -254,39 +254,96 @@ def best_of_n_eval(sft_params, cfg: transformer.ModelConfig, tok, prompts: Seque
   return best_of_n_summary(rm, gold_np, g0.reshape(k, len(texts_p)))
 
 
+def best_of_n_scores(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequence[dict], gold, *,
+                     rms: Sequence[tuple[Params, transformer.ModelConfig]], scfg: sampling.SamplingConfig,
+                     candidate_rngs: Sequence[jax.Array], samples_per_prompt: int, sft_rng: jax.Array,
+                     no_eos_penalty: float, batch_size: int, mesh, rules,
+                     ensembles: Sequence[Sequence[int]] = ()) -> dict[str, np.ndarray]:
+  """What best-of-n is read from: N = len(candidate_rngs) SFT candidates per prompt, scored by each reward model
+  of `rms` (params, cfg) and then by each entry of `ensembles` (indices into `rms`: the mean of those models'
+  scores, Coste et al. 2023's mean ensemble) ("rm" [models, N, prompts]) and by the gold scorer ("gold"
+  [N, prompts]); the gold scores of samples_per_prompt SFT samples a prompt from sft_rng, the win-rate baseline
+  ("gold_sft" [k, prompts]); each prompt's task family ("family")."""
+  kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
+  texts_p = [p["prompt"] for p in prompts]
+  ids = [p["ids"] for p in prompts]
+  k = samples_per_prompt
+  with sharding.activate(mesh, rules):
+    cands = [sample(sft_params, cfg, ids, tok, scfg, key, **kw) for key in candidate_rngs]
+    rm_np = [np.stack([rm_scores(p, c_rm, c, no_eos_penalty=no_eos_penalty, **kw) for c in cands]) for p, c_rm in rms]
+    base = sample(sft_params, cfg, ids * k, tok, scfg, sft_rng, **kw)
+  gold_np = np.stack([gold.score_batch(texts_p, decode_responses(tok, c["response_bn"], c["response_mask_bn"]))
+                      for c in cands])
+  g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
+  rm_np += [np.mean([rm_np[i] for i in members], axis=0) for members in ensembles]
+  return {"rm": np.stack(rm_np), "gold": gold_np, "gold_sft": g0.reshape(k, len(texts_p)),
+          "family": np.array([gold.family(p) for p in texts_p])}
+
+
 def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequence[dict], gold, *,
                     rms: Sequence[tuple[Params, transformer.ModelConfig]], ns: Sequence[int],
                     scfg: sampling.SamplingConfig, candidate_rngs: Sequence[jax.Array], samples_per_prompt: int,
                     sft_rng: jax.Array, no_eos_penalty: float, batch_size: int, mesh, rules,
                     ensembles: Sequence[Sequence[int]] = (), estimator: str = "first") -> list[dict[int, dict]]:
   """Best-of-n at every n of `ns` from one set of N = len(candidate_rngs) >= max(ns) SFT candidates per prompt,
-  each reward model of `rms` (params, cfg) choosing: Gao et al.'s best-of-n curve for N samples a prompt instead
-  of 1 + 2 + ... + 64. estimator "first": best-of-n is the first n candidates (with best_of_n_eval's keys, the
-  same candidates it draws); "subsets": its expectation over every n-subset of the N (best_of_n_expected).
-  One {n: best_of_n_summary plus share} per reward model, then one per entry of `ensembles` (indices into
-  `rms`): the mean of those models' normalised scores choosing (Coste et al. 2023's mean ensemble)."""
-  if not ns or min(ns) < 1 or max(ns) > len(candidate_rngs):
-    raise ValueError(f"best-of-n sizes {list(ns)}: expected sizes from 1 to the {len(candidate_rngs)} candidates")
+  each reward model of `rms` choosing (best_of_n_scores, then curves_from_scores): Gao et al.'s best-of-n curve
+  for N samples a prompt instead of 1 + 2 + ... + 64. estimator "first": best-of-n is the first n candidates
+  (with best_of_n_eval's keys, the same candidates it draws; only max(ns) are drawn); "subsets": its expectation
+  over every n-subset of the N (best_of_n_expected)."""
+  check_best_of_n(ns, len(candidate_rngs), estimator)
+  n_cands = len(candidate_rngs) if estimator == "subsets" else max(ns)
+  scores = best_of_n_scores(sft_params, cfg, tok, prompts, gold, rms=rms, scfg=scfg,
+                            candidate_rngs=candidate_rngs[:n_cands], samples_per_prompt=samples_per_prompt,
+                            sft_rng=sft_rng, no_eos_penalty=no_eos_penalty, batch_size=batch_size, mesh=mesh,
+                            rules=rules, ensembles=ensembles)
+  return curves_from_scores(scores, ns, estimator)
+
+
+def check_best_of_n(ns: Sequence[int], n_candidates: int, estimator: str) -> None:
+  if not ns or min(ns) < 1 or max(ns) > n_candidates:
+    raise ValueError(f"best-of-n sizes {list(ns)}: expected sizes from 1 to the {n_candidates} candidates")
   if estimator not in ("first", "subsets"):
     raise ValueError(f"best-of-n estimator {estimator!r}: expected 'first' or 'subsets'")
-  kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
-  texts_p = [p["prompt"] for p in prompts]
-  ids = [p["ids"] for p in prompts]
-  k = samples_per_prompt
-  n_cands = len(candidate_rngs) if estimator == "subsets" else max(ns)
-  with sharding.activate(mesh, rules):
-    cands = [sample(sft_params, cfg, ids, tok, scfg, key, **kw) for key in candidate_rngs[:n_cands]]
-    rm_np = [np.stack([rm_scores(p, c_rm, c, no_eos_penalty=no_eos_penalty, **kw) for c in cands]) for p, c_rm in rms]
-    base = sample(sft_params, cfg, ids * k, tok, scfg, sft_rng, **kw)
-  gold_np = np.stack([gold.score_batch(texts_p, decode_responses(tok, c["response_bn"], c["response_mask_bn"]))
-                      for c in cands])
-  g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
-  g0 = g0.reshape(k, len(texts_p))
-  rm_np += [np.mean([rm_np[i] for i in members], axis=0) for members in ensembles]
-  if estimator == "subsets":
-    return [{n: best_of_n_expected(r, gold_np, g0, n) for n in ns} for r in rm_np]
-  return [{n: {**best_of_n_summary(r[:n], gold_np[:n], g0), **oracle_gain_share(r[:n], gold_np[:n])} for n in ns}
-          for r in rm_np]
+
+
+def curves_from_scores(scores: dict[str, np.ndarray], ns: Sequence[int], estimator: str) -> list[dict[int, dict]]:
+  """One {n: summary} per row of scores["rm"] (best_of_n_scores): best_of_n_summary's numbers and the share of
+  the oracle's gain over best-of-1 with its standard error ("share", "share_se"), read by `estimator` ("first":
+  each prompt's first n candidates; "subsets": best_of_n_expected), and the same share per task family
+  ("<family>.share", "<family>.share_se", with "<family>.oracle_gain", the gold the oracle's pick gains there,
+  and "<family>.n_prompts")."""
+  gold_np, g0, fams = scores["gold"], scores["gold_sft"], scores["family"]
+  check_best_of_n(ns, gold_np.shape[0], estimator)
+  out = []
+  for r in scores["rm"]:
+    curve = {}
+    for n in ns:
+      if estimator == "subsets":
+        row = best_of_n_expected(r, gold_np, g0, n)
+      else:
+        row = {**best_of_n_summary(r[:n], gold_np[:n], g0), **oracle_gain_share(r[:n], gold_np[:n])}
+      a, b = gains_over_best_of_1(r, gold_np, n, estimator)
+      for fam in sorted(set(fams.tolist())):
+        idx = fams == fam
+        row.update({f"{fam}.{k}": v for k, v in _share_of_gain(a[idx], b[idx]).items()})
+        row[f"{fam}.oracle_gain"], row[f"{fam}.n_prompts"] = float(b[idx].mean()), int(idx.sum())
+      curve[n] = row
+    out.append(curve)
+  return out
+
+
+def gains_over_best_of_1(rm_np: np.ndarray, gold_np: np.ndarray, n: int, estimator: str
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """Per prompt, from scores [N, prompts]: the gold the RM's best-of-n pick gains over best-of-1, and the gold the
+  gold scorer's own pick gains. "first": the first n candidates, best-of-1 the first; "subsets": expectations
+  over every n-subset of the N (best_of_n_weights), best-of-1 their mean."""
+  if estimator == "first":
+    r, g = rm_np[:n], gold_np[:n]
+    return g[r.argmax(axis=0), np.arange(g.shape[1])] - g[0], g.max(axis=0) - g[0]
+  w = best_of_n_weights(n, rm_np.shape[0])
+  base = gold_np.mean(axis=0)
+  pick = w @ np.take_along_axis(gold_np, np.argsort(rm_np, axis=0, kind="stable"), 0)
+  return pick - base, w @ np.sort(gold_np, axis=0) - base
 
 
 def _share_of_gain(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -305,8 +362,7 @@ def oracle_gain_share(rm_np: np.ndarray, gold_np: np.ndarray) -> dict[str, float
   """The share of the oracle's gain the RM's pick captures, both over the first candidate (best-of-1) of each
   prompt, from scores [n, prompts]: mean(pick - first) / mean(oracle - first), with its standard error over
   prompts (_share_of_gain); NaN when the oracle gains nothing (n = 1)."""
-  cols = np.arange(rm_np.shape[1])
-  return _share_of_gain(gold_np[rm_np.argmax(axis=0), cols] - gold_np[0], gold_np.max(axis=0) - gold_np[0])
+  return _share_of_gain(*gains_over_best_of_1(rm_np, gold_np, rm_np.shape[0], "first"))
 
 
 def best_of_n_weights(n: int, n_candidates: int) -> np.ndarray:
@@ -336,7 +392,7 @@ def best_of_n_expected(rm_np: np.ndarray, gold_np: np.ndarray, gold_sft_p: np.nd
           "win_rate_vs_sft": float((w @ np.take_along_axis(wins, by_rm, 0)).mean()),
           "kl_to_sft": float(losses.best_of_n_kl(n)), "oracle_gold_score": float(oracle.mean()),
           "oracle_win_rate_vs_sft": float((w @ np.take_along_axis(wins, by_gold, 0)).mean()), "n": n,
-          "n_candidates": n_cands, **_share_of_gain(pick - base, oracle - base)}
+          "n_candidates": n_cands, **_share_of_gain(pick - base, oracle - base)}  # gains_over_best_of_1's
 
 
 def write_samples(path: str, rows: Sequence[dict[str, Any]]) -> None:

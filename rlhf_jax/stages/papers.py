@@ -147,10 +147,15 @@ def bon_method(config) -> str:
           "estimator, papers.bon_estimator='subsets'; best-of-1 is their mean)")
 
 
-def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) -> tuple[
+SCORES_FILE = "best_of_n_scores.npz"  # what the section's best-of-n was read from, for analyses after it
+
+
+def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], out_dir: str, ensembles=()) -> tuple[
     list[dict[int, dict[str, float]]], list[int], int]:
   """Best-of-n of SFT on the held-out prompts (papers.bon_prompts) at every n, each reward model choosing; each
-  model's parameter count (its size, as Gao et al. count it); and the number of prompts."""
+  model's parameter count (its size, as Gao et al. count it); and the number of prompts. The scores it is read
+  from (policy_evals.best_of_n_scores, the models in the order of rm_dirs and then the ensembles) are kept in
+  out_dir/SCORES_FILE."""
   ec, pc = config.eval, config.ppo
   tok = sources.tokenizer(config, workdir)
   mesh, rules = runtime.mesh_and_rules(config)
@@ -167,14 +172,18 @@ def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], ensembles=()) ->
   # The PPO stage's evaluation settings, candidate keys and SFT baseline key: its bon<n> numbers are ours at n.
   prompts = (sources.validation_prompts(config, workdir, tok) if config.papers.bon_prompts == "all_validation"
              else sources.rl_prompts(config, workdir, tok, which="validation")[:ec.n_prompts])
-  curves = policy_evals.best_of_n_curve(
+  scores = policy_evals.best_of_n_scores(
       sft, policy_cfg, tok, prompts,
-      sources.gold_scorer(config, workdir), rms=rms, ns=ns,
+      sources.gold_scorer(config, workdir), rms=rms,
       scfg=sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature),
       candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(n_candidates(config))],
       samples_per_prompt=ec.samples_per_prompt, sft_rng=runtime._sft_baseline_key(config.seed),
-      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles,
-      estimator=config.papers.bon_estimator)
+      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles)
+  if jax.process_index() == 0:
+    names = [*rm_dirs, *("+".join(rm_dirs[i] for i in e) for e in ensembles)]
+    with open(os.path.join(out_dir, SCORES_FILE), "wb") as f:
+      np.savez_compressed(f, models=np.array(names), prompts=np.array([p["prompt"] for p in prompts]), **scores)
+  curves = policy_evals.curves_from_scores(scores, ns, config.papers.bon_estimator)
   return curves, [int(sum(np.prod(x.shape) for x in jax.tree.leaves(p["backbone"]))) for p, _ in rms], len(prompts)
 
 
@@ -200,7 +209,7 @@ def gao(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, float]
   runs = list(pc.runs)
   rm_dirs = list(pc.rms) or ["rm"] * len(runs)
   unique = list(dict.fromkeys(rm_dirs))
-  bon, n_params, n_prompts = _best_of_n_curves(config, workdir, unique)
+  bon, n_params, n_prompts = _best_of_n_curves(config, workdir, unique, out_dir)
   curves, sizes = dict(zip(unique, bon)), dict(zip(unique, n_params))
   summary: dict[str, float] = {}
   table = ["| reward model | method | score | a | b | R^2 | peak KL | points | measured up to KL |",
@@ -536,7 +545,7 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   pc = config.papers
   rms, runs = list(pc.rms), list(pc.runs)
   ensembles = [tuple(e) for e in pc.ensembles]
-  curves, n_params, n_prompts = _best_of_n_curves(config, workdir, rms,
+  curves, n_params, n_prompts = _best_of_n_curves(config, workdir, rms, out_dir,
                                                   [[rms.index(m) for m in e] for e in ensembles])
   ns = sorted(n for n in pc.best_of_n if n > 1)
   names = rms + ["+".join(e) for e in ensembles]
@@ -588,6 +597,24 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
                                     "over SFT", bool(share >= 0.5),
                                     f"{share:.2f}: gold {curve[n_top]['gold_score']:+.3f} against the oracle's "
                                     f"{curve[n_top]['oracle_gold_score']:+.3f} and SFT's {sft_gold:+.3f}"))
+  # Where each RM's picks fall short: the best-of-n share per task family, beside what the oracle gains there.
+  n_top = max(ns)
+  fams = sorted(k[:-len(".n_prompts")] for k in curves[0][n_top] if k.endswith(".n_prompts"))
+  by_family = [f"Best-of-{n_top} by task family: the share of the oracle's gain each RM's picks capture within the "
+               "family's prompts (+- its standard error), under the number of prompts and the oracle's gain over "
+               "best-of-1 there.", "",
+               "| reward model | " + " | ".join(f"{f} ({curves[0][n_top][f + '.n_prompts']}, oracle "
+                                               f"{curves[0][n_top][f + '.oracle_gain']:+.3f})" for f in fams) + " |",
+               "|---|" + "---|" * len(fams)]
+  for i, name in enumerate(names):
+    key, c = name.replace("+", "_"), curves[i][n_top]
+    for f in fams:
+      summary[f"{key}_bon{n_top}_{f}_share"] = float(c[f"{f}.share"])
+      summary[f"{key}_bon{n_top}_{f}_share_se"] = float(c[f"{f}.share_se"])
+    by_family.append(f"| {name} | " + " | ".join(f"{c[f + '.share']:.2f} +- {c[f + '.share_se']:.2f}" for f in fams)
+                     + " |")
+  for f in fams:
+    summary[f"bon{n_top}_{f}_oracle_gain"] = float(curves[0][n_top][f"{f}.oracle_gain"])
   s0 = _read_summary(workdir, rms[0])
   base = s0.get("val_policy_logprob_gold_accuracy_clear")
   lines = ["## A better proxy reward model", "",
@@ -599,7 +626,7 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
            "scorer's own picks - SFT's), SFT's being best-of-1, +- its standard error over the prompts. "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."
            + (f" The SFT policy's own log-likelihood ranks the clear pairs {base:.3f} right." if base else ""), "",
-           *table, ""]
+           *table, "", *by_family, ""]
   return lines, summary, verdicts
 
 

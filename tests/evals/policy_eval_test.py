@@ -156,6 +156,40 @@ def test_best_of_n_expected_share_error_against_redrawn_candidates():
   assert np.mean(sub) == pytest.approx(np.mean(first), abs=3 * np.std(first) / np.sqrt(300))
 
 
+def test_curves_from_scores_per_family_against_numpy():
+  # Two models' picks over 16 candidates of prompts in three families: each family's share is the ratio of the
+  # mean gains over its own prompts, by either estimator; the overall share is the same function's.
+  rng = np.random.default_rng(4)
+  n_cands, p = 16, 90
+  fams = np.array(["fact", "arithmetic", "string"])[rng.integers(0, 3, size=p)]
+  gold = rng.normal(size=(n_cands, p)) * np.where(fams == "fact", 1.0, 0.3)
+  rm = np.stack([gold + rng.normal(scale=s, size=(n_cands, p)) for s in (0.5, 3.0)])
+  scores = {"rm": rm, "gold": gold, "gold_sft": gold[:2], "family": fams}
+  for est in ("first", "subsets"):
+    curves = policy_evals.curves_from_scores(scores, [1, 4, 16], est)
+    assert len(curves) == 2
+    for m, curve in enumerate(curves):
+      for n in (4, 16):
+        if est == "first":
+          pick = gold[rm[m, :n].argmax(axis=0), np.arange(p)] - gold[0]
+          best = gold[:n].max(axis=0) - gold[0]
+          assert curve[n]["gold_score"] == policy_evals.best_of_n_summary(rm[m, :n], gold[:n], gold[:2])["gold_score"]
+        else:
+          w = policy_evals.best_of_n_weights(n, n_cands)
+          pick = np.array([w @ gold[np.argsort(rm[m, :, j]), j] for j in range(p)]) - gold.mean(axis=0)
+          best = np.array([w @ np.sort(gold[:, j]) for j in range(p)]) - gold.mean(axis=0)
+        assert curve[n]["share"] == pytest.approx(pick.mean() / best.mean())
+        for f in ("fact", "arithmetic", "string"):
+          i = fams == f
+          assert curve[n][f"{f}.share"] == pytest.approx(pick[i].mean() / best[i].mean()), (est, m, n, f)
+          assert curve[n][f"{f}.oracle_gain"] == pytest.approx(best[i].mean())
+          assert curve[n][f"{f}.n_prompts"] == i.sum()
+          assert curve[n][f"{f}.share_se"] > 0
+    assert curves[0][16]["share"] > curves[1][16]["share"]  # the less noisy model picks better
+  with pytest.raises(ValueError, match=r"best-of-n sizes \[1, 32\]: expected sizes from 1 to the 16 candidates"):
+    policy_evals.curves_from_scores(scores, [1, 32], "subsets")
+
+
 def test_best_of_n_summary_against_a_loop():
   rng = np.random.default_rng(0)
   n, p = 5, 40

@@ -16,6 +16,7 @@ import pytest
 from rlhf_jax import configs, feedback, losses, pipeline, sharding, tokenizers, training
 from rlhf_jax.data import sources
 from rlhf_jax.data.comparisons import Comparison
+from rlhf_jax.evals import policy as policy_evals
 from rlhf_jax.stages import collect, papers, rm
 
 from helpers import stage_runner  # tests/ is on sys.path (tests/conftest.py)
@@ -243,7 +244,22 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   assert s["rm_mean_gold_accuracy_clear"] == pytest.approx(s_rm.get("val_gold_accuracy_clear", np.nan), nan_ok=True)
   assert s["rm_ppo_gold_score"] == pytest.approx(ref["ppo.gold_score"], abs=1e-9)
   assert "rm_mean_ppo_gold_score" not in s
+  # The scores the section was read from are kept: the ensemble's are its members' mean, every prompt has its
+  # family, and reading them again gives the section's numbers, overall and per family.
+  with np.load(os.path.join(wd, "papers_rm_proxy", papers.SCORES_FILE)) as z:
+    saved = {k: z[k] for k in z.files}
+  assert saved["models"].tolist() == ["rm", "rm_mean", "rm+rm_mean"]
+  assert saved["rm"].shape == (3, 2, len(saved["prompts"])) == (3, *saved["gold"].shape)
+  np.testing.assert_allclose(saved["rm"][2], saved["rm"][:2].mean(axis=0))
+  gold_scorer = sources.gold_scorer(configs.experiment_config(exp.split("=", 1)[1].split(":")[0], "tiny"), wd)
+  assert saved["family"].tolist() == [gold_scorer.family(t) for t in saved["prompts"]]
+  again = policy_evals.curves_from_scores(saved, [1, 2], "subsets")
+  for key, curve in zip(("rm", "rm_mean", "rm_rm_mean"), again):
+    assert curve[2]["gold_score"] == pytest.approx(s[f"{key}_bon2_gold_score"])
+    for f in set(saved["family"].tolist()):
+      assert curve[2][f"{f}.share"] == pytest.approx(s[f"{key}_bon2_{f}_share"], nan_ok=True)
   text = open(os.path.join(wd, "papers_rm_proxy", papers.SECTION_FILE)).read()
+  assert "Best-of-2 by task family" in text
   # The backbone's parameter count by hand: embedding and unembedding, per layer q/k/v/o, the GELU MLP's two
   # matrices and two norm scales, and the final norm.
   cfg = json.load(open(os.path.join(wd, "rm_mean", "export.json")))["model"]

@@ -258,12 +258,14 @@ def best_of_n_scores(sft_params, cfg: transformer.ModelConfig, tok, prompts: Seq
                      rms: Sequence[tuple[Params, transformer.ModelConfig]], scfg: sampling.SamplingConfig,
                      candidate_rngs: Sequence[jax.Array], samples_per_prompt: int, sft_rng: jax.Array,
                      no_eos_penalty: float, batch_size: int, mesh, rules,
-                     ensembles: Sequence[Sequence[int]] = ()) -> dict[str, np.ndarray]:
+                     ensembles: Sequence[Sequence[int]] = (), sft_logprob: bool = False) -> dict[str, np.ndarray]:
   """What best-of-n is read from: N = len(candidate_rngs) SFT candidates per prompt, scored by each reward model
   of `rms` (params, cfg) and then by each entry of `ensembles` (indices into `rms`: the mean of those models'
   scores, Coste et al. 2023's mean ensemble) ("rm" [models, N, prompts]) and by the gold scorer ("gold"
-  [N, prompts]); the gold scores of samples_per_prompt SFT samples a prompt from sft_rng, the win-rate baseline
-  ("gold_sft" [k, prompts]); each prompt's task family ("family")."""
+  [N, prompts]), with their texts ("text") and whether the gold scorer counts each correct ("correct"); the gold
+  scores of samples_per_prompt SFT samples a prompt from sft_rng, the win-rate baseline ("gold_sft" [k, prompts]);
+  each prompt's task family ("family"); with sft_logprob, each candidate's log-likelihood under SFT itself at
+  scfg.logprob_temperature ("sft_logprob" [N, prompts]: the ranker an RM should beat)."""
   kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
   texts_p = [p["prompt"] for p in prompts]
   ids = [p["ids"] for p in prompts]
@@ -271,13 +273,19 @@ def best_of_n_scores(sft_params, cfg: transformer.ModelConfig, tok, prompts: Seq
   with sharding.activate(mesh, rules):
     cands = [sample(sft_params, cfg, ids, tok, scfg, key, **kw) for key in candidate_rngs]
     rm_np = [np.stack([rm_scores(p, c_rm, c, no_eos_penalty=no_eos_penalty, **kw) for c in cands]) for p, c_rm in rms]
+    lp = ([seq_logprob_sums(sft_params, cfg, c, scfg.logprob_temperature, **kw) for c in cands] if sft_logprob
+          else None)
     base = sample(sft_params, cfg, ids * k, tok, scfg, sft_rng, **kw)
-  gold_np = np.stack([gold.score_batch(texts_p, decode_responses(tok, c["response_bn"], c["response_mask_bn"]))
-                      for c in cands])
+  texts = [decode_responses(tok, c["response_bn"], c["response_mask_bn"]) for c in cands]
+  gold_np = np.stack([gold.score_batch(texts_p, t) for t in texts])
   g0 = gold.score_batch(texts_p * k, decode_responses(tok, base["response_bn"], base["response_mask_bn"]))
   rm_np += [np.mean([rm_np[i] for i in members], axis=0) for members in ensembles]
-  return {"rm": np.stack(rm_np), "gold": gold_np, "gold_sft": g0.reshape(k, len(texts_p)),
-          "family": np.array([gold.family(p) for p in texts_p])}
+  out = {"rm": np.stack(rm_np), "gold": gold_np, "gold_sft": g0.reshape(k, len(texts_p)),
+         "family": np.array([gold.family(p) for p in texts_p]), "text": np.array(texts),
+         "correct": np.array([[gold.is_correct(p, r) for p, r in zip(texts_p, t)] for t in texts])}
+  if lp is not None:
+    out["sft_logprob"] = np.stack(lp)
+  return out
 
 
 def best_of_n_curve(sft_params, cfg: transformer.ModelConfig, tok, prompts: Sequence[dict], gold, *,
@@ -311,7 +319,8 @@ def curves_from_scores(scores: dict[str, np.ndarray], ns: Sequence[int], estimat
   the oracle's gain over best-of-1 with its standard error ("share", "share_se"), read by `estimator` ("first":
   each prompt's first n candidates; "subsets": best_of_n_expected), and the same share per task family
   ("<family>.share", "<family>.share_se", with "<family>.oracle_gain", the gold the oracle's pick gains there,
-  and "<family>.n_prompts")."""
+  and "<family>.n_prompts"; where scores has "correct", the correct fraction of the RM's picks, the oracle's and
+  best-of-1's there: "<family>.correct_frac", ".oracle_correct_frac", ".best_of_1_correct_frac")."""
   gold_np, g0, fams = scores["gold"], scores["gold_sft"], scores["family"]
   check_best_of_n(ns, gold_np.shape[0], estimator)
   out = []
@@ -323,27 +332,39 @@ def curves_from_scores(scores: dict[str, np.ndarray], ns: Sequence[int], estimat
       else:
         row = {**best_of_n_summary(r[:n], gold_np[:n], g0), **oracle_gain_share(r[:n], gold_np[:n])}
       a, b = gains_over_best_of_1(r, gold_np, n, estimator)
+      ok = picked(r, gold_np, scores["correct"], n, estimator) if "correct" in scores else None
       for fam in sorted(set(fams.tolist())):
         idx = fams == fam
         row.update({f"{fam}.{k}": v for k, v in _share_of_gain(a[idx], b[idx]).items()})
         row[f"{fam}.oracle_gain"], row[f"{fam}.n_prompts"] = float(b[idx].mean()), int(idx.sum())
+        if ok is not None:  # correct answers among the RM's picks, the oracle's and best-of-1's
+          for name, v in zip(("correct_frac", "oracle_correct_frac", "best_of_1_correct_frac"), ok):
+            row[f"{fam}.{name}"] = float(v[idx].mean())
       curve[n] = row
     out.append(curve)
   return out
 
 
+def picked(rm_np: np.ndarray, gold_np: np.ndarray, values: np.ndarray, n: int, estimator: str
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per prompt, from [N, prompts] arrays: `values` of the RM's best-of-n pick, of the gold scorer's own pick
+  and of best-of-1. "first": among the first n candidates, best-of-1 the first; "subsets": expectations over
+  every n-subset of the N (best_of_n_weights), best-of-1 the candidates' mean."""
+  values = np.asarray(values, np.float64)
+  if estimator == "first":
+    cols = np.arange(rm_np.shape[1])
+    return (values[:n][rm_np[:n].argmax(axis=0), cols], values[:n][gold_np[:n].argmax(axis=0), cols], values[0])
+  w = best_of_n_weights(n, rm_np.shape[0])
+  by = lambda x: w @ np.take_along_axis(values, np.argsort(x, axis=0, kind="stable"), 0)  # noqa: E731
+  return by(rm_np), by(gold_np), values.mean(axis=0)
+
+
 def gains_over_best_of_1(rm_np: np.ndarray, gold_np: np.ndarray, n: int, estimator: str
                          ) -> tuple[np.ndarray, np.ndarray]:
-  """Per prompt, from scores [N, prompts]: the gold the RM's best-of-n pick gains over best-of-1, and the gold the
-  gold scorer's own pick gains. "first": the first n candidates, best-of-1 the first; "subsets": expectations
-  over every n-subset of the N (best_of_n_weights), best-of-1 their mean."""
-  if estimator == "first":
-    r, g = rm_np[:n], gold_np[:n]
-    return g[r.argmax(axis=0), np.arange(g.shape[1])] - g[0], g.max(axis=0) - g[0]
-  w = best_of_n_weights(n, rm_np.shape[0])
-  base = gold_np.mean(axis=0)
-  pick = w @ np.take_along_axis(gold_np, np.argsort(rm_np, axis=0, kind="stable"), 0)
-  return pick - base, w @ np.sort(gold_np, axis=0) - base
+  """Per prompt: the gold the RM's best-of-n pick gains over best-of-1, and the gold the gold scorer's own pick
+  gains (`picked`)."""
+  pick, oracle, base = picked(rm_np, gold_np, gold_np, n, estimator)
+  return pick - base, oracle - base
 
 
 def _share_of_gain(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -380,19 +401,14 @@ def best_of_n_expected(rm_np: np.ndarray, gold_np: np.ndarray, gold_sft_p: np.nd
   RM's (or the gold scorer's) pick of a random n-subset (best_of_n_weights), so every candidate counts at every
   n. Best-of-1, the share's baseline, is the mean of the N. The share's standard error is over prompts, whose
   expected picks are independent."""
-  n_cands, n_prompts = rm_np.shape
-  w = best_of_n_weights(n, n_cands)
-  by_rm = np.argsort(rm_np, axis=0, kind="stable")  # ties: the same text scores the same, so any order will do
-  by_gold = np.argsort(gold_np, axis=0, kind="stable")
+  # Ties in the RM's scores: the same text scores the same, so the order among them does not matter.
+  pick, oracle, base = picked(rm_np, gold_np, gold_np, n, "subsets")
   wins = np.stack([per_prompt_win_rates(g, gold_sft_p) for g in gold_np])  # [N, prompts]
-  pick = w @ np.take_along_axis(gold_np, by_rm, 0)
-  oracle = w @ np.take_along_axis(gold_np, by_gold, 0)
-  base = gold_np.mean(axis=0)
-  return {"gold_score": float(pick.mean()), "rm_score": float((w @ np.sort(rm_np, axis=0)).mean()),
-          "win_rate_vs_sft": float((w @ np.take_along_axis(wins, by_rm, 0)).mean()),
-          "kl_to_sft": float(losses.best_of_n_kl(n)), "oracle_gold_score": float(oracle.mean()),
-          "oracle_win_rate_vs_sft": float((w @ np.take_along_axis(wins, by_gold, 0)).mean()), "n": n,
-          "n_candidates": n_cands, **_share_of_gain(pick - base, oracle - base)}  # gains_over_best_of_1's
+  win_pick, win_oracle, _ = picked(rm_np, gold_np, wins, n, "subsets")
+  return {"gold_score": float(pick.mean()), "rm_score": float(picked(rm_np, gold_np, rm_np, n, "subsets")[0].mean()),
+          "win_rate_vs_sft": float(win_pick.mean()), "kl_to_sft": float(losses.best_of_n_kl(n)),
+          "oracle_gold_score": float(oracle.mean()), "oracle_win_rate_vs_sft": float(win_oracle.mean()), "n": n,
+          "n_candidates": rm_np.shape[0], **_share_of_gain(pick - base, oracle - base)}
 
 
 def write_samples(path: str, rows: Sequence[dict[str, Any]]) -> None:

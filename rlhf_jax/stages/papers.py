@@ -150,12 +150,15 @@ def bon_method(config) -> str:
 SCORES_FILE = "best_of_n_scores.npz"  # what the section's best-of-n was read from, for analyses after it
 
 
-def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], out_dir: str, ensembles=()) -> tuple[
-    list[dict[int, dict[str, float]]], list[int], int]:
-  """Best-of-n of SFT on the held-out prompts (papers.bon_prompts) at every n, each reward model choosing; each
-  model's parameter count (its size, as Gao et al. count it); and the number of prompts. The scores it is read
-  from (policy_evals.best_of_n_scores, the models in the order of rm_dirs and then the ensembles) are kept in
-  out_dir/SCORES_FILE."""
+SFT_LOGPROB = "sft_logprob"  # the picker that is SFT's own log-likelihood, in the curves after the RMs
+
+
+def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], out_dir: str, ensembles=(),
+                      sft_logprob: bool = False) -> tuple[list[dict[int, dict[str, float]]], list[int], int]:
+  """Best-of-n of SFT on the held-out prompts (papers.bon_prompts) at every n, each reward model choosing (then
+  each ensemble, then with sft_logprob SFT's own log-likelihood); each model's parameter count (its size, as Gao
+  et al. count it); and the number of prompts. The scores it is read from (policy_evals.best_of_n_scores, the
+  pickers in that order, named in "models") are kept in out_dir/SCORES_FILE."""
   ec, pc = config.eval, config.ppo
   tok = sources.tokenizer(config, workdir)
   mesh, rules = runtime.mesh_and_rules(config)
@@ -178,9 +181,13 @@ def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], out_dir: str, en
       scfg=sampling.SamplingConfig(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature),
       candidate_rngs=[jax.random.PRNGKey(config.seed + 100 + i) for i in range(n_candidates(config))],
       samples_per_prompt=ec.samples_per_prompt, sft_rng=runtime._sft_baseline_key(config.seed),
-      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles)
+      no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles,
+      sft_logprob=sft_logprob)
+  names = [*rm_dirs, *("+".join(rm_dirs[i] for i in e) for e in ensembles)]
+  if sft_logprob:  # SFT's own log-likelihood as one more picker, after the reward models
+    scores["rm"] = np.concatenate([scores["rm"], scores.pop("sft_logprob")[None]])
+    names.append(SFT_LOGPROB)
   if jax.process_index() == 0:
-    names = [*rm_dirs, *("+".join(rm_dirs[i] for i in e) for e in ensembles)]
     with open(os.path.join(out_dir, SCORES_FILE), "wb") as f:
       np.savez_compressed(f, models=np.array(names), prompts=np.array([p["prompt"] for p in prompts]), **scores)
   curves = policy_evals.curves_from_scores(scores, ns, config.papers.bon_estimator)
@@ -546,9 +553,9 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   rms, runs = list(pc.rms), list(pc.runs)
   ensembles = [tuple(e) for e in pc.ensembles]
   curves, n_params, n_prompts = _best_of_n_curves(config, workdir, rms, out_dir,
-                                                  [[rms.index(m) for m in e] for e in ensembles])
+                                                  [[rms.index(m) for m in e] for e in ensembles], sft_logprob=True)
   ns = sorted(n for n in pc.best_of_n if n > 1)
-  names = rms + ["+".join(e) for e in ensembles]
+  names = rms + ["+".join(e) for e in ensembles] + [SFT_LOGPROB]
   summary: dict[str, float] = {}
   head = ["| reward model | parameters | comparisons | score at | LM coef | labels | clear-pair gold accuracy |",
           " labeler accuracy |", *[f" best-of-{n} share of the oracle's gain |" for n in ns],
@@ -564,7 +571,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     lab = s.get("val_accuracy", float("nan"))
     row = [name, f"{n_params[i] / 1e6:.2f}M" if member else "",
            str(s.get("n_train_comparisons", "")) if member else "",  # prompts, each with its K-way ranking
-           str(s.get("score_at", "eos")) if member else "mean of members",
+           str(s.get("score_at", "eos")) if member else
+           ("SFT's log-likelihood (no RM)" if name == SFT_LOGPROB else "mean of members"),
            f"{s.get('lm_coef', 0.0):g}" if member else "", str(s.get("labels", "labelers")) if member else "",
            f"{acc:.3f}" if member else "",
            f"{lab:.3f}" if member else ""]
@@ -593,6 +601,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     table.append("| " + " | ".join(row) + " |")
     n_top = max(ns)
     share = summary[f"{key}_bon{n_top}_share"]
+    if name == SFT_LOGPROB:
+      continue  # a baseline for the RMs, not a proxy reward model of item 6
     verdicts.append(scaling.Verdict(f"best-of-{n_top} chosen by {name} captures at least half of the oracle's gain "
                                     "over SFT", bool(share >= 0.5),
                                     f"{share:.2f}: gold {curve[n_top]['gold_score']:+.3f} against the oracle's "
@@ -615,6 +625,20 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
                      + " |")
   for f in fams:
     summary[f"bon{n_top}_{f}_oracle_gain"] = float(curves[0][n_top][f"{f}.oracle_gain"])
+  # What the picks are: the correct answers among them, per family.
+  c0 = curves[0][n_top]
+  correct = [f"Correct answers (the gold scorer's is_correct) among the best-of-{n_top} picks by task family.", "",
+             "| picks | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams),
+             "| best-of-1 (a random candidate) | " + " | ".join(f"{c0[f + '.best_of_1_correct_frac']:.2f}"
+                                                            for f in fams) + " |",
+             f"| the gold scorer's best-of-{n_top} | " + " | ".join(f"{c0[f + '.oracle_correct_frac']:.2f}"
+                                                                 for f in fams) + " |"]
+  for i, name in enumerate(names):
+    key, c = name.replace("+", "_"), curves[i][n_top]
+    summary.update({f"{key}_bon{n_top}_{f}_correct_frac": float(c[f"{f}.correct_frac"]) for f in fams})
+    correct.append(f"| {name} | " + " | ".join(f"{c[f + '.correct_frac']:.2f}" for f in fams) + " |")
+  summary.update({f"bon{n_top}_{f}_{k}": float(c0[f"{f}.{k}"]) for f in fams
+                  for k in ("best_of_1_correct_frac", "oracle_correct_frac")})
   s0 = _read_summary(workdir, rms[0])
   base = s0.get("val_policy_logprob_gold_accuracy_clear")
   lines = ["## A better proxy reward model", "",
@@ -626,7 +650,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
            "scorer's own picks - SFT's), SFT's being best-of-1, +- its standard error over the prompts. "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."
            + (f" The SFT policy's own log-likelihood ranks the clear pairs {base:.3f} right." if base else ""), "",
-           *table, "", *by_family, ""]
+           f"The {SFT_LOGPROB} row picks by the SFT policy's own log-likelihood of each candidate (no reward model).",
+           "", *table, "", *by_family, "", *correct, ""]
   return lines, summary, verdicts
 
 

@@ -164,20 +164,25 @@ def test_curves_from_scores_per_family_against_numpy():
   fams = np.array(["fact", "arithmetic", "string"])[rng.integers(0, 3, size=p)]
   gold = rng.normal(size=(n_cands, p)) * np.where(fams == "fact", 1.0, 0.3)
   rm = np.stack([gold + rng.normal(scale=s, size=(n_cands, p)) for s in (0.5, 3.0)])
-  scores = {"rm": rm, "gold": gold, "gold_sft": gold[:2], "family": fams}
+  correct = gold > 0.5
+  scores = {"rm": rm, "gold": gold, "gold_sft": gold[:2], "family": fams, "correct": correct}
   for est in ("first", "subsets"):
     curves = policy_evals.curves_from_scores(scores, [1, 4, 16], est)
     assert len(curves) == 2
     for m, curve in enumerate(curves):
       for n in (4, 16):
         if est == "first":
-          pick = gold[rm[m, :n].argmax(axis=0), np.arange(p)] - gold[0]
+          i_rm, i_or = rm[m, :n].argmax(axis=0), gold[:n].argmax(axis=0)
+          pick = gold[i_rm, np.arange(p)] - gold[0]
           best = gold[:n].max(axis=0) - gold[0]
+          ok = correct[i_rm, np.arange(p)], correct[i_or, np.arange(p)], correct[0]
           assert curve[n]["gold_score"] == policy_evals.best_of_n_summary(rm[m, :n], gold[:n], gold[:2])["gold_score"]
         else:
           w = policy_evals.best_of_n_weights(n, n_cands)
           pick = np.array([w @ gold[np.argsort(rm[m, :, j]), j] for j in range(p)]) - gold.mean(axis=0)
           best = np.array([w @ np.sort(gold[:, j]) for j in range(p)]) - gold.mean(axis=0)
+          ok = (np.array([w @ correct[np.argsort(rm[m, :, j]), j] for j in range(p)]),
+                np.array([w @ correct[np.argsort(gold[:, j]), j] for j in range(p)]), correct.mean(axis=0))
         assert curve[n]["share"] == pytest.approx(pick.mean() / best.mean())
         for f in ("fact", "arithmetic", "string"):
           i = fams == f
@@ -185,6 +190,8 @@ def test_curves_from_scores_per_family_against_numpy():
           assert curve[n][f"{f}.oracle_gain"] == pytest.approx(best[i].mean())
           assert curve[n][f"{f}.n_prompts"] == i.sum()
           assert curve[n][f"{f}.share_se"] > 0
+          for k, v in zip(("correct_frac", "oracle_correct_frac", "best_of_1_correct_frac"), ok):
+            assert curve[n][f"{f}.{k}"] == pytest.approx(v[i].mean()), (est, n, f, k)
     assert curves[0][16]["share"] > curves[1][16]["share"]  # the less noisy model picks better
   with pytest.raises(ValueError, match=r"best-of-n sizes \[1, 32\]: expected sizes from 1 to the 16 candidates"):
     policy_evals.curves_from_scores(scores, [1, 32], "subsets")

@@ -156,7 +156,7 @@ SFT_LOGPROB = "sft_logprob"  # the picker that is SFT's own log-likelihood, in t
 def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], out_dir: str, ensembles=(),
                       sft_logprob: bool = False) -> tuple[list[dict[int, dict[str, float]]], list[int], int]:
   """Best-of-n of SFT on the held-out prompts (papers.bon_prompts) at every n, each reward model choosing (then
-  each ensemble, then with sft_logprob SFT's own log-likelihood); each model's parameter count (its size, as Gao
+  each ensemble, then with sft_logprob SFT's own log-likelihood and the first RM plus it); each model's parameter count (its size, as Gao
   et al. count it); and the number of prompts. The scores it is read from (policy_evals.best_of_n_scores, the
   pickers in that order, named in "models") are kept in out_dir/SCORES_FILE."""
   ec, pc = config.eval, config.ppo
@@ -184,9 +184,13 @@ def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], out_dir: str, en
       no_eos_penalty=pc.no_eos_penalty, batch_size=ec.batch_size, mesh=mesh, rules=rules, ensembles=ensembles,
       sft_logprob=sft_logprob)
   names = [*rm_dirs, *("+".join(rm_dirs[i] for i in e) for e in ensembles)]
-  if sft_logprob:  # SFT's own log-likelihood as one more picker, after the reward models
-    scores["rm"] = np.concatenate([scores["rm"], scores.pop("sft_logprob")[None]])
-    names.append(SFT_LOGPROB)
+  if sft_logprob:
+    # SFT's own log-likelihood as one more picker after the reward models, then the first RM's score plus it,
+    # each standardised over every candidate (equal weights, fixed before any result was seen).
+    lp = scores.pop("sft_logprob")
+    z = lambda x: (x - x.mean()) / (x.std() + 1e-12)  # noqa: E731
+    scores["rm"] = np.concatenate([scores["rm"], lp[None], (z(scores["rm"][0]) + z(lp))[None]])
+    names += [SFT_LOGPROB, f"{rm_dirs[0]}+{SFT_LOGPROB}"]
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, SCORES_FILE), "wb") as f:
       np.savez_compressed(f, models=np.array(names), prompts=np.array([p["prompt"] for p in prompts]), **scores)
@@ -555,7 +559,7 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   curves, n_params, n_prompts = _best_of_n_curves(config, workdir, rms, out_dir,
                                                   [[rms.index(m) for m in e] for e in ensembles], sft_logprob=True)
   ns = sorted(n for n in pc.best_of_n if n > 1)
-  names = rms + ["+".join(e) for e in ensembles] + [SFT_LOGPROB]
+  names = rms + ["+".join(e) for e in ensembles] + [SFT_LOGPROB, f"{rms[0]}+{SFT_LOGPROB}"]
   summary: dict[str, float] = {}
   head = ["| reward model | parameters | comparisons | score at | LM coef | labels | clear-pair gold accuracy |",
           " labeler accuracy |", *[f" best-of-{n} share of the oracle's gain |" for n in ns],
@@ -572,7 +576,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
     row = [name, f"{n_params[i] / 1e6:.2f}M" if member else "",
            str(s.get("n_train_comparisons", "")) if member else "",  # prompts, each with its K-way ranking
            str(s.get("score_at", "eos")) if member else
-           ("SFT's log-likelihood (no RM)" if name == SFT_LOGPROB else "mean of members"),
+           {SFT_LOGPROB: "SFT's log-likelihood (no RM)",
+            f"{rms[0]}+{SFT_LOGPROB}": f"z({rms[0]}) + z(SFT log-likelihood)"}.get(name, "mean of members"),
            f"{s.get('lm_coef', 0.0):g}" if member else "", str(s.get("labels", "labelers")) if member else "",
            f"{acc:.3f}" if member else "",
            f"{lab:.3f}" if member else ""]
@@ -650,7 +655,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
            "scorer's own picks - SFT's), SFT's being best-of-1, +- its standard error over the prompts. "
            "Clear pairs: validation pairs whose gold scores differ by more than rm.clear_gold_margin."
            + (f" The SFT policy's own log-likelihood ranks the clear pairs {base:.3f} right." if base else ""), "",
-           f"The {SFT_LOGPROB} row picks by the SFT policy's own log-likelihood of each candidate (no reward model).",
+           f"The {SFT_LOGPROB} row picks by the SFT policy's own log-likelihood of each candidate (no reward model); "
+           f"{rms[0]}+{SFT_LOGPROB} by the sum of the two scores, each standardised over all the candidates.",
            "", *table, "", *by_family, "", *correct, ""]
   return lines, summary, verdicts
 

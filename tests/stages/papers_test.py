@@ -248,11 +248,15 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   # family, and reading them again gives the section's numbers, overall and per family.
   with np.load(os.path.join(wd, "papers_rm_proxy", papers.SCORES_FILE)) as z:
     saved = {k: z[k] for k in z.files}
-  # The last picker is SFT's own log-likelihood (a sum of log-probabilities: at most 0).
-  assert saved["models"].tolist() == ["rm", "rm_mean", "rm+rm_mean", "sft_logprob"]
-  assert saved["rm"].shape == (4, 2, len(saved["prompts"])) == (4, *saved["gold"].shape)
+  # Then SFT's own log-likelihood (a sum of log-probabilities: at most 0) and the first RM plus it, each
+  # standardised over every candidate.
+  assert saved["models"].tolist() == ["rm", "rm_mean", "rm+rm_mean", "sft_logprob", "rm+sft_logprob"]
+  assert saved["rm"].shape == (5, 2, len(saved["prompts"])) == (5, *saved["gold"].shape)
   np.testing.assert_allclose(saved["rm"][2], saved["rm"][:2].mean(axis=0))
-  assert np.all(saved["rm"][3] <= 0) and np.all(np.isfinite(saved["rm"][3]))
+  lp = saved["rm"][3]
+  assert np.all(lp <= 0) and np.all(np.isfinite(lp))
+  zs = lambda x: (x - x.mean()) / (x.std() + 1e-12)  # noqa: E731  (a constant score standardises to 0)
+  np.testing.assert_allclose(saved["rm"][4], zs(saved["rm"][0]) + zs(lp), rtol=1e-5, atol=1e-6)
   gold_scorer = sources.gold_scorer(configs.experiment_config(exp.split("=", 1)[1].split(":")[0], "tiny"), wd)
   prompts = saved["prompts"].tolist()
   assert saved["family"].tolist() == [gold_scorer.family(t) for t in prompts]
@@ -261,14 +265,15 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
     np.testing.assert_allclose(saved["gold"][j], gold_scorer.score_batch(prompts, texts))
     assert saved["correct"][j].tolist() == [gold_scorer.is_correct(p, t) for p, t in zip(prompts, texts)]
   again = policy_evals.curves_from_scores(saved, [1, 2], "subsets")
-  for key, curve in zip(("rm", "rm_mean", "rm_rm_mean", "sft_logprob"), again):
+  for key, curve in zip(("rm", "rm_mean", "rm_rm_mean", "sft_logprob", "rm_sft_logprob"), again):
     assert curve[2]["gold_score"] == pytest.approx(s[f"{key}_bon2_gold_score"])
     for f in set(saved["family"].tolist()):
       assert curve[2][f"{f}.share"] == pytest.approx(s[f"{key}_bon2_{f}_share"], nan_ok=True)
       assert curve[2][f"{f}.correct_frac"] == pytest.approx(s[f"{key}_bon2_{f}_correct_frac"])
   text = open(os.path.join(wd, "papers_rm_proxy", papers.SECTION_FILE)).read()
   assert "Best-of-2 by task family" in text and "| sft_logprob |" in text
-  assert not any("sft_logprob" in k for k in s if k.endswith("_held"))  # a baseline, no verdict of its own
+  verdicts = [line for line in text.splitlines() if line.startswith("- **")]
+  assert len(verdicts) == 4 and "chosen by rm+sft_logprob" in verdicts[-1]  # SFT's log-likelihood alone: none
   # The backbone's parameter count by hand: embedding and unembedding, per layer q/k/v/o, the GELU MLP's two
   # matrices and two norm scales, and the final norm.
   cfg = json.load(open(os.path.join(wd, "rm_mean", "export.json")))["model"]
@@ -278,7 +283,7 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   mparams = f"{s['rm_mean_backbone_params'] / 1e6:.2f}M"
   assert f"| rm_mean | {mparams} | 10 | mean | 0.5 | labelers |" in text
   assert "| rm+rm_mean |  |  | mean of members |" in text and s["rm_mean_train_comparisons"] == 10
-  assert s["n_verdicts"] == 3  # rm, rm_mean and their ensemble
+  assert s["n_verdicts"] == 4  # rm, rm_mean, their ensemble and rm + SFT's log-likelihood
   shutil.rmtree(wd)
 
 

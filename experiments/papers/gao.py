@@ -8,8 +8,8 @@
 The shared stages (data, pretrain, SFT, the reward model) are experiments/instructgpt's `small` (`tiny` for the
 smoke test), so in that experiment's workdir this adds only the low-beta RL run (WORKDIR/ppo_gao) and the papers
 stage (WORKDIR/papers_gao, cpu_sizes: papers_gao_sizes: best-of-n of SFT for n = 1..64 on the held-out prompts,
-the fits, the figure and the verdicts; rlhf_jax/stages/papers.py). report.md then includes its section. Results and the time each preset took:
-experiments/papers/README.md.
+the fits, the figure and the verdicts; rlhf_jax/stages/papers.py). report.md then includes its section. Results
+and the time each preset took: experiments/papers/README.md.
 
 Presets:
   cpu          one reward model (the shared `rm`); PPO at a fixed beta of 0.005 for 60 iterations at lr 5e-5 (the

@@ -156,9 +156,9 @@ SFT_LOGPROB = "sft_logprob"  # the picker that is SFT's own log-likelihood, in t
 def _best_of_n_curves(config, workdir: str, rm_dirs: list[str], out_dir: str, ensembles=(),
                       sft_logprob: bool = False) -> tuple[list[dict[int, dict[str, float]]], list[int], int]:
   """Best-of-n of SFT on the held-out prompts (papers.bon_prompts) at every n, each reward model choosing (then
-  each ensemble, then with sft_logprob SFT's own log-likelihood and the first RM plus it); each model's parameter count (its size, as Gao
-  et al. count it); and the number of prompts. The scores it is read from (policy_evals.best_of_n_scores, the
-  pickers in that order, named in "models") are kept in out_dir/SCORES_FILE."""
+  each ensemble, then with sft_logprob SFT's own log-likelihood and the first RM plus it); each model's parameter
+  count (its size, as Gao et al. count it); and the number of prompts. The scores it is read from
+  (policy_evals.best_of_n_scores, the pickers in that order, named in "models") are kept in out_dir/SCORES_FILE."""
   ec, pc = config.eval, config.ppo
   tok = sources.tokenizer(config, workdir)
   mesh, rules = runtime.mesh_and_rules(config)

@@ -190,8 +190,9 @@ def rm_config() -> ConfigDict:
       target="rankings",
       # score_at: where the score is read, "eos" (the last real token), "last" (the token before it: the last
       # response token) or "mean" (over the response tokens); lm_coef: an auxiliary next-token loss on the
-      # responses, 0 = off (experiments/papers/rm_proxy.py).
-      score_at="eos", lm_coef=0.0,
+      # responses, 0 = off (experiments/papers/rm_proxy.py); loglik_coef: the score adds this times the response's
+      # log-likelihood under the RM's own backbone, so the head learns a residual over it, 0 = off.
+      score_at="eos", lm_coef=0.0, loglik_coef=0.0,
       seed_offset=0,  # > 0: another head initialisation and data order (the members of an RM ensemble)
       # labels: "labelers" (their rankings) or "gold": the training comparisons' responses re-ranked by the gold
       # scorer (ties give no pair), an oracle-label RM on the same data (experiments/papers/rm_proxy.py)

@@ -283,7 +283,9 @@ def export_params(stage_dir: str, params, *, model_cfg: transformer.ModelConfig 
   if model_cfg is not None and jax.process_index() == 0:
     manifest = {"kind": kind, "model": dataclasses.asdict(model_cfg), **(extra or {})}
     if kind == "reward_model" and "read" in params:  # which readout its "read" weights select (load_export)
-      manifest["score_at"] = max(params["read"], key=lambda m: float(params["read"][m]))
+      manifest["score_at"] = max(heads.SCORE_AT, key=lambda m: float(params["read"][m]))
+      if "loglik" in params["read"]:
+        manifest["loglik_coef"] = float(params["read"]["loglik"])
     if tokenizer is not None:
       manifest["tokenizer"] = tokenizers.save_to_dir(tokenizer, stage_dir)
     checkpoint.write_json_atomic(os.path.join(stage_dir, EXPORT_MANIFEST), manifest)
@@ -328,10 +330,11 @@ def load_export(stage_dir: str, mesh, rules) -> tuple[Any, transformer.ModelConf
   manifest = read_manifest(stage_dir)
   cfg = manifest["model"]
   # A reward model exported before rm.score_at existed has no "read" weights (read at EOS): loaded without them.
-  score_at = manifest.get("score_at")
+  score_at, loglik_coef = manifest.get("score_at"), manifest.get("loglik_coef", 0.0)
   init, axes = {"policy": (transformer.init, transformer.param_axes),
-                "reward_model": (lambda k, c: heads.init_rm_params(k, c, score_at=score_at),
-                                 lambda c: heads.rm_param_axes(c, with_read=score_at is not None)),
+                "reward_model": (lambda k, c: heads.init_rm_params(k, c, score_at=score_at, loglik_coef=loglik_coef),
+                                 lambda c: heads.rm_param_axes(c, with_read=score_at is not None,
+                                                               loglik=bool(loglik_coef))),
                 "value_model": (heads.init_value_params, heads.value_axes)}.get(manifest["kind"], (None, None))
   if init is None:
     raise ValueError(f"{stage_dir}/{EXPORT_MANIFEST}: unknown kind {manifest['kind']!r}; expected 'policy', "

@@ -12,6 +12,9 @@ with the shared RM's optimizer and epochs; only the named field differs:
                to predict EOS; the EOS position's own state is never an input SFT trains)
   rm_mean      rm.score_at="mean": the head's mean over the response tokens
   rm_lm        rm.lm_coef=0.5: an auxiliary next-token loss on the responses (Askell et al. 2021)
+  rm_loglik    rm.loglik_coef=1: the score adds the response's log-likelihood under the RM's own backbone (SFT's
+               at the start), so the head is trained as a residual over it (SFT's own log-likelihood is the
+               best best-of-16 picker in this table: experiments/papers/README.md)
   rm_s1, rm_s2 rm.seed_offset 1 and 2: other head initialisations and data orders; with `rm`, the mean ensemble
                rm+rm_s1+rm_s2 (Coste et al. 2023), by best-of-n and by a PPO run whose reward is the
                ensemble's mean score (ppo.rm_ensemble)
@@ -38,8 +41,8 @@ read as Gao et al. read it: the expectation over every n-subset of a larger pool
 Not here: more distinct prompts than the world's comparison and RL prompts (data.n_comparisons, another world).
 
 Presets:
-  cpu          the small pipeline; ten extra RMs (4 epochs of 1000 prompts each; rm_half 500, rm_more 1800, rm_most
-               2800) and seven PPO runs (40 iterations, the shared `ppo`'s settings), and the `medium` model's
+  cpu          the small pipeline; eleven extra RMs (4 epochs of 1000 prompts each; rm_half 500, rm_more 1800, rm_most
+               2800) and eight PPO runs (40 iterations, the shared `ppo`'s settings), and the `medium` model's
                pretraining and SFT.
   accelerator  the same runs, best-of-64 too, from 256 candidates a prompt.
   tiny         the tiny pipeline, 2 PPO iterations: a smoke test.
@@ -57,7 +60,10 @@ PRESETS = ("cpu", "accelerator", "tiny")
 # name -> the rm fields it changes; PPO runs against the ones marked True.
 RMS = {"rm_last": ({"score_at": "last"}, True), "rm_mean": ({"score_at": "mean"}, True),
        "rm_lm": ({"lm_coef": 0.5}, True), "rm_s1": ({"seed_offset": 1}, False), "rm_s2": ({"seed_offset": 2}, False),
-       "rm_gold": ({"labels": "gold"}, True)}
+       "rm_gold": ({"labels": "gold"}, True),
+       # The score plus the response's log-likelihood under the RM's own backbone (starting as SFT's): the head
+       # learns a residual over the likelihood, which alone picks better at best-of-16 than every RM above.
+       "rm_loglik": ({"loglik_coef": 1.0}, True)}
 
 
 def get_config(arg: str | None = None):

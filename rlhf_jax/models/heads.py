@@ -49,32 +49,38 @@ def scalar_head(head: Params, h_btd: jax.Array) -> jax.Array:
 SCORE_AT = ("eos", "last", "mean")
 
 
-def read_weights(score_at: str) -> Params:
+def read_weights(score_at: str, loglik_coef: float = 0.0) -> Params:
   """Fixed (never trained: stop_gradient) weights of the three readouts a reward model's score mixes: the head at
   the last real token (`eos`: the EOS of a finished response, a position whose hidden state SFT never trains as an
   input), at the token before it (`last`: the last response token, whose state SFT trains to predict EOS), or its
   mean over the response tokens (`mean`). Kept in the parameters so that every consumer of an exported RM
-  (PPO, best-of-n, the judge) reads it where it was trained to be read."""
+  (PPO, best-of-n, the judge) reads it where it was trained to be read. loglik_coef != 0 adds a fourth,
+  "loglik": that coefficient times the response's log-likelihood under the RM's own backbone and unembedding
+  (`response_loglik`), so that the head learns a residual over the likelihood (rm.loglik_coef)."""
   if score_at not in SCORE_AT:
     raise ValueError(f"rm.score_at must be one of {', '.join(SCORE_AT)}, got {score_at!r}")
-  return {m: jnp.asarray(float(m == score_at), jnp.float32) for m in SCORE_AT}
+  read = {m: jnp.asarray(float(m == score_at), jnp.float32) for m in SCORE_AT}
+  if loglik_coef:
+    read["loglik"] = jnp.asarray(float(loglik_coef), jnp.float32)
+  return read
 
 
-def init_rm_params(rng: jax.Array, model_cfg: ModelConfig, backbone=None, score_at: str | None = "eos") -> Params:
+def init_rm_params(rng: jax.Array, model_cfg: ModelConfig, backbone=None, score_at: str | None = "eos",
+                   loglik_coef: float = 0.0) -> Params:
   """score_at=None: the layout of exports written before `read` existed (read at EOS)."""
   k1, k2 = jax.random.split(rng)
   params = {"backbone": transformer.init(k1, model_cfg) if backbone is None else backbone,
             "head": init_scalar_head(k2, model_cfg),
             "norm": {"gain": jnp.ones((), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
   if score_at is not None:
-    params["read"] = read_weights(score_at)
+    params["read"] = read_weights(score_at, loglik_coef)
   return params
 
 
-def rm_param_axes(model_cfg: ModelConfig, with_read: bool = True) -> Params:
+def rm_param_axes(model_cfg: ModelConfig, with_read: bool = True, loglik: bool = False) -> Params:
   axes = {"backbone": transformer.param_axes(model_cfg), "head": scalar_head_axes(), "norm": {"gain": (), "bias": ()}}
   if with_read:
-    axes["read"] = {m: () for m in SCORE_AT}
+    axes["read"] = {m: () for m in (*SCORE_AT, *(("loglik",) if loglik else ()))}
   return axes
 
 
@@ -98,7 +104,21 @@ def raw_scores(rm_params, tokens_bt: jax.Array, mask_bt: jax.Array, model_cfg: M
   """Unnormalised reward [b] (`read_scores`); with_hidden: (reward, the backbone's hidden states [b, t, d])."""
   h_btd, _ = transformer.backbone(rm_params["backbone"], tokens_bt, model_cfg, mask_bt=mask_bt)
   r_b = read_scores(rm_params, scalar_head(rm_params["head"], h_btd), mask_bt, response_bt)
+  if "loglik" in rm_params.get("read", {}):
+    r_b = r_b + jax.lax.stop_gradient(rm_params["read"]["loglik"]) * response_loglik(
+        rm_params["backbone"], h_btd, tokens_bt, mask_bt, response_bt, model_cfg)
   return (r_b, h_btd) if with_hidden else r_b
+
+
+def response_loglik(backbone: Params, h_btd: jax.Array, tokens_bt: jax.Array, mask_bt: jax.Array,
+                    response_bt: jax.Array | None, model_cfg: ModelConfig) -> jax.Array:
+  """sum log p(token) [b] over the response's tokens (response_bt; None: every real token after the first) under
+  the backbone's own next-token distribution at temperature 1, from its hidden states h_btd."""
+  lp_bt = transformer.token_logprobs(transformer.unembed(backbone, h_btd, model_cfg)[:, :-1], tokens_bt[:, 1:])
+  keep_bt = mask_bt[:, 1:].astype(bool)  # position i predicts token i + 1
+  if response_bt is not None:
+    keep_bt = keep_bt & response_bt[:, 1:]
+  return jnp.where(keep_bt, lp_bt, 0.0).sum(axis=1)
 
 
 def ensemble(members: Sequence[Params]) -> Params:

@@ -577,6 +577,10 @@ def save_hf(params, cfg: ModelConfig, path: str, *, kind: str = "causal_lm", sou
   """
   if kind not in ("causal_lm", "reward"):
     raise ValueError(f"save_hf kind={kind!r}: expected 'causal_lm' or 'reward'")
+  if kind == "reward" and "read" in params and float(params["read"].get("loglik", 0.0)) != 0.0:
+    raise ValueError("save_hf kind='reward': this reward model adds its log-likelihood to the score "
+                     "(rm.loglik_coef); transformers' classifier has no such term, so its export would score "
+                     "differently. Export an RM trained with rm.loglik_coef=0")
   if kind == "reward" and "read" in params and float(params["read"]["eos"]) != 1.0:
     raise ValueError("save_hf kind='reward': this reward model is read at rm.score_at='last' or 'mean' (its 'read' "
                      "weights); transformers' classifier reads the last real token only, so its export would score "

@@ -57,6 +57,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   runtime.check_choice(rc.grouping, "rm.grouping", ("prompt", "pairs"))
   runtime.check_choice(rc.pair_weighting, "rm.pair_weighting", ("uniform", "per_prompt"))
   runtime.check_choice(rc.backbone, "rm.backbone", ("decoder", "encoder"))
+  if rc.loglik_coef < 0 or (rc.loglik_coef and rc.backbone == "encoder"):
+    raise ValueError(f"rm.loglik_coef={rc.loglik_coef}: expected >= 0, and 0 with rm.backbone='encoder' (a "
+                     "bidirectional encoder has no next-token likelihood)")
   if rc.backbone_from and (rc.backbone == "encoder" or rc.finetune_from):
     raise ValueError(f"rm.backbone_from={rc.backbone_from!r} starts a decoder RM's backbone; it cannot be combined "
                      f"with rm.backbone='encoder' (rm.encoder_from) or rm.finetune_from={rc.finetune_from!r}")
@@ -185,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # Backbone: rm.backbone_from's model if set; else the SFT (policy) parameters when the RM has the policy's size,
   # a fresh init otherwise.
-  axes = heads.rm_param_axes(model_cfg)
+  axes = heads.rm_param_axes(model_cfg, loglik=bool(rc.loglik_coef))
   optimizer = optim.make_optimizer(rc.optimizer, steps, optim.decay_mask_from_axes(axes))
   # rm.seed_offset: another head initialisation and data order on the same comparisons (an ensemble's members).
   rng = jax.random.PRNGKey(config.seed + 1 + 7919 * rc.seed_offset)
@@ -195,26 +198,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise ValueError(f"rm.finetune_from={rc.finetune_from!r}: expected a reward model of this run's RM config, "
                        f"found a {manifest['kind']} (same config: {prev_cfg == model_cfg})")
     init_params = {**prev, "norm": heads.init_rm_params(rng, model_cfg, prev["backbone"])["norm"],
-                   "read": heads.read_weights(rc.score_at)}
+                   "read": heads.read_weights(rc.score_at, rc.loglik_coef)}
     state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   elif rc.backbone == "encoder":  # the masked-LM encoder (rlhf_jax/stages/mlm.py), a fresh head on it
     backbone, _ = runtime.load_policy(workdir, rc.encoder_from, mesh, rules, expect=model_cfg,
                                       field="rm.encoder_from")
-    state, state_sh = optim.state_from_params(heads.init_rm_params(rng, model_cfg, backbone, rc.score_at), axes, optimizer, rng,
+    state, state_sh = optim.state_from_params(heads.init_rm_params(rng, model_cfg, backbone, rc.score_at, rc.loglik_coef), axes, optimizer, rng,
                                               mesh, rules)
   elif rc.backbone_from:  # e.g. a pretrain/SFT variant of rm.model_size's size: the RM's own config
     backbone, _ = runtime.load_policy(workdir, rc.backbone_from, mesh, rules, expect=model_cfg,
                                       field="rm.backbone_from")
-    init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at)
+    init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at, rc.loglik_coef)
     state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   elif dataclasses.asdict(model_cfg) == dataclasses.asdict(policy_cfg) and rc.init_from:
     backbone, _ = runtime.load_policy(workdir, rc.init_from, mesh, rules, expect=policy_cfg, field="rm.init_from")
-    init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at)
+    init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at, rc.loglik_coef)
     state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   else:
     logging.warning("[rm] reward model size differs from the policy's and rm.backbone_from is empty: its backbone "
                     "starts from scratch")
-    state, state_sh = optim.create_state(lambda key: heads.init_rm_params(key, model_cfg, score_at=rc.score_at), axes, optimizer, rng,
+    state, state_sh = optim.create_state(lambda key: heads.init_rm_params(key, model_cfg, score_at=rc.score_at, loglik_coef=rc.loglik_coef), axes, optimizer, rng,
                                          mesh, rules)
 
   it = comparisons.GroupIterator(train, groups, batch_size=tc.batch_size, k=group_k, seq_len=rc.seq_len,
@@ -287,6 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {"step": steps, **final, "norm_gain": 1.0 / std, "norm_bias": -mean / std, "raw_score_mean": mean,
              "raw_score_std": std, "n_train_comparisons": len(train), "n_train_groups": len(groups),
              "n_truncated": n_truncated, "grouping": rc.grouping, "score_at": rc.score_at, "lm_coef": rc.lm_coef,
+             "loglik_coef": rc.loglik_coef,
              "labels": rc.labels, "n_train_pairs": sum(comparisons.num_strict_pairs(c.ranks) for c in train),
              "wall_s": time.time() - t0}
   if rc.target != "rankings":

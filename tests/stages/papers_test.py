@@ -202,18 +202,21 @@ def test_an_rm_of_another_size_starts_from_the_sft_model_of_its_size(tmp_path_fa
 
 
 def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
-  # A second RM read at the response mean with the auxiliary LM loss, then the rm_proxy section over both and
+  # A second RM read at the response mean with the auxiliary LM loss and a residual over its log-likelihood
+  # (rm.loglik_coef), then the rm_proxy section over both and
   # their ensemble: the shared RM's best-of-2 is the PPO stage's, and each share is the formula's.
   reference, cache = stage_runner.shared_reference(tmp_path_factory)
   wd = stage_runner.copy_workdir(reference, str(tmp_path / "w"))
   exp = f"--experiment={os.path.join(stage_runner.ROOT, 'experiments', 'papers', 'rm_proxy.py')}:tiny"
   proc = stage_runner.run(wd, cache_dir=cache, base_flags=(
       exp, *stage_runner.TINY_FLAGS[1:], "--experiment.stage=rm", "--experiment.rm.stage_dir=rm_mean",
-      "--experiment.rm.score_at=mean", "--experiment.rm.lm_coef=0.5", "--experiment.rm.max_train_prompts=10"))
+      "--experiment.rm.score_at=mean", "--experiment.rm.lm_coef=0.5", "--experiment.rm.max_train_prompts=10",
+      "--experiment.rm.loglik_coef=0.5"))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.load(open(os.path.join(wd, "rm_mean", "export.json")))["score_at"] == "mean"
+  manifest = json.load(open(os.path.join(wd, "rm_mean", "export.json")))
+  assert manifest["score_at"] == "mean" and manifest["loglik_coef"] == 0.5  # the residual over the likelihood
   s_rm = json.load(open(os.path.join(wd, "rm_mean", "summary.json")))
-  assert s_rm["score_at"] == "mean" and s_rm["lm_coef"] == 0.5
+  assert s_rm["score_at"] == "mean" and s_rm["lm_coef"] == 0.5 and s_rm["loglik_coef"] == 0.5
   assert s_rm["n_train_comparisons"] == 10  # rm.max_train_prompts: the first 10 of the shared comparisons
   # The labelers rank without ties: every comparison gives all its C(K, 2) pairs (rm.labels="gold" is not run
   # here: the tiny SFT's samples all score the same gold, so gold labels leave no pair; rm_test has its test).

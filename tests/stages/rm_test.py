@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from rlhf_jax import feedback, losses, runtime, sharding, tokenizers, training
+from rlhf_jax import configs, feedback, losses, runtime, sharding, tokenizers, training
 from rlhf_jax.data import comparisons
 from rlhf_jax.evals import rm as rm_evals
 from rlhf_jax.models import heads, hf, presets, transformer
@@ -262,6 +262,47 @@ def test_lm_coef_adds_the_response_next_token_loss_against_numpy():
         nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[pos]])
   np.testing.assert_allclose(float(m["lm_loss"]), np.mean(nll), rtol=1e-4)
   np.testing.assert_allclose(float(with_lm), float(base) + 0.5 * np.mean(nll), rtol=1e-4)
+
+
+def test_loglik_coef_adds_the_response_log_likelihood_against_numpy(tmp_path):
+  # rm.loglik_coef: the score is the head's plus c x sum log p(response token) under the RM's own backbone; the
+  # coefficient is not trained but the backbone gets its gradient; exports keep it and read at EOS.
+  comps, gb = _group_batch()
+  plain = heads.init_rm_params(jax.random.PRNGKey(0), CFG)
+  params = heads.init_rm_params(jax.random.PRNGKey(0), CFG, loglik_coef=2.0)
+  assert "loglik" not in plain["read"] and float(params["read"]["loglik"]) == 2.0
+  r_plain, r = (np.asarray(heads.group_rewards(p, gb, CFG)) for p in (plain, params))
+  k = gb["tokens"].shape[1]
+  h, _ = transformer.backbone(params["backbone"], gb["tokens"].reshape(-1, gb["tokens"].shape[-1]), CFG,
+                              mask_bt=gb["mask"].reshape(-1, gb["mask"].shape[-1]))
+  logits = np.asarray(transformer.unembed(params["backbone"], h, CFG), np.float64)
+  for row, c in enumerate(comps):
+    for j in range(len(c.ranks)):
+      lg, ids = logits[row * k + j], list(c.prompt_ids) + list(c.response_ids[j])
+      ll = sum(lg[pos - 1][ids[pos]] - np.log(np.exp(lg[pos - 1] - lg[pos - 1].max()).sum()) - lg[pos - 1].max()
+               for pos in range(len(c.prompt_ids), len(ids)))  # every response token, EOS included
+      np.testing.assert_allclose(r[row, j], r_plain[row, j] + 2.0 * ll, rtol=1e-4, atol=1e-4)
+  grads = jax.grad(lambda p: heads.group_rewards(p, gb, CFG).sum())(params)
+  assert float(grads["read"]["loglik"]) == 0.0
+  emb = "embed" if CFG.tie_embeddings else "unembed"
+  g_plain = jax.grad(lambda p: heads.group_rewards(p, gb, CFG).sum())(plain)
+  assert float(jnp.abs(grads["backbone"][emb] - g_plain["backbone"][emb]).sum()) > 0
+  # Exported and loaded: the same scores, the manifest names its readout (EOS, though 2.0 > 1.0) and coefficient.
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  training.export_params(str(tmp_path / "ll"), params, model_cfg=CFG, kind="reward_model")
+  loaded, cfg, manifest = training.load_export(str(tmp_path / "ll"), mesh, sharding.DEFAULT_RULES)
+  assert manifest["score_at"] == "eos" and manifest["loglik_coef"] == 2.0
+  np.testing.assert_allclose(np.asarray(heads.group_rewards(loaded, gb, cfg)), r, rtol=1e-6)
+  with pytest.raises(ValueError, match="rm.loglik_coef"):  # transformers' classifier has no such term
+    hf.save_hf(loaded, CFG, str(tmp_path / "hf"), kind="reward", pad_token_id=TOK.pad_id)
+  c = configs.base_config()
+  rm_stage.check(c)
+  c.rm.loglik_coef = -1.0
+  with pytest.raises(ValueError, match="rm.loglik_coef=-1.0: expected >= 0"):
+    rm_stage.check(c)
+  c.rm.loglik_coef, c.rm.backbone = 1.0, "encoder"
+  with pytest.raises(ValueError, match="0 with rm.backbone='encoder'"):
+    rm_stage.check(c)
 
 
 def test_reward_model_exports_load_with_and_without_read(tmp_path):

@@ -203,8 +203,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   elif rc.backbone == "encoder":  # the masked-LM encoder (rlhf_jax/stages/mlm.py), a fresh head on it
     backbone, _ = runtime.load_policy(workdir, rc.encoder_from, mesh, rules, expect=model_cfg,
                                       field="rm.encoder_from")
-    state, state_sh = optim.state_from_params(heads.init_rm_params(rng, model_cfg, backbone, rc.score_at, rc.loglik_coef), axes, optimizer, rng,
-                                              mesh, rules)
+    init_params = heads.init_rm_params(rng, model_cfg, backbone, rc.score_at)  # rm.check: no loglik on an encoder
+    state, state_sh = optim.state_from_params(init_params, axes, optimizer, rng, mesh, rules)
   elif rc.backbone_from:  # e.g. a pretrain/SFT variant of rm.model_size's size: the RM's own config
     backbone, _ = runtime.load_policy(workdir, rc.backbone_from, mesh, rules, expect=model_cfg,
                                       field="rm.backbone_from")
@@ -217,8 +217,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     logging.warning("[rm] reward model size differs from the policy's and rm.backbone_from is empty: its backbone "
                     "starts from scratch")
-    state, state_sh = optim.create_state(lambda key: heads.init_rm_params(key, model_cfg, score_at=rc.score_at, loglik_coef=rc.loglik_coef), axes, optimizer, rng,
-                                         mesh, rules)
+    def init(key):
+      return heads.init_rm_params(key, model_cfg, score_at=rc.score_at, loglik_coef=rc.loglik_coef)
+    state, state_sh = optim.create_state(init, axes, optimizer, rng, mesh, rules)
 
   it = comparisons.GroupIterator(train, groups, batch_size=tc.batch_size, k=group_k, seq_len=rc.seq_len,
                                  pad_id=tok.pad_id, seed=config.seed + 7919 * rc.seed_offset,

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 from rlhf_jax import checkpoint, pipeline
+from rlhf_jax.stages import papers
 
 # The rows of sweep.md, in order, when present (sweep.json has every shared number).
 HEADLINE = (
@@ -112,7 +113,8 @@ def markdown(agg: Mapping[str, Any], *, headline: Sequence[str] = HEADLINE, titl
     e = agg["keys"][k]
     cells = [_fmt(e["values"].get(r)) for r in runs]
     lines.append(f"| {k} | " + " | ".join(cells) + f" | {_fmt(e['mean'])} | {_fmt(e['sd'])} | {e['n']} |")
-  return "\n".join(lines) + "\n"
+  extra = papers.over_seeds(dict(agg))  # the papers sections' verdicts and rm_proxy's table, where present
+  return "\n".join(lines + ([""] + extra if extra else [])) + "\n"
 
 
 def read_summaries(workdirs: Sequence[str], labels: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

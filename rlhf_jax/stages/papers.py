@@ -662,6 +662,87 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Over seeds: what a --seeds sweep (rlhf_jax/sweep.py) adds to sweep.md from the sections' summary keys.
+
+
+def _pooled(entries: list[dict[str, Any]], seeds: list[str]) -> tuple[float, float]:
+  """(mean over seeds, its standard error from the seeds' own standard errors, sqrt(sum se^2) / S)."""
+  vals = [entries[0]["values"][r] for r in seeds]
+  ses = [entries[1]["values"][r] for r in seeds]
+  return float(np.mean(vals)), float(np.sqrt(np.sum(np.square(ses)))) / len(seeds)
+
+
+def over_seeds(agg: dict[str, Any]) -> list[str]:
+  """Markdown lines: each papers verdict held on how many seeds, and rm_proxy's table over seeds.
+
+  `agg` is rlhf_jax.sweep.aggregate's output over runs whose summaries hold `papers_<name>.*` keys. rm_proxy's
+  rows are the seeds that have the row (a variant missing on a seed is left out there, and the seeds column says
+  which): the mean of each best-of-n share with the standard error of that mean from each seed's own standard
+  error over its prompts (sqrt(sum se^2) / S: the prompts' sampling noise, not the spread between seeds, which the
+  per-seed values beside it show), and "held" = on how many of those seeds the best-of-16 share reached half.
+  """
+  keys, runs = agg["keys"], list(agg["runs"])
+  lines: list[str] = []
+  held = sorted(k for k in keys if k.startswith("papers_") and k.endswith("_held")
+                and not k.endswith(".n_verdicts_held"))  # the section's count of its verdicts
+  if held:
+    lines += ["## Papers' verdicts over seeds", "", "| experiment | verdict | held on |", "|---|---|---|"]
+    for k in held:
+      exp, _, name = k.partition(".")
+      vals = keys[k]["values"]
+      lines.append(f"| {exp[len('papers_'):]} | {name[:-len('_held')]} | {int(sum(vals.values()))} of {len(vals)} "
+                   f"({', '.join(r for r in runs if vals.get(r)) or 'none'}) |")
+    lines.append("")
+  prefix = "papers_rm_proxy."
+  rows: dict[str, list[int]] = {}
+  for k in keys:
+    if k.startswith(prefix) and k.endswith("_share") and "_bon" in k:
+      row, _, rest = k[len(prefix):-len("_share")].rpartition("_bon")
+      if rest.isdigit():
+        rows.setdefault(row, []).append(int(rest))
+  if not rows:
+    return lines
+  ns = sorted({n for v in rows.values() for n in v})
+  n_top = max(ns)
+  lines += ["## A better proxy reward model over seeds", "",
+            "Each best-of-n share: the mean over the seeds that have the row +- the standard error of that mean "
+            "from each seed's own (over its prompts), then each seed's value. Held: the seeds on which best-of-"
+            f"{n_top} captured at least half of the oracle's gain.", "",
+            "| picker | seeds | clear-pair gold accuracy | " + " | ".join(f"best-of-{n} share" for n in ns)
+            + f" | best-of-{n_top} held | PPO win rate vs SFT |", "|---|---|---|" + "---|" * len(ns) + "---|---|"]
+  for row in sorted(rows, key=lambda r: (r != "rm", r)):
+    e = lambda suffix: keys.get(f"{prefix}{row}{suffix}")  # noqa: E731
+    top = e(f"_bon{n_top}_share")
+    seeds = [r for r in runs if top and r in top["values"] and r in (e(f"_bon{n_top}_share_se") or {"values": {}})
+             ["values"]]
+    if not seeds:
+      continue
+    cells = [row, ", ".join(s.removeprefix("seed ") for s in seeds)]
+    acc = e("_gold_accuracy_clear")
+    per_seed = lambda entry, rs, fmt: ", ".join(format(entry["values"][r], fmt) for r in rs)  # noqa: E731
+    cells.append(f"{acc['mean']:.3f} ({per_seed(acc, [r for r in runs if r in acc['values']], '.3f')})" if acc
+                 else "")
+    for n in ns:
+      share, se = e(f"_bon{n}_share"), e(f"_bon{n}_share_se")
+      have = [r for r in seeds if share and se and r in share["values"] and r in se["values"]]
+      if not have:
+        cells.append("")
+        continue
+      mean, pooled = _pooled([share, se], have)
+      cells.append(f"{mean:.2f} +- {pooled:.2f} ({per_seed(share, have, '.2f')})")
+    cells.append(f"{sum(top['values'][r] >= 0.5 for r in seeds)} of {len(seeds)}")
+    win, win_se = e("_ppo_win_rate_vs_sft"), e("_ppo_win_rate_vs_sft_se")
+    have = [r for r in seeds if win and win_se and r in win["values"] and r in win_se["values"]]
+    if have:
+      mean, pooled = _pooled([win, win_se], have)
+      cells.append(f"{mean:.3f} +- {pooled:.3f} ({per_seed(win, have, '.3f')})")
+    else:
+      cells.append("")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The stage.
 
 

@@ -17,6 +17,7 @@ from rlhf_jax import configs, feedback, losses, pipeline, sharding, tokenizers, 
 from rlhf_jax.data import sources
 from rlhf_jax.data.comparisons import Comparison
 from rlhf_jax.evals import policy as policy_evals
+from rlhf_jax.models import transformer
 from rlhf_jax.stages import collect, papers, rm
 
 from helpers import stage_runner  # tests/ is on sys.path (tests/conftest.py)
@@ -198,6 +199,23 @@ def test_an_rm_of_another_size_starts_from_the_sft_model_of_its_size(tmp_path_fa
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "error: rm.backbone_from='sft'" in proc.stderr and "d_model: 64 there, 128 here" in proc.stderr
   assert not os.path.exists(os.path.join(wd, "rm_bad", training.EXPORT_MANIFEST))
+  # Without rm.backbone_from an RM of another size starts from a fresh initialisation, with a warning: at lr 0 its
+  # backbone is transformer.init under the RM stage's key (seed + 1, split as optim.create_state and
+  # heads.init_rm_params split it), neither model of its size.
+  proc = stage_runner.run(wd, "--experiment.variants.rm_small.rm.backbone_from=",
+                          "--experiment.variants.rm_small.rm.stage_dir=rm_scratch", "--experiment.seed=0",
+                          cache_dir=cache, base_flags=flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "rm.backbone_from is empty: its backbone starts from scratch" in proc.stderr
+  rm_scratch, scratch_cfg, _ = load("rm_scratch")
+  assert scratch_cfg == small_cfg
+  init_key, _ = jax.random.split(jax.random.PRNGKey(0 + 1))
+  expected = transformer.init(jax.random.split(init_key)[0], small_cfg)
+  for a, b, c in zip(jax.tree.leaves(rm_scratch["backbone"]), jax.tree.leaves(expected), jax.tree.leaves(sft_small),
+                     strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(c))))
+             for a, c in zip(jax.tree.leaves(rm_scratch["backbone"]), jax.tree.leaves(sft_small), strict=True)) > 0
   shutil.rmtree(wd)
 
 
@@ -452,3 +470,43 @@ def test_gao_peak_verdicts_per_axis_and_rm_subset_check():
   with pytest.raises(ValueError, match=r"rm.backbone_from='sft_small' .* rm.finetune_from='rm'"):
     rm.check(c)
 
+
+
+def test_over_seeds_pools_each_seeds_standard_error_and_counts_the_held_seeds():
+  # Three seeds' flat summaries as a --seeds sweep aggregates them; rm_x is missing on seed 1.
+  from rlhf_jax import sweep
+  p = "papers_rm_proxy."
+  runs = {
+      "seed 0": {p + "rm_bon4_share": 0.40, p + "rm_bon4_share_se": 0.03, p + "rm_bon16_share": 0.60,
+                 p + "rm_bon16_share_se": 0.05, p + "rm_gold_accuracy_clear": 0.70, p + "rm_ppo_win_rate_vs_sft": 0.6,
+                 p + "rm_ppo_win_rate_vs_sft_se": 0.02, p + "rm_x_bon4_share": 0.1, p + "rm_x_bon4_share_se": 0.01,
+                 p + "rm_x_bon16_share": 0.2, p + "rm_x_bon16_share_se": 0.04, p + "rm_bon16_fact_share": 0.9,
+                 "papers_kl_frontier.interior_optimum_held": 1, "papers_kl_frontier.n_verdicts_held": 1},
+      "seed 1": {p + "rm_bon4_share": 0.30, p + "rm_bon4_share_se": 0.04, p + "rm_bon16_share": 0.45,
+                 p + "rm_bon16_share_se": 0.06, p + "rm_gold_accuracy_clear": 0.80, p + "rm_ppo_win_rate_vs_sft": 0.7,
+                 p + "rm_ppo_win_rate_vs_sft_se": 0.03, p + "rm_bon16_fact_share": 0.1,
+                 "papers_kl_frontier.interior_optimum_held": 0, "papers_kl_frontier.n_verdicts_held": 0},
+      "seed 2": {p + "rm_bon4_share": 0.50, p + "rm_bon4_share_se": 0.02, p + "rm_bon16_share": 0.51,
+                 p + "rm_bon16_share_se": 0.04, p + "rm_gold_accuracy_clear": 0.90, p + "rm_x_bon4_share": 0.3,
+                 p + "rm_x_bon4_share_se": 0.02, p + "rm_x_bon16_share": 0.7, p + "rm_x_bon16_share_se": 0.03,
+                 "papers_kl_frontier.interior_optimum_held": 1, "papers_kl_frontier.n_verdicts_held": 1},
+  }
+  agg = sweep.aggregate(runs)
+  lines = papers.over_seeds(agg)
+  rows = {ln[2:-2].split(" | ")[0]: ln[2:-2].split(" | ") for ln in lines if ln.startswith("| ")}
+  assert rows["kl_frontier"] == ["kl_frontier", "interior_optimum", "2 of 3 (seed 0, seed 2)"]
+  assert not any("n_verdicts" in ln for ln in lines)
+  rm_row, x_row = rows["rm"], rows["rm_x"]
+  assert rm_row[1] == "0, 1, 2" and x_row[1] == "0, 2"
+  assert rm_row[2] == f"{np.mean([0.7, 0.8, 0.9]):.3f} (0.700, 0.800, 0.900)"
+  se4 = np.sqrt(0.03 ** 2 + 0.04 ** 2 + 0.02 ** 2) / 3
+  assert rm_row[3] == f"{np.mean([0.4, 0.3, 0.5]):.2f} +- {se4:.2f} (0.40, 0.30, 0.50)"
+  se16 = np.sqrt(0.05 ** 2 + 0.06 ** 2 + 0.04 ** 2) / 3
+  assert rm_row[4] == f"{np.mean([0.6, 0.45, 0.51]):.2f} +- {se16:.2f} (0.60, 0.45, 0.51)"
+  assert rm_row[5] == "2 of 3"  # 0.60 and 0.51 reach half, 0.45 does not
+  win_se = np.sqrt(0.02 ** 2 + 0.03 ** 2) / 2
+  assert rm_row[6] == f"{0.65:.3f} +- {win_se:.3f} (0.600, 0.700)"
+  assert x_row[2] == "" and x_row[4] == f"{0.45:.2f} +- {np.sqrt(0.04 ** 2 + 0.03 ** 2) / 2:.2f} (0.20, 0.70)"
+  assert x_row[5] == "1 of 2" and x_row[6] == ""
+  assert "fact" not in "".join(rows)  # the per-family keys are not rows
+  assert "## A better proxy reward model over seeds" in sweep.markdown(agg)

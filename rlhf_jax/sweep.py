@@ -6,7 +6,8 @@ seeds). A sweep runs the same experiment with `seed` set to each seed, each into
 there as usual, so an interrupted sweep picks up where it stopped), then writes
   WORKDIR/sweep.json  every number the runs' summary.json files share: per-seed values, mean, sample standard
                       deviation, min and max;
-  WORKDIR/sweep.md    the headline keys as a table, one column per seed.
+  WORKDIR/sweep.md    the headline keys as a table, one column per seed; with experiments/papers' sections,
+                      each verdict held on how many seeds and rm_proxy's table over seeds (papers.over_seeds).
 
   python run.py --seeds=0-4 --workdir=workdirs/sweep_small                 # 5 full runs, ~1 hour on 2 cores
   python run.py --seeds=0,1 --experiment.stages=data --experiment.stages=pretrain ...  # any stages, overrides

@@ -561,10 +561,11 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
   ns = sorted(n for n in pc.best_of_n if n > 1)
   names = rms + ["+".join(e) for e in ensembles] + [SFT_LOGPROB, f"{rms[0]}+{SFT_LOGPROB}"]
   summary: dict[str, float] = {}
-  head = ["| reward model | parameters | comparisons | score at | LM coef | labels | clear-pair gold accuracy |",
+  head = ["| reward model | parameters | comparisons | score at | LM coef | loglik coef | labels | clear-pair gold "
+          "accuracy |",
           " labeler accuracy |", *[f" best-of-{n} share of the oracle's gain |" for n in ns],
           " PPO gold | PPO win rate vs SFT | PPO KL |"]
-  table = ["".join(head), "|---|---|---|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
+  table = ["".join(head), "|---|---|---|---|---|---|---|---|---|" + "---|" * len(ns) + "---|---|---|"]
   verdicts = []
   for i, name in enumerate(names):
     curve = curves[i]
@@ -578,7 +579,8 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
            str(s.get("score_at", "eos")) if member else
            {SFT_LOGPROB: "SFT's log-likelihood (no RM)",
             f"{rms[0]}+{SFT_LOGPROB}": f"z({rms[0]}) + z(SFT log-likelihood)"}.get(name, "mean of members"),
-           f"{s.get('lm_coef', 0.0):g}" if member else "", str(s.get("labels", "labelers")) if member else "",
+           f"{s.get('lm_coef', 0.0):g}" if member else "", f"{s.get('loglik_coef', 0.0):g}" if member else "",
+           str(s.get("labels", "labelers")) if member else "",
            f"{acc:.3f}" if member else "",
            f"{lab:.3f}" if member else ""]
     key = name.replace("+", "_")
@@ -717,7 +719,7 @@ def over_seeds(agg: dict[str, Any]) -> list[str]:
              ["values"]]
     if not seeds:
       continue
-    cells = [row, ", ".join(s.removeprefix("seed ") for s in seeds)]
+    cells = [row, ", ".join(s.removeprefix("seed ").removeprefix("seed_") for s in seeds)]
     acc = e("_gold_accuracy_clear")
     per_seed = lambda entry, rs, fmt: ", ".join(format(entry["values"][r], fmt) for r in rs)  # noqa: E731
     cells.append(f"{acc['mean']:.3f} ({per_seed(acc, [r for r in runs if r in acc['values']], '.3f')})" if acc

@@ -302,7 +302,7 @@ def test_rm_proxy_section_on_the_tiny_run(tmp_path_factory, tmp_path):
   assert (cfg["mlp"], cfg["tie_embeddings"], cfg["n_heads"] * (cfg["head_dim"] or d // cfg["n_heads"])) == ("gelu", False, d)
   assert s["rm_mean_backbone_params"] == 2 * v * d + l * (4 * d * d + 2 * d * f + 2 * d) + d
   mparams = f"{s['rm_mean_backbone_params'] / 1e6:.2f}M"
-  assert f"| rm_mean | {mparams} | 10 | mean | 0.5 | labelers |" in text
+  assert f"| rm_mean | {mparams} | 10 | mean | 0.5 | 0.5 | labelers |" in text
   assert "| rm+rm_mean |  |  | mean of members |" in text and s["rm_mean_train_comparisons"] == 10
   assert s["n_verdicts"] == 4  # rm, rm_mean, their ensemble and rm + SFT's log-likelihood
   shutil.rmtree(wd)

@@ -1,11 +1,12 @@
 """PPO beside the methods RLHF papers compare it with: PPO-ptx, GRPO, RLOO, DPO and IPO, from one SFT model.
 
-  python run.py --experiment=experiments/baselines/config.py:small --workdir=workdirs/instructgpt_small
+  python run.py --experiment=experiments/baselines/config.py:small --workdir=workdirs/baselines
   python run.py --experiment=experiments/baselines/config.py:small --seeds=0-2 --workdir=workdirs/baselines
   python run.py --experiment=experiments/baselines/config.py:tiny --workdir=/tmp/baselines_tiny   # smoke test
 
-The shared stages (data, pretrain, SFT, the reward model) are experiments/instructgpt's, so run in the default
-experiment's workdir this reuses them and adds one stage directory per method. Every RL method runs the RL stage
+The shared stages (data, pretrain, SFT, the reward model) are experiments/instructgpt's with InstructGPT's reward
+model (rm.loglik_coef=0; the default run's adds its log-likelihood), so a workdir of these experiments (icl, mlm,
+experiments/papers) shares them; this adds one stage directory per method. Every RL method runs the RL stage
 (rlhf_jax/stages/rl.py) with its algorithm, against the same reward model, for the same 40 iterations of 64
 episodes at the same learning rate; DPO and IPO train on the reward model's own comparisons (no RM, no
 sampling). Every policy is evaluated like PPO's (the same held-out prompts, SFT samples and RL temperature), and
@@ -33,7 +34,9 @@ PRESETS = ("small", "tiny")
 
 
 def _instructgpt(preset: str):
-  return configs.experiment_config(_INSTRUCTGPT, preset)
+  c = configs.experiment_config(_INSTRUCTGPT, preset)
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as README.md's results were measured
+  return c
 
 
 def get_config(arg: str | None = None):

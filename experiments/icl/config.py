@@ -2,16 +2,16 @@
 chat-style, and the held-out-family (FLAN) test: SFTs without the arithmetic or without the string family, then
 that family zero-shot.
 
-  python run.py --experiment=experiments/icl/config.py:small --workdir=workdirs/instructgpt_small
+  python run.py --experiment=experiments/icl/config.py:small --workdir=workdirs/baselines
   python run.py --experiment=experiments/icl/config.py:small --seeds=0-2 --workdir=workdirs/icl
   python run.py --experiment=experiments/icl/config.py:tiny --workdir=/tmp/icl_tiny   # smoke test
 
-The data, pretraining, SFT, RM and PPO are experiments/instructgpt's, so in the default experiment's workdir this
-reuses them; `sft:noarith` and `sft:nostring` train two more SFTs from the same pretrained model on the same steps
-without any arithmetic (string) demonstration (sft.exclude_families, WORKDIR/sft_noarith, WORKDIR/sft_nostring),
-and the icl stage (rlhf_jax/stages/icl.py) poses 48 items of each family with k = 0, 1, 2, 4, 8 shots in the three
-styles to pretrain, sft, both held-out SFTs and ppo (WORKDIR/icl/report_section.md, a figure of accuracy against
-k, icl.jsonl).
+The data, pretraining, SFT, RM and PPO are experiments/instructgpt's with InstructGPT's reward model
+(rm.loglik_coef=0), so in experiments/baselines' workdir this reuses them; `sft:noarith` and `sft:nostring` train
+two more SFTs from the same pretrained model on the same steps without any arithmetic (string) demonstration
+(sft.exclude_families, WORKDIR/sft_noarith, WORKDIR/sft_nostring), and the icl stage (rlhf_jax/stages/icl.py) poses
+48 items of each family with k = 0, 1, 2, 4, 8 shots in the three styles to pretrain, sft, both held-out SFTs and
+ppo (WORKDIR/icl/report_section.md, a figure of accuracy against k, icl.jsonl).
 
 Why arithmetic and string are the held-out families: their prompts share no template with another family, so
 an SFT without one has seen no demonstration of any of its phrasings; the fact templates are also the
@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r} of experiments/icl/config.py; expected one of {', '.join(PRESETS)}")
   c = configs.experiment_config(_INSTRUCTGPT, preset)
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as README.md's results were measured
   c.variants = ml_collections.ConfigDict(
       {"noarith": {"sft": {"stage_dir": "sft_noarith", "exclude_families": ("arithmetic",)}},
        "nostring": {"sft": {"stage_dir": "sft_nostring", "exclude_families": ("string",)}}})

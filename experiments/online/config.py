@@ -38,7 +38,9 @@ PRESETS = ("small", "small_ft", "tiny", "tiny_ft")
 
 
 def _instructgpt(preset: str):
-  return configs.experiment_config(_INSTRUCTGPT, preset)
+  c = configs.experiment_config(_INSTRUCTGPT, preset)
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as README.md's results were measured
+  return c
 
 
 def online(c, *, rounds: int, prompts_per_round: int, iterations_per_round: int, finetune_rm: bool):

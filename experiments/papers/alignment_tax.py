@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown preset {preset!r} of experiments/papers/alignment_tax.py; expected one of "
                      f"{', '.join(PRESETS)}")
   c = configs.experiment_config(_INSTRUCTGPT, "tiny" if preset == "tiny" else "small")
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as these results were measured (README.md)
   no_bon = {"eval": {"best_of_n": []}}  # best-of-n of SFT does not depend on the coefficient
   c.variants = ml_collections.ConfigDict()
   runs = []

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown preset {preset!r} of experiments/papers/dpo_vs_ppo.py; expected one of "
                      f"{', '.join(PRESETS)}")
   c = configs.experiment_config(_BASELINES, "tiny" if preset == "tiny" else "small")
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as these results were measured (README.md)
   kl = configs.experiment_config(_KL_FRONTIER, preset)
   ppo_names = [n for n in kl.variants]
   c.variants = ml_collections.ConfigDict({n: kl.variants[n].to_dict() for n in ppo_names})

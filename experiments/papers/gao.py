@@ -1,6 +1,6 @@
 """Gao et al. 2022, scaling laws for reward over-optimisation: best-of-n and RL against sqrt(KL), gold and proxy.
 
-  python run.py --experiment=experiments/papers/gao.py:cpu --workdir=workdirs/instructgpt_small   # one seed
+  python run.py --experiment=experiments/papers/gao.py:cpu --workdir=workdirs/papers   # one seed
   python run.py --experiment=experiments/papers/gao.py:cpu --seeds=0-2 --workdir=workdirs/papers  # three seeds
   python run.py --experiment=experiments/papers/gao.py:accelerator --workdir=/data/gao             # 3 RM sizes
   python run.py --experiment=experiments/papers/gao.py:tiny --workdir=/tmp/papers_tiny               # smoke test
@@ -41,7 +41,9 @@ PRESETS = ("cpu", "cpu_sizes", "accelerator", "tiny")
 
 
 def _instructgpt(preset: str):
-  return configs.experiment_config(_INSTRUCTGPT, preset)
+  c = configs.experiment_config(_INSTRUCTGPT, preset)
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as these results were measured (README.md)
+  return c
 
 
 def _rl(stage_dir: str, iterations: int, rm_from: str = "rm") -> dict:

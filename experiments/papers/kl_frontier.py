@@ -1,7 +1,7 @@
 """The KL-penalty frontier (Ziegler et al. 2019, Stiennon et al. 2020): PPO at fixed betas and under the adaptive
 controller, held-out gold score against KL to SFT. The papers' claim: the best gold lies at an interior beta.
 
-  python run.py --experiment=experiments/papers/kl_frontier.py:cpu --workdir=workdirs/instructgpt_small
+  python run.py --experiment=experiments/papers/kl_frontier.py:cpu --workdir=workdirs/papers
   python run.py --experiment=experiments/papers/kl_frontier.py:cpu --seeds=0-2 --workdir=workdirs/papers
   python run.py --experiment=experiments/papers/kl_frontier.py:accelerator --workdir=/data/kl_frontier
   python run.py --experiment=experiments/papers/kl_frontier.py:tiny --workdir=/tmp/papers_tiny   # smoke test
@@ -31,7 +31,9 @@ PRESETS = ("cpu", "accelerator", "tiny")
 
 
 def _instructgpt(preset: str):
-  return configs.experiment_config(_INSTRUCTGPT, preset)
+  c = configs.experiment_config(_INSTRUCTGPT, preset)
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as these results were measured (README.md)
+  return c
 
 
 def get_config(arg: str | None = None):

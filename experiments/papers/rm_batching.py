@@ -1,7 +1,7 @@
 """InstructGPT's reward-model batching (Ouyang et al. 2022, sec 3.5): all C(K,2) pairs of a prompt in one batch
 element against every pair a shuffled independent example. The paper: shuffled pairs overfit after one epoch.
 
-  python run.py --experiment=experiments/papers/rm_batching.py:cpu --workdir=workdirs/instructgpt_small
+  python run.py --experiment=experiments/papers/rm_batching.py:cpu --workdir=workdirs/papers
   python run.py --experiment=experiments/papers/rm_batching.py:cpu --seeds=0-2 --workdir=workdirs/papers
   python run.py --experiment=experiments/papers/rm_batching.py:tiny --workdir=/tmp/papers_tiny   # smoke test
 
@@ -31,7 +31,9 @@ PRESETS = ("cpu", "accelerator", "tiny")
 
 
 def _instructgpt(preset: str):
-  return configs.experiment_config(_INSTRUCTGPT, preset)
+  c = configs.experiment_config(_INSTRUCTGPT, preset)
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as these results were measured (README.md)
+  return c
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,8 @@ best-of-16 choices capture, and a PPO run against it. Target: best-of-16 chosen 
 
 Every reward model trains on the shared `rm` stage's comparisons (WORKDIR/comparisons) from the same SFT model,
 with the shared RM's optimizer and epochs; only the named field differs:
-  rm           the shared RM: the score read at the EOS position (rm.score_at="eos", InstructGPT's)
+  rm           the shared RM, InstructGPT's: the score read at the EOS position (rm.score_at="eos"), no
+               log-likelihood term (rm.loglik_coef=0, which this file pins: the default run's is 1)
   rm_last      rm.score_at="last": the token before EOS, the last response token (SFT trained its hidden state
                to predict EOS; the EOS position's own state is never an input SFT trains)
   rm_mean      rm.score_at="mean": the head's mean over the response tokens
@@ -72,6 +73,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown preset {preset!r} of experiments/papers/rm_proxy.py; expected one of "
                      f"{', '.join(PRESETS)}")
   c = configs.experiment_config(_INSTRUCTGPT, "tiny" if preset == "tiny" else "small")
+  c.rm.loglik_coef = 0.0  # InstructGPT's reward model, as these results were measured (README.md)
   no_bon = {"best_of_n": []}  # best-of-n is the papers stage's, on one set of candidates for every RM
   c.variants = ml_collections.ConfigDict()
   rms, runs, rm_stages, ppo_stages = [c.rm.stage_dir], [c.ppo.stage_dir], [], []

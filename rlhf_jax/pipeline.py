@@ -110,6 +110,20 @@ def stage_summary_path(config, workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage_dir_name(config, stage), "summary.json")
 
 
+def settings_changed(config, stage: str, summary: dict) -> list[str]:
+  """'block.field: X there, Y here' for each setting a finished stage recorded in its summary (the rm stage
+  records score_at, lm_coef, loglik_coef, labels, ...) that this config's block sets otherwise."""
+  block = STAGES[stage].block
+  if not block:
+    return []
+  out = []
+  for key, there in summary.items():
+    here = config[block].get(key) if key in config[block] else None
+    if isinstance(here, (str, int, float)) and isinstance(there, (str, int, float)) and here != there:
+      out.append(f"{block}.{key}: {there!r} there, {here!r} here")
+  return out
+
+
 def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, skip_done: bool = True) -> dict:
   """Runs one stage (or returns the summary of its finished run)."""
   path = None if STAGES[stage].always_run else stage_summary_path(config, workdir, stage)
@@ -120,7 +134,13 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, *, sk
     if damage is None and stale is None:
       logging.info("stage %s is complete (%s); skipping", name, path)
       with open(path) as f:
-        return json.load(f)
+        summary = json.load(f)
+      changed = settings_changed(config, stage, summary)
+      if changed:  # a finished stage is reused by its directory, whatever the settings now say
+        logging.warning("stage %s is reused as it ran, with settings this config changes (%s): to run it with "
+                        "these, use another --workdir or --experiment.%s.stage_dir", name, "; ".join(changed),
+                        STAGES[stage].block)
+      return summary
     if stale is not None:
       logging.warning("stage %s: redone, %s", name, stale)
     else:

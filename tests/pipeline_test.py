@@ -114,6 +114,25 @@ def test_rerun_resumes_instead_of_starting_over(tiny_run, tmp_path):
   assert all(f"stage {s} is complete" in proc.stderr for s in stages)
   after = {s: os.path.getmtime(os.path.join(workdir, s, "summary.json")) for s in stages}
   assert before == after  # every stage was complete: nothing was redone
+  assert "is reused as it ran" not in proc.stderr
+  # A finished stage is reused by its directory; a setting it recorded that the config now changes is named.
+  proc = stage_runner.run(workdir, "--experiment.rm.loglik_coef=0", "--experiment.rm.labels=gold", cache_dir=cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(ln for ln in proc.stderr.splitlines() if "stage rm is reused as it ran, with settings" in ln)
+  assert "rm.labels: 'labelers' there, 'gold' here" in line and "rm.loglik_coef: 1.0 there, 0.0 here" in line
+  assert "--experiment.rm.stage_dir" in proc.stderr and "stage ppo is reused" not in proc.stderr
+  assert {s: os.path.getmtime(os.path.join(workdir, s, "summary.json")) for s in stages} == before
+
+
+def test_settings_changed_names_what_a_finished_stage_recorded_otherwise():
+  from rlhf_jax import pipeline
+  c = experiments.config("instructgpt", "tiny")
+  assert c.rm.loglik_coef == 1.0 and c.rm.score_at == "eos"
+  recorded = {"loglik_coef": 0.0, "score_at": "eos", "lm_coef": 0.0, "val_accuracy": 0.6, "grouping": "prompt",
+              "step": 4}
+  assert pipeline.settings_changed(c, "rm", recorded) == ["rm.loglik_coef: 0.0 there, 1.0 here"]
+  assert pipeline.settings_changed(c, "rm", {**recorded, "loglik_coef": 1.0}) == []
+  assert pipeline.settings_changed(c, "data", recorded) == []  # no config block of its own
 
 
 def test_policy_plus_offline_comparisons_add_the_suite_split_to_training_only(tiny_run):

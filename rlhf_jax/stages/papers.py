@@ -711,7 +711,8 @@ def over_seeds(agg: dict[str, Any]) -> list[str]:
             "from each seed's own (over its prompts), then each seed's value. Held: the seeds on which best-of-"
             f"{n_top} captured at least half of the oracle's gain.", "",
             "| picker | seeds | clear-pair gold accuracy | " + " | ".join(f"best-of-{n} share" for n in ns)
-            + f" | best-of-{n_top} held | PPO win rate vs SFT |", "|---|---|---|" + "---|" * len(ns) + "---|---|"]
+            + f" | best-of-{n_top} held | PPO win rate vs SFT | PPO gold | PPO KL |",
+            "|---|---|---|" + "---|" * len(ns) + "---|---|---|---|"]
   for row in sorted(rows, key=lambda r: (r != "rm", r)):
     e = lambda suffix: keys.get(f"{prefix}{row}{suffix}")  # noqa: E731
     top = e(f"_bon{n_top}_share")
@@ -740,6 +741,11 @@ def over_seeds(agg: dict[str, Any]) -> list[str]:
       cells.append(f"{mean:.3f} +- {pooled:.3f} ({per_seed(win, have, '.3f')})")
     else:
       cells.append("")
+    for suffix, fmt in (("_ppo_gold_score", "+.3f"), ("_ppo_kl_to_sft", ".2f")):  # mean (each seed's)
+      entry = e(suffix)
+      have = [r for r in seeds if entry and r in entry["values"]]
+      cells.append(f"{format(float(np.mean([entry['values'][r] for r in have])), fmt)} "
+                   f"({per_seed(entry, have, fmt)})" if have else "")
     lines.append("| " + " | ".join(cells) + " |")
   return lines + [""]
 

@@ -479,12 +479,14 @@ def test_over_seeds_pools_each_seeds_standard_error_and_counts_the_held_seeds():
   runs = {
       "seed 0": {p + "rm_bon4_share": 0.40, p + "rm_bon4_share_se": 0.03, p + "rm_bon16_share": 0.60,
                  p + "rm_bon16_share_se": 0.05, p + "rm_gold_accuracy_clear": 0.70, p + "rm_ppo_win_rate_vs_sft": 0.6,
-                 p + "rm_ppo_win_rate_vs_sft_se": 0.02, p + "rm_x_bon4_share": 0.1, p + "rm_x_bon4_share_se": 0.01,
+                 p + "rm_ppo_win_rate_vs_sft_se": 0.02, p + "rm_ppo_gold_score": 0.25, p + "rm_ppo_kl_to_sft": 1.5,
+                 p + "rm_x_bon4_share": 0.1, p + "rm_x_bon4_share_se": 0.01,
                  p + "rm_x_bon16_share": 0.2, p + "rm_x_bon16_share_se": 0.04, p + "rm_bon16_fact_share": 0.9,
                  "papers_kl_frontier.interior_optimum_held": 1, "papers_kl_frontier.n_verdicts_held": 1},
       "seed 1": {p + "rm_bon4_share": 0.30, p + "rm_bon4_share_se": 0.04, p + "rm_bon16_share": 0.45,
                  p + "rm_bon16_share_se": 0.06, p + "rm_gold_accuracy_clear": 0.80, p + "rm_ppo_win_rate_vs_sft": 0.7,
-                 p + "rm_ppo_win_rate_vs_sft_se": 0.03, p + "rm_bon16_fact_share": 0.1,
+                 p + "rm_ppo_win_rate_vs_sft_se": 0.03, p + "rm_ppo_gold_score": 0.35, p + "rm_ppo_kl_to_sft": 2.5,
+                 p + "rm_bon16_fact_share": 0.1,
                  "papers_kl_frontier.interior_optimum_held": 0, "papers_kl_frontier.n_verdicts_held": 0},
       "seed 2": {p + "rm_bon4_share": 0.50, p + "rm_bon4_share_se": 0.02, p + "rm_bon16_share": 0.51,
                  p + "rm_bon16_share_se": 0.04, p + "rm_gold_accuracy_clear": 0.90, p + "rm_x_bon4_share": 0.3,
@@ -506,7 +508,8 @@ def test_over_seeds_pools_each_seeds_standard_error_and_counts_the_held_seeds():
   assert rm_row[5] == "2 of 3"  # 0.60 and 0.51 reach half, 0.45 does not
   win_se = np.sqrt(0.02 ** 2 + 0.03 ** 2) / 2
   assert rm_row[6] == f"{0.65:.3f} +- {win_se:.3f} (0.600, 0.700)"
+  assert rm_row[7:] == ["+0.300 (+0.250, +0.350)", "2.00 (1.50, 2.50)"]
   assert x_row[2] == "" and x_row[4] == f"{0.45:.2f} +- {np.sqrt(0.04 ** 2 + 0.03 ** 2) / 2:.2f} (0.20, 0.70)"
-  assert x_row[5] == "1 of 2" and x_row[6] == ""
+  assert x_row[5] == "1 of 2" and x_row[6:] == ["", "", ""]
   assert "fact" not in "".join(rows)  # the per-family keys are not rows
   assert "## A better proxy reward model over seeds" in sweep.markdown(agg)

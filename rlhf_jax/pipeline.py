@@ -118,7 +118,7 @@ def settings_changed(config, stage: str, summary: dict) -> list[str]:
     return []
   out = []
   for key, there in summary.items():
-    here = config[block].get(key) if key in config[block] else None
+    here = config[block].get(key)
     if isinstance(here, (str, int, float)) and isinstance(there, (str, int, float)) and here != there:
       out.append(f"{block}.{key}: {there!r} there, {here!r} here")
   return out

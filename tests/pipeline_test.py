@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from rlhf_jax import feedback, metrics
+from rlhf_jax import feedback, metrics, pipeline
 from rlhf_jax.data import sources
 from rlhf_jax.tasks.world import FAMILIES
 
@@ -125,7 +125,6 @@ def test_rerun_resumes_instead_of_starting_over(tiny_run, tmp_path):
 
 
 def test_settings_changed_names_what_a_finished_stage_recorded_otherwise():
-  from rlhf_jax import pipeline
   c = experiments.config("instructgpt", "tiny")
   assert c.rm.loglik_coef == 1.0 and c.rm.score_at == "eos"
   recorded = {"loglik_coef": 0.0, "score_at": "eos", "lm_coef": 0.0, "val_accuracy": 0.6, "grouping": "prompt",

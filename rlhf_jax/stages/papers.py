@@ -667,10 +667,10 @@ def rm_proxy(config, workdir: str, out_dir: str) -> tuple[list[str], dict[str, f
 # Over seeds: what a --seeds sweep (rlhf_jax/sweep.py) adds to sweep.md from the sections' summary keys.
 
 
-def _pooled(entries: list[dict[str, Any]], seeds: list[str]) -> tuple[float, float]:
+def _pooled(value: dict[str, Any], se: dict[str, Any], seeds: list[str]) -> tuple[float, float]:
   """(mean over seeds, its standard error from the seeds' own standard errors, sqrt(sum se^2) / S)."""
-  vals = [entries[0]["values"][r] for r in seeds]
-  ses = [entries[1]["values"][r] for r in seeds]
+  vals = [value["values"][r] for r in seeds]
+  ses = [se["values"][r] for r in seeds]
   return float(np.mean(vals)), float(np.sqrt(np.sum(np.square(ses)))) / len(seeds)
 
 
@@ -731,13 +731,13 @@ def over_seeds(agg: dict[str, Any]) -> list[str]:
       if not have:
         cells.append("")
         continue
-      mean, pooled = _pooled([share, se], have)
+      mean, pooled = _pooled(share, se, have)
       cells.append(f"{mean:.2f} +- {pooled:.2f} ({per_seed(share, have, '.2f')})")
     cells.append(f"{sum(top['values'][r] >= 0.5 for r in seeds)} of {len(seeds)}")
     win, win_se = e("_ppo_win_rate_vs_sft"), e("_ppo_win_rate_vs_sft_se")
     have = [r for r in seeds if win and win_se and r in win["values"] and r in win_se["values"]]
     if have:
-      mean, pooled = _pooled([win, win_se], have)
+      mean, pooled = _pooled(win, win_se, have)
       cells.append(f"{mean:.3f} +- {pooled:.3f} ({per_seed(win, have, '.3f')})")
     else:
       cells.append("")

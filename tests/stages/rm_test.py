@@ -282,6 +282,15 @@ def test_loglik_coef_adds_the_response_log_likelihood_against_numpy(tmp_path):
       ll = sum(lg[pos - 1][ids[pos]] - np.log(np.exp(lg[pos - 1] - lg[pos - 1].max()).sum()) - lg[pos - 1].max()
                for pos in range(len(c.prompt_ids), len(ids)))  # every response token, EOS included
       np.testing.assert_allclose(r[row, j], r_plain[row, j] + 2.0 * ll, rtol=1e-4, atol=1e-4)
+  # PPO's reward reads the rollout's left-padded layout: the same log-likelihood term over the same tokens.
+  c, pad = comps[0], 3
+  resp = list(c.response_ids[0])
+  left = heads.response_scores(params, jnp.asarray([[TOK.pad_id] * pad + list(c.prompt_ids)], jnp.int32),
+                               jnp.asarray([[0] * pad + [1] * len(c.prompt_ids)], bool),
+                               jnp.asarray([resp + [TOK.pad_id] * 2], jnp.int32),
+                               jnp.asarray([[1] * len(resp) + [0] * 2], bool), CFG)
+  normed = float(params["norm"]["gain"]) * r[0, 0] + float(params["norm"]["bias"])
+  np.testing.assert_allclose(float(left[0]), normed, rtol=1e-4, atol=1e-4)
   grads = jax.grad(lambda p: heads.group_rewards(p, gb, CFG).sum())(params)
   assert float(grads["read"]["loglik"]) == 0.0
   emb = "embed" if CFG.tie_embeddings else "unembed"

@@ -88,7 +88,8 @@ class ModelConfig:
   # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cuDNN flash attention on NVIDIA
   # GPUs); "splash": Pallas splash attention for TPUs (block-sparse causal / sliding-window masks, padding as
   # segment ids; elsewhere it runs in Pallas's interpreter, for tests) on uncached passes, "xla" for cached
-  # decoding; "auto": cudnn on a GPU, splash on a TPU, blocked elsewhere.
+  # decoding; "auto": on a GPU cudnn where cuDNN has a kernel (bfloat16 or float16, a head width a multiple of 8
+  # up to 128, 256 from Hopper on) and xla otherwise, splash on a TPU, blocked elsewhere.
   attention: str = "blocked"
   # False: bidirectional attention (a BERT-style encoder, rlhf_jax/stages/mlm.py): every real token sees every
   # real token of its row. Such a model has no left-to-right KV cache (init_cache, prefill refuse it).
@@ -121,6 +122,12 @@ class ModelConfig:
     if self.attention not in ("blocked", "xla", "cudnn", "splash", "auto"):
       raise ValueError(f"model.attention must be 'blocked', 'xla', 'cudnn', 'splash' or 'auto', got "
                        f"{self.attention!r}")
+    if self.attention == "cudnn" and self.dtype == "float32":
+      raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' (cuDNN flash attention "
+                       "has no float32 kernel); use 'xla' or 'auto' for float32")
+    if self.attention == "cudnn" and (self.d_head % 8 or self.d_head > 256):
+      raise ValueError(f"model.attention='cudnn' needs a head width that is a multiple of 8 and at most 256 "
+                       f"(128 before Hopper), got {self.d_head}; use 'xla' or 'auto'")
     if self.attention in ("xla", "cudnn", "splash") and self.dropout_rate > 0:
       raise ValueError(f"model.attention={self.attention!r} has no attention dropout; use 'blocked' with "
                        "model.dropout_rate > 0")
@@ -451,13 +458,7 @@ def _block(cfg: ModelConfig, x_btd, layer, positions_bt, allowed_bts, kv_cache, 
                         rngs), kv_cache
     implementation = "xla"  # a query against a KV cache (decoding, the prefill's last column)
   if implementation is not None:
-    # jax.nn.dot_product_attention on [b, t, h, e] x [b, s, k, e]; our mask (causal, window, padding) as a bias
-    # for cuDNN (which takes no boolean mask with left padding) or as the mask for XLA.
-    allowed_b1ts = allowed_bts[:, None]
-    masking = (dict(bias=jnp.where(allowed_b1ts, 0.0, _MASK_VALUE).astype(dt)) if implementation == "cudnn"
-               else dict(mask=allowed_b1ts))
-    attn_bthe = jax.nn.dot_product_attention(q_bthe, k_bkse.transpose(0, 2, 1, 3), v_bkse.transpose(0, 2, 1, 3),
-                                             implementation=implementation, **masking)
+    attn_bthe = _library_attention(q_bthe, k_bkse, v_bkse, allowed_bts, implementation, causal_self_attention)
     return _block_out(cfg, x_btd, attn_bthe, layer, rngs), kv_cache
   keep_bkgts = None
   if rngs[0] is not None and cfg.dropout_rate > 0.0:
@@ -476,8 +477,52 @@ def _attention_implementation(cfg: ModelConfig) -> str | None:
   if cfg.attention == "auto":
     if cfg.dropout_rate > 0:
       return None
-    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend())
+    backend = jax.default_backend()
+    if backend == "gpu":
+      return "cudnn" if _cudnn_has_kernel(cfg) else "xla"
+    return "splash" if backend == "tpu" else None
   return None if cfg.attention == "blocked" else cfg.attention
+
+
+def _cudnn_has_kernel(cfg: ModelConfig) -> bool:
+  """Whether cuDNN flash attention runs this model on the default GPU (the limits jax checks before calling it:
+  16-bit inputs, a head width that is a multiple of 8, up to 128 before Hopper and 256 from it)."""
+  if cfg.dtype == "float32" or cfg.d_head % 8:
+    return False
+  major = str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0]
+  return cfg.d_head <= (256 if major.isdigit() and int(major) >= 9 else 128)
+
+
+def _library_attention(q_bthe, k_bkse, v_bkse, allowed_bts, implementation: str, causal_self: bool = False):
+  """jax.nn.dot_product_attention on [b, t, h, e] queries and [b, k, s, e] keys and values: [b, t, h, e].
+
+  Our mask (causal, window, padding) goes to XLA as the mask and to cuDNN as a bias (its boolean masks cannot
+  express left padding). For causal self-attention (causal_self: queries = keys, no cache) cuDNN is also told
+  the mask is causal, which adds nothing to the bias but lets it skip the blocks above the diagonal. cuDNN's
+  training kernel with a bias needs an even number of queries and keys, so for it an odd t or s gets one more
+  position, masked out as a key, and the extra query's output is dropped."""
+  t, s = q_bthe.shape[1], k_bkse.shape[2]
+  k_bske, v_bske = k_bkse.transpose(0, 2, 1, 3), v_bkse.transpose(0, 2, 1, 3)
+  if implementation != "cudnn":
+    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=allowed_bts[:, None], implementation="xla")
+  return _padded_bias_attention(q_bthe, k_bske, v_bske, allowed_bts, implementation, causal_self)[:, :t]
+
+
+def _padded_bias_attention(q_bthe, k_bske, v_bske, allowed_bts, implementation, causal_self, multiple: int = 2):
+  """The cuDNN branch of _library_attention with t and s padded up to `multiple` (a parameter so that tests
+  can run the padding through implementation="xla" off a GPU). Returns [b, t_padded, h, e]."""
+  t, s = q_bthe.shape[1], k_bske.shape[1]
+  pt, ps = -t % multiple, -s % multiple
+  q_bthe = jnp.pad(q_bthe, ((0, 0), (0, pt), (0, 0), (0, 0)))
+  k_bske = jnp.pad(k_bske, ((0, 0), (0, ps), (0, 0), (0, 0)))
+  v_bske = jnp.pad(v_bske, ((0, 0), (0, ps), (0, 0), (0, 0)))
+  allowed_bts = jnp.pad(allowed_bts, ((0, 0), (0, pt), (0, ps)))  # the extra key is never allowed
+  # A large finite negative in the compute dtype (float16 overflows at -1e9; -inf would make a row with no
+  # allowed key, a left-pad query, NaN instead of a uniform average).
+  mask_value = -3e4 if q_bthe.dtype == jnp.float16 else _MASK_VALUE
+  bias_b1ts = jnp.where(allowed_bts[:, None], 0.0, mask_value).astype(q_bthe.dtype)
+  return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, bias=bias_b1ts, is_causal=causal_self,
+                                      implementation=implementation)
 
 
 SPLASH_LANES = 128  # splash blocks are multiples of the TPU's 128 lanes; sequences are padded up to one

@@ -469,6 +469,77 @@ def test_library_attention_equals_the_blocked_path(attention, window):
     dataclasses.replace(base, attention=attention, dropout_rate=0.1)
 
 
+def test_cudnn_is_refused_where_it_has_no_kernel_and_auto_avoids_it(monkeypatch):
+  """cuDNN flash attention has no float32 kernel and needs a head width that is a multiple of 8: asking for it
+  there is a config error; "auto" on a GPU takes it only where it runs (the device's compute capability decides
+  the widest head: 128 before Hopper, 256 from it) and jax.nn's XLA attention otherwise."""
+  with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype"):
+    _cfg(attention="cudnn")
+  with pytest.raises(ValueError, match="multiple of 8 and at most 256"):
+    _cfg(attention="cudnn", dtype="bfloat16", d_model=24, n_heads=2, n_kv_heads=2)  # head width 12
+  _cfg(attention="cudnn", dtype="bfloat16")  # head width 8: accepted
+
+  class Device:
+    def __init__(self, capability):
+      self.compute_capability = capability
+
+  def resolved(backend, capability="9.0", **overrides):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device(capability)])
+    return transformer._attention_implementation(_cfg(attention="auto", **overrides))
+
+  assert resolved("gpu", dtype="bfloat16") == "cudnn"
+  assert resolved("gpu", dtype="float16") == "cudnn"
+  assert resolved("gpu") == "xla"  # float32
+  assert resolved("gpu", dtype="bfloat16", d_model=24, n_heads=2, n_kv_heads=2) == "xla"  # head width 12
+  assert resolved("gpu", dtype="bfloat16", head_dim=192) == "cudnn"
+  assert resolved("gpu", "8.0", dtype="bfloat16", head_dim=192) == "xla"  # an A100: 128 at most
+  assert resolved("gpu", dtype="bfloat16", dropout_rate=0.1) is None  # the blocked path has dropout
+  assert resolved("tpu") == "splash"
+  assert resolved("cpu") is None
+
+
+@pytest.mark.parametrize("dtype,multiple,causal_self", [("float32", 2, False), ("float32", 4, False),
+                                                       ("float16", 2, False), ("float32", 2, True)])
+def test_cudnn_padding_to_even_lengths_keeps_the_attention(dtype, multiple, causal_self):
+  """cuDNN's training kernel with a bias needs even query and key counts: _padded_bias_attention pads t and s
+  (odd: 7 queries over 9 keys, as in decoding a segment against a cache, or 7 over 7 in causal self-attention,
+  where cuDNN is also told the mask is causal) with a masked key and a dropped query. Run through XLA's
+  implementation (no GPU here): the outputs and the q/k/v gradients of the real positions equal the unpadded
+  attention's, and a row whose keys are all masked (a left-pad query) stays finite in float16 (where -1e9
+  would overflow to -inf and give NaN)."""
+  b, t, h, k, e = 2, 7, 4, 2, 8
+  s = t if causal_self else 9
+  rng = np.random.default_rng(0)
+  q, kk, v = (jnp.asarray(rng.normal(size=shape), dtype)
+              for shape in ((b, t, h, e), (b, s, k, e), (b, s, k, e)))
+  allowed_bts = np.tril(np.ones((t, s), bool), s - t)[None].repeat(b, 0)
+  allowed_bts[1, :, :4] = False  # row 1: four left-pad keys ...
+  allowed_bts[1, 0] = False  # ... and a query that sees no key at all
+  allowed_bts = jnp.asarray(allowed_bts)
+  weights = jnp.asarray(rng.normal(size=(b, t, h, e)), jnp.float32)
+
+  def padded(q, kk, v):
+    out = transformer._padded_bias_attention(q, kk, v, allowed_bts, "xla", causal_self, multiple)
+    assert out.shape[1] == -(-t // multiple) * multiple
+    return out[:, :t]
+
+  def reference(q, kk, v):
+    return jax.nn.dot_product_attention(q, kk, v, mask=allowed_bts[:, None], implementation="xla")
+
+  real = np.asarray(allowed_bts).any(-1)  # queries with at least one key
+  got, want = padded(q, kk, v), reference(q, kk, v)
+  assert np.isfinite(np.asarray(got, np.float32)).all()
+  tol = 1e-5 if dtype == "float32" else 2e-3
+  np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want, np.float32)[real], atol=tol,
+                             rtol=tol)
+  if dtype == "float32":
+    grads = [jax.grad(lambda *x, f=f: jnp.sum(jnp.where(real[..., None, None], f(*x), 0) * weights),
+                      argnums=(0, 1, 2))(q, kk, v) for f in (padded, reference)]
+    for a, c in zip(*grads):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-5)
+
+
 def test_splash_attention_on_a_mesh_equals_the_blocked_path_on_one_device():
   """On a data x fsdp x tensor = 2 x 2 x 2 mesh the kernel runs per device under jax.shard_map (a Mosaic call
   cannot be partitioned by XLA): batch rows split over data x fsdp, kv heads over tensor; logits and gradients

@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -225,6 +226,8 @@ def report(out_dir: str) -> str:
   if meta:
     lines += [f"Device: {meta.get('device')}; JAX {meta.get('jax')}; git {meta.get('git')}; {meta.get('date')}"
               f"{'; SMOKE shapes (not a result)' if meta.get('smoke') else ''}.", ""]
+  for p in [p for p in PARTS if "error" in res.get(p, {})]:
+    lines += [f"**Part `{p}` failed** ({res.pop(p)['error'].splitlines()[0][:300]}); the traceback is in {p}.json.", ""]
   if "peak" in res:
     pk = res["peak"]
     lines += [f"Measured here: bfloat16 matmul peak {pk['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s "
@@ -277,18 +280,28 @@ def main(argv=None) -> None:
   meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "smoke": args.smoke,
           "git": common.git_revision(os.path.dirname(HERE)), "date": time.strftime("%Y-%m-%d %H:%M")}
   peak_path = os.path.join(args.out_dir, "peak.json")
+  failed = []
   for p in parts:
     t0 = time.perf_counter()
-    if p == "peak":
-      res = part_peak(sh)
-    else:
-      pk = json.load(open(peak_path)) if os.path.exists(peak_path) else {}
-      res = {"ppo": lambda: part_ppo(sh), "train": lambda: part_train(sh, pk.get("bf16_flops_per_s")),
-             "decode": lambda: part_decode(sh, pk.get("bf16_flops_per_s"), pk.get("bandwidth_bytes_per_s"))}[p]()
+    # A part that fails is recorded and the next one runs: device time is scarce, one run must give what it can.
+    try:
+      if p == "peak":
+        res = part_peak(sh)
+      else:
+        pk = json.load(open(peak_path)) if os.path.exists(peak_path) else {}
+        pk = {} if "error" in pk else pk
+        res = {"ppo": lambda: part_ppo(sh), "train": lambda: part_train(sh, pk.get("bf16_flops_per_s")),
+               "decode": lambda: part_decode(sh, pk.get("bf16_flops_per_s"), pk.get("bandwidth_bytes_per_s"))}[p]()
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append(p)
+      res = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-6000:]}
+      print(f"[gpu] {p} FAILED: {res['error']}\n{res['traceback']}", file=sys.stderr, flush=True)
     res["_meta"] = {**meta, "wall_s": time.perf_counter() - t0}
     with open(os.path.join(args.out_dir, f"{p}.json"), "w") as f:
       json.dump(res, f, indent=1)
     print(f"[gpu] {p}: {time.perf_counter() - t0:.0f} s", flush=True)
+  if failed:
+    sys.exit(f"[gpu] failed parts: {','.join(failed)} (their errors are in {args.out_dir}/<part>.json)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # decoding; writes bench/gpu/{ppo,peak,train,decode}.json and bench/gpu/RESULTS.md. Commit bench/gpu/ afterwards.
 #
 #   bash bench/gpu.sh              # PYTHON=... picks the interpreter (default: .venv/bin/python, else python3)
-set -euo pipefail
+set -uo pipefail  # no -e: a failed part is recorded in its JSON and the other parts still run
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
@@ -12,6 +12,8 @@ if [[ -z "$python" ]]; then
 fi
 out="${OUT_DIR:-$here/gpu}"
 cd "$here/.."
-"$python" bench/gpu.py --parts=ppo --out-dir="$out" "$@"
-"$python" bench/gpu.py --parts=peak,train,decode --out-dir="$out" "$@"
-"$python" bench/gpu.py --report --out-dir="$out"
+status=0
+"$python" bench/gpu.py --parts=ppo --out-dir="$out" "$@" || status=1
+"$python" bench/gpu.py --parts=peak,train,decode --out-dir="$out" "$@" || status=1
+"$python" bench/gpu.py --report --out-dir="$out" || status=1
+exit "$status"

@@ -55,3 +55,37 @@ def test_smoke_parts_run_and_report_what_their_definitions_give(tmp_path):
   text = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--report", f"--out-dir={tmp_path}"],
                         capture_output=True, text=True, timeout=300, check=True).stdout
   assert "SMOKE shapes" in text and "MFU" in text and "batch 4" in text
+
+
+def test_a_failing_part_is_recorded_and_the_next_part_still_runs(tmp_path, monkeypatch):
+  """Device time is scarce: when one part raises (here the peak), its JSON holds the error, the next part runs
+  (train, without a peak to divide by), the run exits non-zero naming the part, and the report says so."""
+  def broken(sh):
+    raise RuntimeError("out of memory in the peak part")
+
+  monkeypatch.setattr(gpu, "part_peak", broken)
+  with pytest.raises(SystemExit, match="failed parts: peak"):
+    gpu.main(["--smoke", "--parts=peak,train", f"--out-dir={tmp_path}"])
+  peak = json.load(open(tmp_path / "peak.json"))
+  assert peak["error"] == "RuntimeError: out of memory in the peak part" and "broken" in peak["traceback"]
+  train = json.load(open(tmp_path / "train.json"))
+  assert train["mfu"] is None and train["tokens_per_s"] > 0
+  text = gpu.report(str(tmp_path))
+  assert "**Part `peak` failed** (RuntimeError: out of memory in the peak part)" in text and "MFU" in text
+
+
+def test_smoke_ppo_part_runs_a_lora_iteration(tmp_path):
+  """The PPO part (run first on the GPU, in its own process) at --smoke shapes: one LoRA PPO iteration after a
+  warm-up, its phases adding up to the total and its adapter count the LoRA module's."""
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--smoke", "--parts=ppo",
+                         f"--out-dir={tmp_path}"], capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ppo = json.load(open(tmp_path / "ppo.json"))
+  sh = gpu.SMOKE_SHAPES
+  cfg = gpu.model_config(sh, max_len=max(sh.model["max_len"], sh.ppo_prompt + sh.ppo_response))
+  lcfg = gpu.lora.LoraConfig(rank=sh.lora_rank, alpha=2.0 * sh.lora_rank,
+                             targets=("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out"))
+  assert ppo["lora_params"] == gpu.lora.num_params(cfg, lcfg) > 0
+  phases = ppo["phases_s"]
+  assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"))
+  assert (ppo["batch"], ppo["prompt_len"], ppo["response_len"]) == (sh.ppo_batch, sh.ppo_prompt, sh.ppo_response)

@@ -47,7 +47,10 @@ def optimizer_config(lr: float = 1e-3, warmup_steps: int = 20, weight_decay: flo
                      grad_clip: float = 1.0) -> ConfigDict:
   return ConfigDict(dict(
       lr=lr, warmup_steps=warmup_steps, schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      eps_convention="pytorch", weight_decay=weight_decay, grad_clip=grad_clip))
+      eps_convention="pytorch", weight_decay=weight_decay, grad_clip=grad_clip,
+      # bfloat16 parameters only (model.param_dtype): "stochastic" or "nearest" rounding of w + update
+      # (rlhf_jax.optim.float32_state: to nearest, small updates are lost)
+      param_rounding="stochastic"))
 
 
 def lora_config(rank: int = 0, alpha: float = 16.0, targets: tuple[str, ...] = ("q", "v")) -> ConfigDict:

@@ -57,7 +57,10 @@ def make_optimizer(opt_cfg, total_steps: int, decay_mask: Any = None) -> optax.G
   if opt_cfg.get("weight_decay", 0.0):
     parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(lr))
-  return float32_state(optax.chain(*parts))
+  rounding = str(opt_cfg.get("param_rounding", "stochastic"))
+  if rounding not in ("stochastic", "nearest"):
+    raise ValueError(f"optimizer.param_rounding must be 'stochastic' or 'nearest', got {rounding!r}")
+  return float32_state(optax.chain(*parts), stochastic_rounding=rounding == "stochastic")
 
 
 def settled_gradient(grads):
@@ -71,12 +74,22 @@ def settled_gradient(grads):
   return jax.lax.optimization_barrier((grads, optax.tree.norm(grads)))
 
 
-def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+def float32_state(inner: optax.GradientTransformation,
+                  stochastic_rounding: bool = False) -> optax.GradientTransformation:
   """`inner` run in float32 whatever the parameters' dtype: its state (Adam's mu and nu) is float32, and so are
   the updates, which optax.apply_updates adds to the parameters before rounding to their dtype once.
 
   optax's scale_by_adam keeps nu in the parameters' dtype (its mu_dtype covers mu only); bfloat16 moments would
   round away most of nu's 1 - b2 = 5% steps. For float32 parameters every cast here is the identity.
+
+  stochastic_rounding: bfloat16 parameters get w + u rounded up or down at random with the probabilities that
+  make its expectation w + u (stochastic_round), instead of to the nearest bfloat16. Rounding to nearest drops
+  every update under half a bfloat16 spacing of its weight (2^-9 to 2^-8 of it): measured on the tiny and small
+  presets, an Adam step at lr 1e-5 (InstructGPT's PPO rate) leaves 74-80% of the matrix weights unchanged, at
+  1e-4 7-8%, and norm scales near 1 never move below lr ~4e-3. The updates returned are then the float32
+  differences (rounded - w), which optax.apply_updates adds back exactly. The draws come from Adam's step count
+  in the state (so a resumed run rounds as the uninterrupted one did) and the leaf's position; the state's
+  structure is unchanged. Other dtypes are untouched.
   """
   to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
@@ -84,9 +97,35 @@ def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
     return inner.init(to32(params))
 
   def update_fn(updates, state, params=None):
-    return inner.update(to32(updates), state, None if params is None else to32(params))
+    updates, new_state = inner.update(to32(updates), state, None if params is None else to32(params))
+    if not stochastic_rounding or not any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params)):
+      return updates, new_state
+    key = jax.random.fold_in(jax.random.PRNGKey(0), _step_count(new_state))
+    leaves, treedef = jax.tree.flatten(params)
+    rounded = [u if p.dtype != jnp.bfloat16 else
+               stochastic_round(p.astype(jnp.float32) + u, jax.random.fold_in(key, i)) - p.astype(jnp.float32)
+               for i, (p, u) in enumerate(zip(leaves, treedef.flatten_up_to(updates)))]
+    return treedef.unflatten(rounded), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _step_count(state) -> jax.Array:
+  """The optimizer's step count (Adam's, the schedule's: they agree), the stochastic rounding's counter."""
+  counts = [v for _, v in optax.tree_utils.tree_get_all_with_path(state, "count")]
+  if not counts:
+    raise ValueError("stochastic rounding needs an optimizer state with a step count (optax's 'count')")
+  return counts[0]
+
+
+def stochastic_round(x_f32: jax.Array, key: jax.Array) -> jax.Array:
+  """float32 x rounded to a neighbouring bfloat16 value (returned as float32) at random: up with probability
+  (x - down) / (up - down), so E[result] = x. The 16 bits that bfloat16 drops get a uniform 16-bit integer
+  added before they are cut off (a carry rounds the magnitude up). Non-finite values pass through."""
+  bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
+  noise = jax.random.bits(key, x_f32.shape, jnp.uint32) >> 16
+  rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+  return jnp.where(jnp.isfinite(x_f32), rounded, x_f32)
 
 
 def _scale_by_adam_tf(b1: float, b2: float, eps: float) -> optax.GradientTransformation:

@@ -197,6 +197,7 @@ def test_bfloat16_parameters_are_the_float32_init_rounded_and_train_with_float32
   # bfloat16), the update added in float32 and the sum rounded to bfloat16 once.
   oc = configs.optimizer_config(lr=1e-2, warmup_steps=0, weight_decay=0.1, grad_clip=0.0)
   oc.schedule = "constant"
+  oc.param_rounding = "nearest"  # stochastic rounding (the default): tests/optim_test.py
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)
   gs = [jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16) for _ in range(2)]

@@ -14,6 +14,11 @@ Parts (each writes OUT_DIR/<part>.json; gpu.sh runs `ppo` in its own process fir
           layers, cuDNN attention) at sequence 2048: model FLOPs per token 6 N + 12 L d T (PaLM appendix B; N the
           matmul parameters with the unembedding, d the attention width) over the step time, as a fraction of
           the measured peak (MFU).
+  check   model.attention's library path on this device (cuDNN on a GPU, XLA's elsewhere) against the blocked
+          attention, both in bfloat16, each against a float32 blocked reference: logits and gradients with left
+          padding, GQA, an odd length and a sliding window or none, and cached decoding. It passes when the
+          library's error is at most 3x the bfloat16 blocked path's (the same rounding, another kernel; a
+          mask error is far larger). cuDNN's path has not run anywhere else: this is its first check.
   decode  cached greedy-free sampling (temperature 1) at batch 1 and 256: decode tokens/s from the time of
           max_new tokens less the time of 1 (prefill), against the rooflines of one decode step: the bandwidth
           bound reads every weight and the batch's filled KV cache once (bytes / measured bandwidth), the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,7 +51,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from rlhf_jax import configs, optim, sampling, sharding, training  # pylint: disable=g-import-not-at-top
 from rlhf_jax.models import lora, transformer  # pylint: disable=g-import-not-at-top
 
-PARTS = ("ppo", "peak", "train", "decode")
+PARTS = ("ppo", "check", "peak", "train", "decode")
 # Llama 3.2 1B's shapes (tied embeddings, GQA 32/8, SwiGLU), and a tiny model of the same form for --smoke.
 LLAMA_1B = dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_len=2048,
                 mlp="swiglu", tie_embeddings=True, rope_theta=500_000.0)
@@ -70,12 +76,17 @@ class Shapes:
   ppo_response: int = 128
   ppo_minibatches: int = 4
   lora_rank: int = 16
+  # part `check`: head width 64, GQA 8 over 2
+  check_model: tuple = (("vocab_size", 256), ("d_model", 512), ("n_layers", 2), ("n_heads", 8), ("n_kv_heads", 2),
+                        ("d_ff", 1024), ("max_len", 64), ("mlp", "swiglu"))
 
 
 FULL = Shapes(model=LLAMA_1B)
 SMOKE_SHAPES = Shapes(model=SMOKE, matmul_n=128, matmul_chain=2, bandwidth_elems=2**16, train_batch=2,
                       train_seq=32, train_steps=1, decode_batches=(1, 4), decode_prompt=8, decode_new=6,
-                      ppo_batch=8, ppo_prompt=8, ppo_response=8, ppo_minibatches=2, lora_rank=2)
+                      ppo_batch=8, ppo_prompt=8, ppo_response=8, ppo_minibatches=2, lora_rank=2,
+                      check_model=(("vocab_size", 256), ("d_model", 64), ("n_layers", 1), ("n_heads", 8),
+                                   ("n_kv_heads", 2), ("d_ff", 128), ("max_len", 64), ("mlp", "swiglu")))
 
 
 def model_config(sh: Shapes, **kw) -> transformer.ModelConfig:
@@ -196,6 +207,60 @@ def part_decode(sh: Shapes, peak: float | None, bandwidth: float | None) -> dict
   return out
 
 
+def part_check(sh: Shapes, windows: tuple[int, ...] = (0, 5)) -> dict[str, Any]:
+  """The library attention (cudnn on a GPU; xla elsewhere) and the blocked one, both bfloat16, against a float32
+  blocked reference on a batch with left padding, GQA (8 query heads over 2), an odd length (cuDNN's even-length
+  padding) and a sliding window of 5 or none: relative errors of the logits at real positions, of the
+  parameter gradient of a loss over them, and of cached decoding's logits."""
+  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  b, t = 3, 33
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(6, 256, (b, t)), jnp.int32)
+  lengths = np.array([t, t - 6, 2])
+  mask = jnp.asarray(np.arange(t)[None, :] >= t - lengths[:, None])  # left padding
+  real = np.asarray(mask)
+  out: dict[str, Any] = {"implementation": impl, "passed": True}
+  for window in windows:
+    ref_cfg = transformer.ModelConfig(**dict(sh.check_model), sliding_window=window)
+    params = transformer.init(jax.random.PRNGKey(1), ref_cfg)
+
+    def logits_of(cfg, p):
+      return transformer.forward(p, tokens, cfg, mask_bt=mask)[0].astype(jnp.float32)
+
+    def grads_of(cfg):
+      loss = lambda p: jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits_of(cfg, p)), 0.0) ** 2) * 1e-4
+      return jax.jit(jax.grad(loss))(params)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def decoded(cfg):
+      p0 = t - 4
+      _, cache = transformer.prefill(params, tokens[:, :p0], cfg, length=t, mask_bt=mask[:, :p0])
+      steps = []
+      for i in range(p0, t):
+        step, cache = transformer.forward(params, tokens[:, i:i + 1], cfg, mask_bt=mask[:, i:i + 1], cache=cache)
+        steps.append(step[:, 0].astype(jnp.float32))
+      return jnp.stack(steps, axis=1)
+
+    ref_logits = np.asarray(jax.jit(lambda p: logits_of(ref_cfg, p))(params))
+    ref_grads = grads_of(ref_cfg)
+    ref_decoded = np.asarray(decoded(ref_cfg))
+    rel = lambda a, r: float(np.max(np.abs(a - r)) / np.max(np.abs(r)))  # noqa: E731
+    errors = {}
+    for name, attention in (("blocked_bf16", "blocked"), (f"{impl}_bf16", impl)):
+      cfg = dataclasses.replace(ref_cfg, dtype="bfloat16", attention=attention)
+      g = grads_of(cfg)
+      grad_err = max(float(jnp.linalg.norm((a - r).ravel()) / jnp.linalg.norm(r.ravel()))
+                     for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(ref_grads)))
+      errors[name] = {"logits": rel(np.asarray(jax.jit(lambda p, c=cfg: logits_of(c, p))(params))[real], ref_logits[real]),
+                      "grads": grad_err,
+                      "decode": rel(np.asarray(decoded(cfg)), ref_decoded)}
+    base_err, lib_err = errors["blocked_bf16"], errors[f"{impl}_bf16"]
+    ok = all(lib_err[k] <= 3 * base_err[k] + 1e-6 for k in lib_err)
+    out[f"window{window}"] = {**errors, "passed": ok}
+    out["passed"] = out["passed"] and ok
+  return out
+
+
 def part_ppo(sh: Shapes) -> dict[str, Any]:
   import ppo_iteration  # pylint: disable=g-import-not-at-top
   cfg = model_config(sh, max_len=max(sh.model["max_len"], sh.ppo_prompt + sh.ppo_response))
@@ -232,6 +297,18 @@ def report(out_dir: str) -> str:
     pk = res["peak"]
     lines += [f"Measured here: bfloat16 matmul peak {pk['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s "
               f"({pk['matmul_n']}^3 products), HBM bandwidth {pk['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s.", ""]
+  if "check" in res:
+    c = res["check"]
+    lines += [f"Attention check: `{c['implementation']}` (bfloat16) against a float32 blocked reference, beside the "
+              f"bfloat16 blocked path; largest relative errors (passes at most 3x the blocked path's): "
+              f"**{'passed' if c['passed'] else 'FAILED'}**", "",
+              "| window | path | logits | gradients | cached decoding | passed |", "|---|---|---|---|---|---|"]
+    for w in [k for k in c if k.startswith("window")]:
+      for name, e in c[w].items():
+        if name != "passed":
+          lines.append(f"| {w[6:]} | {name} | {e['logits']:.2e} | {e['grads']:.2e} | {e['decode']:.2e} | "
+                       f"{'yes' if c[w]['passed'] else 'no'} |")
+    lines.append("")
   if "train" in res:
     t = res["train"]
     lines += ["| pretraining step | params | batch x seq | step | tokens/s | MFU (target >= 45%) |", "|---|---|---|---|---|---|",
@@ -290,7 +367,8 @@ def main(argv=None) -> None:
       else:
         pk = json.load(open(peak_path)) if os.path.exists(peak_path) else {}
         pk = {} if "error" in pk else pk
-        res = {"ppo": lambda: part_ppo(sh), "train": lambda: part_train(sh, pk.get("bf16_flops_per_s")),
+        res = {"ppo": lambda: part_ppo(sh), "check": lambda: part_check(sh),
+             "train": lambda: part_train(sh, pk.get("bf16_flops_per_s")),
                "decode": lambda: part_decode(sh, pk.get("bf16_flops_per_s"), pk.get("bandwidth_bytes_per_s"))}[p]()
     except Exception as e:  # pylint: disable=broad-except
       failed.append(p)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,3 +90,22 @@ def test_smoke_ppo_part_runs_a_lora_iteration(tmp_path):
   phases = ppo["phases_s"]
   assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"))
   assert (ppo["batch"], ppo["prompt_len"], ppo["response_len"]) == (sh.ppo_batch, sh.ppo_prompt, sh.ppo_response)
+
+
+def test_attention_check_passes_here_and_catches_a_path_that_drops_the_padding(monkeypatch):
+  """The `check` part on the CPU (xla, the library path here, against the blocked one) passes; the same check
+  with a library path that ignores the padding mask (every query sees the left pads) fails."""
+  good = gpu.part_check(gpu.SMOKE_SHAPES, windows=(5,))
+  assert good["implementation"] == "xla" and good["passed"] and good["window5"]["passed"]
+  assert 0 < good["window5"]["xla_bf16"]["logits"] <= 3 * good["window5"]["blocked_bf16"]["logits"]
+  library = gpu.transformer._library_attention
+
+  def no_padding(q, k, v, allowed_bts, implementation, causal_self=False):
+    t, s = allowed_bts.shape[1:]
+    return library(q, k, v, jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool), s - t), allowed_bts.shape),
+                   implementation, causal_self)
+
+  monkeypatch.setattr(gpu.transformer, "_library_attention", no_padding)
+  bad = gpu.part_check(gpu.SMOKE_SHAPES, windows=(5,))
+  assert not bad["passed"]
+  assert bad["window5"]["xla_bf16"]["logits"] > 10 * bad["window5"]["blocked_bf16"]["logits"]

@@ -97,3 +97,18 @@ def test_stochastic_rounding_resumes_bit_identically():
     oc = configs.optimizer_config()
     oc.param_rounding = "up"
     optim.make_optimizer(oc, 10)
+
+
+def test_stochastic_rounding_draws_the_same_bits_on_a_sharded_array():
+  """A parameter split over 8 devices is rounded exactly as on one device (JAX's partitionable Threefry), so
+  sharded bfloat16 training keeps matching one device."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import sharding  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 128)), jnp.float32) * 1e-2
+  key = jax.random.PRNGKey(7)
+  one = np.asarray(jax.jit(optim.stochastic_round)(x, key))
+  mesh = sharding.make_mesh(2, 2, 2)
+  split = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), "tensor")))
+  many = jax.jit(optim.stochastic_round)(split, key)
+  assert len(many.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(many), one)

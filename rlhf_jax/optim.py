@@ -89,7 +89,8 @@ def float32_state(inner: optax.GradientTransformation,
   1e-4 7-8%, and norm scales near 1 never move below lr ~4e-3. The updates returned are then the float32
   differences (rounded - w), which optax.apply_updates adds back exactly. The draws come from Adam's step count
   in the state (so a resumed run rounds as the uninterrupted one did) and the leaf's position; the state's
-  structure is unchanged. Other dtypes are untouched.
+  structure is unchanged. Other dtypes are untouched. Written here: optax has no stochastic rounding of
+  parameters (JAX's only one is a Pallas TPU kernel primitive).
   """
   to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 

@@ -7,8 +7,9 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlhf_jax import configs, optim
+from rlhf_jax import configs, optim, sharding
 
 
 def _bf16_neighbours(x: np.ndarray):
@@ -102,8 +103,6 @@ def test_stochastic_rounding_resumes_bit_identically():
 def test_stochastic_rounding_draws_the_same_bits_on_a_sharded_array():
   """A parameter split over 8 devices is rounded exactly as on one device (JAX's partitionable Threefry), so
   sharded bfloat16 training keeps matching one device."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rlhf_jax import sharding  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 128)), jnp.float32) * 1e-2
   key = jax.random.PRNGKey(7)
   one = np.asarray(jax.jit(optim.stochastic_round)(x, key))
